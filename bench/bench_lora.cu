@@ -1,0 +1,225 @@
+// The GPU benchmark of issue #2: for every shape of DESIGN.md §8, rank 16 and 64, uniform and Zipf
+// counts: base forward, the LoRA delta forward alone (device counts, in-place add) against its byte
+// floor, and the whole layer's forward + backward against the base's. Writes JSON for
+// bench/report.py, which joins it with bench/torch_anchors.py. Run: bench/run.sh
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <vector>
+
+#include "moelora/moelora.hpp"
+#include "shapes.hpp"
+
+namespace moelora::bench {
+
+/// A base whose output the caller already holds (a fused or precomputed base): forward and
+/// backward_input leave y and dx as they are, so GroupedLoRA<PrecomputedBase> times the LoRA
+/// branch alone, device-count scan included.
+struct PrecomputedBase {
+  using backend_type = CudaBackend;
+  std::int64_t experts, in, out;
+  std::int64_t num_experts() const { return experts; }
+  std::int64_t in_features() const { return in; }
+  std::int64_t out_features() const { return out; }
+  DType dtype() const { return DType::bf16; }
+  void forward(ConstTensorRef, const ExpertSegments&, TensorRef, cudaStream_t) const {}
+  void backward_input(ConstTensorRef, const ExpertSegments&, TensorRef, cudaStream_t) const {}
+};
+
+}  // namespace moelora::bench
+
+namespace {
+
+using namespace moelora;
+using bench::PrecomputedBase;
+
+__global__ void fill_uniform(__nv_bfloat16* data, std::int64_t n, std::uint64_t seed, float scale) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    data[i] = __float2bfloat16((2.0f * uniform01(seed, 1, static_cast<std::uint64_t>(i)) - 1.0f) * scale);
+}
+
+void fill(void* data, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
+  fill_uniform<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(data), n, seed, scale);
+  MOELORA_CUDA_CHECK(cudaGetLastError());
+}
+
+/// Median milliseconds of `iters` timed runs of `f` after `warmup` untimed ones.
+template <class F>
+double median_ms(cudaStream_t stream, int iters, F&& f, int warmup = 3) {
+  for (int i = 0; i < warmup; ++i) f();
+  cudaEvent_t start, stop;
+  MOELORA_CUDA_CHECK(cudaEventCreate(&start));
+  MOELORA_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> times;
+  for (int i = 0; i < iters; ++i) {
+    MOELORA_CUDA_CHECK(cudaEventRecord(start, stream));
+    f();
+    MOELORA_CUDA_CHECK(cudaEventRecord(stop, stream));
+    MOELORA_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    MOELORA_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+  return times[times.size() / 2];
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + written), 2 GiB buffers.
+double copy_bandwidth(cudaStream_t stream) {
+  const std::size_t bytes = std::size_t{2} << 30;
+  Buffer<CudaBackend> a(bytes), b(bytes);
+  fill(a.data(), static_cast<std::int64_t>(bytes / 2), 3, 1.0f, stream);
+  const double ms = median_ms(stream, 20, [&] { CudaBackend::copy(b.data(), a.data(), bytes, stream); });
+  return 2.0 * static_cast<double>(bytes) / (ms * 1e6);
+}
+
+struct Record {
+  std::string shape, counts;
+  std::int64_t rank;
+  double base_fwd, lora_fwd, floor_fwd, lora_fwdbwd, base_fwdbwd, branch_fwdbwd;
+};
+
+Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind, double copy_gbps, int iters,
+               GemmStrategy strategy, cublasHandle_t handle, cudaStream_t stream) {
+  const std::vector<std::int64_t> counts = bench::routed_counts(s, kind);
+  const ExpertCounts host_counts = expert_counts(counts.data(), s.experts);
+  Buffer<CudaBackend> device_counts(counts.size() * sizeof(std::int64_t));
+  CudaBackend::copy_from_host(device_counts.data(), counts.data(), device_counts.bytes(), stream);
+  const ExpertCounts dev_counts = expert_counts(device_counts.as<const std::int64_t>(), s.experts, Memory::device);
+
+  const auto tensor = [&](Shape shape, std::uint64_t seed, float scale) {
+    Buffer<CudaBackend> b(static_cast<std::size_t>(shape.numel()) * 2);
+    fill(b.data(), shape.numel(), seed, scale, stream);
+    return b;
+  };
+  Buffer<CudaBackend> x = tensor({s.rows, s.in}, 11, 1.0f), y = tensor({s.rows, s.out}, 12, 1.0f);
+  Buffer<CudaBackend> dy = tensor({s.rows, s.out}, 13, 1.0f), dx = tensor({s.rows, s.in}, 14, 1.0f);
+  const ConstTensorRef xr{x.data(), DType::bf16, {s.rows, s.in}}, dyr{dy.data(), DType::bf16, {s.rows, s.out}};
+  const TensorRef yr{y.data(), DType::bf16, {s.rows, s.out}}, dxr{dx.data(), DType::bf16, {s.rows, s.in}};
+
+  AdapterConfig config;
+  config.rank = rank;
+  const auto randomize_b = [&](auto& layer) {
+    const AdapterView v = layer.adapter("bench");
+    fill(v.b.data, v.b.numel(), 21, 0.02f, stream);  // never time on zeros
+  };
+
+  Record r{s.name, kind, rank, 0, 0, 0, 0, 0, 0};
+  {
+    GroupedLoRA<PrecomputedBase> delta(PrecomputedBase{s.experts, s.in, s.out});
+    delta.add_adapter("bench", config, stream);
+    randomize_b(delta);
+    delta.reserve(s.rows);
+    r.lora_fwd = median_ms(stream, iters, [&] { delta.forward(xr, dev_counts, yr, stream); });
+    r.branch_fwdbwd = median_ms(stream, iters, [&] {
+      delta.forward(xr, dev_counts, yr, stream);
+      delta.backward(xr, dev_counts, dyr, dxr, stream);
+    });
+    delta.workspace().check_counts(stream);
+  }
+  r.floor_fwd = bench::forward_floor_bytes(s, rank) / (copy_gbps * 1e6);
+  {
+    GroupedLinear<CudaBackend> base(handle, s.experts, s.in, s.out, DType::bf16, strategy);
+    fill(base.weight().data, base.weight().numel(), 31, 0.02f, stream);
+    GroupedLoRA<GroupedLinear<CudaBackend>> layer(std::move(base));
+    {
+      CudaBackend::Workspace ws;
+      const ExpertSegments& seg = ws.prepare_segments(host_counts, s.rows, stream);
+      r.base_fwd = median_ms(stream, iters, [&] { layer.base().forward(xr, seg, yr, stream); });
+      r.base_fwdbwd = median_ms(stream, iters, [&] {
+        layer.base().forward(xr, seg, yr, stream);
+        layer.base().backward_input(dyr, seg, dxr, stream);
+      });
+    }
+    layer.add_adapter("bench", config, stream);
+    randomize_b(layer);
+    layer.reserve(s.rows);
+    r.lora_fwdbwd = median_ms(stream, iters, [&] {
+      layer.forward(xr, host_counts, yr, stream);
+      layer.backward(xr, host_counts, dyr, dxr, stream);
+    });
+  }
+  return r;
+}
+
+std::vector<std::string> split(const std::string& list) {
+  std::vector<std::string> parts;
+  std::stringstream in(list);
+  for (std::string part; std::getline(in, part, ',');)
+    if (!part.empty()) parts.push_back(part);
+  return parts;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"moelora LoRA benchmark (bf16): delta forward vs byte floor, layer forward+backward vs base"};
+  std::string out_path = "bench_lora.json", shapes = "", ranks = "16,64", count_kinds = "uniform,zipf";
+  int iters = 20;
+  std::string gemm = "auto";
+  app.add_option("--out", out_path, "JSON output file");
+  app.add_option("--shapes", shapes, "comma-separated shape names (default: all)");
+  app.add_option("--ranks", ranks, "comma-separated ranks");
+  app.add_option("--counts", count_kinds, "comma-separated count kinds: uniform, zipf");
+  app.add_option("--iters", iters, "timed iterations per measurement (median)");
+  app.add_option("--gemm", gemm, "base GEMM strategy: auto, grouped, per_expert")
+      ->check(CLI::IsMember({"auto", "grouped", "per_expert"}));
+  CLI11_PARSE(app, argc, argv);
+  const GemmStrategy strategy = gemm == "grouped"      ? GemmStrategy::grouped
+                                : gemm == "per_expert" ? GemmStrategy::per_expert
+                                                       : GemmStrategy::automatic;
+
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::fprintf(stderr, "bench_lora: no CUDA device\n");
+    return 1;
+  }
+  cudaDeviceProp prop{};
+  MOELORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  cudaStream_t stream;
+  cublasHandle_t handle;
+  MOELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  MOELORA_CUBLAS_CHECK(cublasCreate(&handle));
+  const double copy_gbps = copy_bandwidth(stream);
+  std::fprintf(stderr, "%s: copy bandwidth %.0f GB/s\n", prop.name, copy_gbps);
+
+  const std::vector<std::string> wanted = split(shapes);
+  std::vector<Record> records;
+  std::printf("%-20s %3s %-7s %9s %9s %9s %6s %10s %10s %10s %8s\n", "shape", "r", "counts", "base fwd", "LoRA fwd",
+              "floor", "%floor", "LoRA f+b", "base f+b", "layer f+b", "overhead");
+  for (const auto& s : bench::kShapes) {
+    if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), s.name) == wanted.end()) continue;
+    for (const std::string& rank : split(ranks))
+      for (const std::string& kind : split(count_kinds)) {
+        const Record r = measure(s, std::stoll(rank), kind, copy_gbps, iters, strategy, handle, stream);
+        records.push_back(r);
+        std::printf("%-20s %3lld %-7s %9.3f %9.3f %9.3f %5.0f%% %10.3f %10.3f %10.3f %7.0f%%\n", r.shape.c_str(),
+                    static_cast<long long>(r.rank), r.counts.c_str(), r.base_fwd, r.lora_fwd, r.floor_fwd,
+                    100.0 * r.floor_fwd / r.lora_fwd, r.branch_fwdbwd, r.base_fwdbwd, r.lora_fwdbwd,
+                    100.0 * (r.lora_fwdbwd - r.base_fwdbwd) / r.base_fwdbwd);
+        std::fflush(stdout);
+      }
+  }
+
+  std::ofstream out(out_path);
+  out << "{\"device\": \"" << prop.name << "\", \"copy_GBps\": " << copy_gbps << ", \"records\": [\n";
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    const Record& r = records[i];
+    const auto& s = *std::find_if(bench::kShapes.begin(), bench::kShapes.end(), [&](auto& x) { return x.name == r.shape; });
+    out << "  {\"shape\": \"" << r.shape << "\", \"E\": " << s.experts << ", \"in\": " << s.in << ", \"out\": " << s.out
+        << ", \"T\": " << s.rows << ", \"rank\": " << r.rank << ", \"counts\": \"" << r.counts
+        << "\", \"base_fwd_ms\": " << r.base_fwd << ", \"lora_fwd_ms\": " << r.lora_fwd
+        << ", \"floor_fwd_ms\": " << r.floor_fwd << ", \"lora_fwdbwd_ms\": " << r.lora_fwdbwd
+        << ", \"base_fwdbwd_ms\": " << r.base_fwdbwd << ", \"branch_fwdbwd_ms\": " << r.branch_fwdbwd << "}" << (i + 1 < records.size() ? ",\n" : "\n");
+  }
+  out << "]}\n";
+  cublasDestroy(handle);
+  cudaStreamDestroy(stream);
+  return 0;
+}

@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""Merge the moelora C++ benchmark JSON with torch_anchors.py JSON into Markdown.
+
+Records are joined on (shape, rank, counts). One Markdown table is printed
+with, per row: the base forward, our LoRA delta forward against its byte floor
+and against the PyTorch grouped-GEMM and Python-loop deltas, and the whole
+layer's training step (forward + backward, base included) of ours against
+PyTorch, plus the LoRA overhead over our base layer. A short summary follows.
+
+Usage:
+  python3 bench/report.py --ours ours.json --torch torch.json [--date YYYY-MM-DD]
+                          [--markdown-out report.md]
+"""
+
+import argparse
+import datetime
+import json
+import sys
+
+DASH = "—"
+
+COLUMNS = [
+    "shape", "r", "counts", "base fwd", "ours LoRA fwd", "floor", "% of floor",
+    "gmm LoRA fwd", "loop LoRA fwd", "ours vs gmm fwd", "base f+b", "ours f+b",
+    "gmm f+b", "loop f+b", "ours vs gmm f+b", "LoRA overhead",
+]
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def key(rec):
+    return (rec["shape"], int(rec["rank"]), rec["counts"])
+
+
+def num(rec, field):
+    """A positive float from rec[field], or None when missing/null/invalid."""
+    if rec is None:
+        return None
+    v = rec.get(field)
+    if isinstance(v, (int, float)) and v > 0:
+        return float(v)
+    return None
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def f_ms(v):
+    return DASH if v is None else f"{v:.3f}"
+
+
+def f_pct(v):
+    return DASH if v is None else f"{v:.1f}%"
+
+
+def f_x(v):
+    return DASH if v is None else f"{v:.2f}×"
+
+
+def f_gbps(v):
+    return "?" if not isinstance(v, (int, float)) else f"{v:.0f} GB/s"
+
+
+def build(ours, torch_doc, date):
+    ours_recs = {key(r): r for r in ours.get("records", [])}
+    torch_recs = {key(r): r for r in torch_doc.get("records", [])}
+    keys = list(ours_recs) + [k for k in torch_recs if k not in ours_recs]
+
+    lines = [
+        f"**Date:** {date}  ",
+        f"**ours:** {ours.get('device', '?')}, copy {f_gbps(ours.get('copy_GBps'))}  ",
+        f"**torch {torch_doc.get('torch', '?')}:** {torch_doc.get('device', '?')}, "
+        f"copy {f_gbps(torch_doc.get('copy_GBps'))}",
+        "",
+        "Times in ms. LoRA fwd columns are the LoRA delta alone, added in place to an "
+        "existing base output (ours, torch grouped_mm, torch per-expert loop). "
+        "f+b columns are the whole layer's training step (base fwd + LoRA fwd + "
+        "backward), base included; base columns are from our run. "
+        "Ratios > 1× mean ours is faster.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if c in ("shape", "counts") else "---:" for c in COLUMNS) + "|",
+    ]
+
+    floor_pcts, fb_ratios = [], []  # (value, row label) for the summary
+    for k in keys:
+        o, t = ours_recs.get(k), torch_recs.get(k)
+        label = f"{k[0]} r={k[1]} {k[2]}"
+        lora_fwd = num(o, "lora_fwd_ms")
+        floor = num(o, "floor_fwd_ms")
+        lora_fb = num(o, "lora_fwdbwd_ms")
+        base_fb = num(o, "base_fwdbwd_ms")
+        gmm_fwd = num(t, "gmm_fwd_ms")
+        gmm_fb = num(t, "gmm_fwdbwd_ms")
+
+        pct_floor = None if floor is None or lora_fwd is None else 100.0 * floor / lora_fwd
+        fwd_x = ratio(gmm_fwd, lora_fwd)
+        fb_x = ratio(gmm_fb, lora_fb)
+        overhead = None if lora_fb is None or base_fb is None else \
+            100.0 * (lora_fb - base_fb) / base_fb
+        if pct_floor is not None:
+            floor_pcts.append((pct_floor, label))
+        if fb_x is not None:
+            fb_ratios.append((fb_x, label))
+
+        cells = [
+            k[0], str(k[1]), k[2],
+            f_ms(num(o, "base_fwd_ms")), f_ms(lora_fwd), f_ms(floor), f_pct(pct_floor),
+            f_ms(gmm_fwd), f_ms(num(t, "loop_fwd_ms")), f_x(fwd_x),
+            f_ms(base_fb), f_ms(lora_fb), f_ms(gmm_fb), f_ms(num(t, "loop_fwdbwd_ms")),
+            f_x(fb_x), f_pct(overhead),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    lines.append("")
+    lines.append(f"**Summary** ({len(keys)} rows)")
+    lines.append("")
+    if floor_pcts:
+        lo, hi = min(floor_pcts), max(floor_pcts)
+        lines.append(f"- % of floor (LoRA fwd): min {lo[0]:.1f}% ({lo[1]}), "
+                     f"max {hi[0]:.1f}% ({hi[1]})")
+    else:
+        lines.append("- % of floor (LoRA fwd): no data")
+    if fb_ratios:
+        wins = sum(1 for v, _ in fb_ratios if v >= 1.0)
+        worst = min(fb_ratios)
+        lines.append(f"- ours f+b at least as fast as torch gmm f+b: {wins} of "
+                     f"{len(fb_ratios)} rows with both values; worst ratio {worst[0]:.2f}× ({worst[1]})")
+    else:
+        lines.append("- ours f+b vs torch gmm f+b: no data")
+    missing = [f"{k[0]} r={k[1]} {k[2]}" for k in keys
+               if k not in ours_recs or k not in torch_recs]
+    if missing:
+        lines.append(f"- rows present in only one input: {', '.join(missing)}")
+    few = {(r["shape"], r["loop_fwdbwd_iters"]) for r in torch_recs.values()
+           if r.get("loop_fwdbwd_iters") not in (None, r.get("iters"))}
+    if few:
+        counts = ", ".join(str(n) for n in sorted({n for _, n in few}))
+        shapes = ", ".join(sorted({s for s, _ in few}))
+        lines.append(f"- torch loop f+b used fewer timed iterations ({counts}) for: {shapes}")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ours", required=True, help="JSON written by the C++ benchmark")
+    ap.add_argument("--torch", required=True, help="JSON written by bench/torch_anchors.py")
+    ap.add_argument("--date", default=datetime.date.today().isoformat(),
+                    help="date for the header (default today)")
+    ap.add_argument("--markdown-out", help="also write the Markdown to this file")
+    args = ap.parse_args()
+
+    text = build(load(args.ours), load(args.torch), args.date)
+    sys.stdout.write(text)
+    if args.markdown_out:
+        with open(args.markdown_out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+// The GPU build of two_adapters.cpp (the same program, compiled by nvcc).
+#include "two_adapters.cpp"

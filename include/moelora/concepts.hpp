@@ -1,0 +1,56 @@
+/// \file
+/// \brief The concepts a user's types must satisfy to plug into moelora: Backend and GroupedLinearBase.
+#pragma once
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+
+#include "moelora/core/dtype.hpp"
+#include "moelora/core/lora_args.hpp"
+#include "moelora/core/segments.hpp"
+#include "moelora/core/tensor.hpp"
+
+namespace moelora {
+
+/// Where the layer's memory lives and who runs its math: `HostBackend` or `CudaBackend`.
+template <class B>
+concept Backend = requires(void* p, const void* cp, std::size_t n, typename B::stream_type stream,
+                           typename B::Workspace& workspace, const ExpertCounts& counts,
+                           const LoraForwardArgs& fwd, const LoraBackwardArgs& bwd, const KaimingInitArgs& init) {
+  typename B::stream_type;
+  { B::memory } -> std::convertible_to<Memory>;
+  { B::allocate(n) } -> std::same_as<void*>;
+  B::deallocate(p);
+  B::copy(p, cp, n, stream);
+  B::copy_to_host(p, cp, n, stream);
+  B::copy_from_host(p, cp, n, stream);
+  B::fill_zero(p, n, stream);
+  B::synchronize(stream);
+  { workspace.prepare_segments(counts, std::int64_t{}, stream) } -> std::same_as<const ExpertSegments&>;
+  B::lora_forward(fwd, workspace, stream);
+  B::lora_backward(bwd, workspace, stream);
+  B::kaiming_init(init, stream);
+};
+
+/// A frozen grouped linear layer: per-expert weights W `[E, out, in]` applied to rows grouped by
+/// expert. This is what GroupedLoRA wraps; write your own (a fused or quantized GEMM) to this shape.
+///
+/// - `forward(x, segments, y, stream)`: `y_t = W_e x_t`, overwriting y `[T, out]`.
+/// - `backward_input(dy, segments, dx, stream)`: `dx_t = W_eᵀ dy_t`, overwriting dx `[T, in]`.
+///   No weight gradient: the base is frozen.
+/// x, y, dy and dx have dtype `dtype()` and live in `backend_type`'s memory.
+template <class L>
+concept GroupedLinearBase =
+    Backend<typename L::backend_type> &&
+    requires(L& base, const L& cbase, ConstTensorRef in, TensorRef out, const ExpertSegments& segments,
+             typename L::backend_type::stream_type stream) {
+      { cbase.num_experts() } -> std::convertible_to<std::int64_t>;
+      { cbase.in_features() } -> std::convertible_to<std::int64_t>;
+      { cbase.out_features() } -> std::convertible_to<std::int64_t>;
+      { cbase.dtype() } -> std::same_as<DType>;
+      base.forward(in, segments, out, stream);
+      base.backward_input(in, segments, out, stream);
+    };
+
+}  // namespace moelora

@@ -1,0 +1,100 @@
+/// \file
+/// \brief Run-time adapter settings (`AdapterConfig`) and their validation.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include "moelora/core/dtype.hpp"
+#include "moelora/core/error.hpp"
+
+namespace moelora {
+
+/// How a new adapter's factors are initialised.
+enum class InitMethod : std::uint8_t {
+  /// A ~ U(-√(6/in), +√(6/in)) per expert (Kaiming-uniform, a = 0, fan_in = in), B = 0: a new adapter
+  /// leaves the output unchanged. (The reference initialises the stacked [E, r, in] tensor, whose
+  /// fan_in is r·in; per-expert fan_in = in is the correct value.)
+  kaiming_zeros,
+};
+
+constexpr std::string_view init_method_name(InitMethod method) {
+  switch (method) {
+    case InitMethod::kaiming_zeros: return "kaiming_zeros";
+  }
+  return "?";
+}
+
+/// Parses an init method name; unknown names throw ErrorCode::invalid_argument listing the known ones.
+inline InitMethod parse_init_method(std::string_view name) {
+  if (name == "kaiming_zeros") return InitMethod::kaiming_zeros;
+  detail::raise(ErrorCode::invalid_argument, "init method \"", name, "\" is not known; accepted: kaiming_zeros");
+}
+
+/// Settings of one named adapter. Defaults follow the reference: rank 64, scale 1, enabled,
+/// `kaiming_zeros`, trainable.
+struct AdapterConfig {
+  std::int64_t rank = 64;                 ///< r >= 1
+  double scale = 1.0;                     ///< plain multiplier of the delta; finite and > 0
+  bool enabled = true;                    ///< a disabled adapter adds nothing and gets no gradient
+  std::optional<std::string> lora_dtype;  ///< factor dtype spelling; unset = the base's dtype
+  std::optional<InitMethod> init;         ///< unset = the layer's default (policy::DefaultInit)
+  bool trainable = true;                  ///< false freezes the factors: no dA, dB are computed
+  std::uint64_t seed = 0;                 ///< seeds the initialiser (same factors on every backend)
+};
+
+/// An AdapterConfig after validation: the dtype resolved and its spelling normalised.
+struct ResolvedAdapterConfig {
+  std::int64_t rank;
+  float scale;
+  bool enabled;
+  DType dtype;
+  InitMethod init;
+  bool trainable;
+  std::uint64_t seed;
+};
+
+/// Checks a scale: finite and > 0, else ErrorCode::invalid_argument naming the value.
+inline float validate_scale(double scale) {
+  MOELORA_REQUIRE(std::isfinite(scale) && scale > 0.0 && std::isfinite(static_cast<float>(scale)),
+                  ErrorCode::invalid_argument, "scale must be finite and > 0, got ", scale);
+  return static_cast<float>(scale);
+}
+
+/// What the layer's compile-time policies impose on a config.
+struct ConfigConstraints {
+  DType base_dtype;                   ///< the dtype an unset `lora_dtype` inherits
+  std::optional<DType> pinned_dtype;  ///< a factor dtype fixed at compile time
+  InitMethod default_init;            ///< the init an unset `init` takes
+  bool init_pinned;                   ///< whether `default_init` is the only one allowed
+};
+
+/// Validates `config` under `constraints`; throws ErrorCode::invalid_argument naming the bad field.
+inline ResolvedAdapterConfig resolve(const AdapterConfig& config, const ConfigConstraints& constraints) {
+  MOELORA_REQUIRE(config.rank >= 1, ErrorCode::invalid_argument, "rank must be >= 1, got ", config.rank);
+  const float scale = validate_scale(config.scale);
+  DType dtype = constraints.pinned_dtype.value_or(constraints.base_dtype);
+  if (config.lora_dtype) {
+    const DType asked = parse_dtype(*config.lora_dtype);
+    MOELORA_REQUIRE(!constraints.pinned_dtype || asked == dtype, ErrorCode::invalid_argument, "lora_dtype \"",
+                    *config.lora_dtype, "\" conflicts with the factor dtype ", dtype_name(dtype),
+                    " pinned by the layer's PinnedFactorDType policy");
+    dtype = asked;
+  }
+  const InitMethod init = config.init.value_or(constraints.default_init);
+  MOELORA_REQUIRE(!constraints.init_pinned || init == constraints.default_init, ErrorCode::invalid_argument,
+                  "init method ", init_method_name(init), " conflicts with ", init_method_name(constraints.default_init),
+                  " pinned by the layer's PinnedInit policy");
+  return {config.rank, scale, config.enabled, dtype, init, config.trainable, config.seed};
+}
+
+/// The canonical short spelling of a config's `lora_dtype` ("bfloat16" → "bf16"); unset stays unset.
+inline std::optional<std::string> normalized_lora_dtype(const AdapterConfig& config) {
+  if (!config.lora_dtype) return std::nullopt;
+  return std::string(dtype_name(parse_dtype(*config.lora_dtype)));
+}
+
+}  // namespace moelora

@@ -1,0 +1,319 @@
+/// \file
+/// \brief CudaBackend: device memory, stream-ordered work, and the host adapters that choose and
+/// launch the LoRA kernels (tensor-core path, or the generic path where it does not apply).
+///
+/// Every operation is queued on the caller's stream; none synchronises the host except
+/// `copy_to_host`, `synchronize` and `Workspace::check_counts`. Device code is compiled only by nvcc.
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "moelora/cuda/backend.hpp holds device code: compile this translation unit with nvcc"
+#endif
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "moelora/core/buffer.hpp"
+#include "moelora/core/error.hpp"
+#include "moelora/core/lora_args.hpp"
+#include "moelora/core/segments.hpp"
+#include "moelora/core/tensor.hpp"
+#include "moelora/cuda/check.hpp"
+#include "moelora/kernels/elementwise.cuh"
+#include "moelora/kernels/lora_backward.cuh"
+#include "moelora/kernels/lora_forward.cuh"
+#include "moelora/kernels/lora_generic.cuh"
+#include "moelora/kernels/segments.cuh"
+#include "moelora/optim/adamw_math.hpp"
+
+namespace moelora {
+
+namespace cuda_detail {
+
+/// Calls `f(in_tag, factor_tag)` with the compile-time io and factor dtypes.
+template <class F>
+void dispatch_io_and_factor(DType io, DType factor, F&& f) {
+  dispatch_dtype(io, [&](auto io_tag) { dispatch_dtype(factor, [&](auto factor_tag) { f(io_tag, factor_tag); }); });
+}
+
+/// Calls `f(std::integral_constant<int, NFrag>)` for the rank tile that holds `rank` (≤ 128).
+template <class F>
+void dispatch_rank_tile(std::int64_t rank, F&& f) {
+  if (rank <= 16) f(std::integral_constant<int, 1>{});
+  else if (rank <= 32) f(std::integral_constant<int, 2>{});
+  else if (rank <= 64) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 8>{});
+}
+
+inline bool aligned(const void* p, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
+
+/// Whether the tensor-core kernels serve this problem (else the generic kernels do).
+inline bool tensor_core_path(const LoraShape& s, const FactorsRef& f, std::initializer_list<const void*> io,
+                             std::initializer_list<const void*> factor) {
+  if (f.dtype == DType::fp32 || f.rank > 128 || f.rank % 8 || s.in % 8 || s.out % 8) return false;
+  const std::size_t io_alignment = s.io_dtype == DType::fp32 ? 32 : 16;
+  for (const void* p : io)
+    if (p && !aligned(p, io_alignment)) return false;
+  for (const void* p : factor)
+    if (p && !aligned(p, 16)) return false;
+  return true;
+}
+
+/// Launches `kernel` with `smem` bytes of dynamic shared memory, raising the kernel's limit first.
+template <class Kernel, class... Args>
+void launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, const Args&... args) {
+  if (grid.x == 0 || grid.y == 0) return;
+  if (smem > 48 * 1024)
+    MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  MOELORA_CUDA_CHECK(cudaGetLastError());
+}
+
+/// Grid of a grid-stride element-wise kernel over `count` elements.
+inline dim3 elementwise_grid(std::int64_t count) {
+  return dim3(static_cast<unsigned>(std::clamp<std::int64_t>((count + 255) / 256, 1, 65535 * 8)));
+}
+
+}  // namespace cuda_detail
+
+/// The CUDA backend (memory: device; stream: `cudaStream_t`).
+struct CudaBackend {
+  using stream_type = cudaStream_t;
+  static constexpr Memory memory = Memory::device;
+  static constexpr std::string_view name = "cuda";
+
+  static void* allocate(std::size_t bytes) {
+    void* p = nullptr;
+    MOELORA_CUDA_CHECK(cudaMalloc(&p, bytes));
+    return p;
+  }
+  static void deallocate(void* p) noexcept { cudaFree(p); }
+  static void copy(void* dst, const void* src, std::size_t bytes, cudaStream_t stream) {
+    if (bytes) MOELORA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+  }
+  /// Device → host; returns when the data is on the host (synchronises `stream`).
+  static void copy_to_host(void* host_dst, const void* src, std::size_t bytes, cudaStream_t stream) {
+    if (!bytes) return;
+    MOELORA_CUDA_CHECK(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, stream));
+    MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  /// Host → device; returns when the data is on the device (synchronises `stream`).
+  static void copy_from_host(void* dst, const void* host_src, std::size_t bytes, cudaStream_t stream) {
+    if (!bytes) return;
+    MOELORA_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream));
+    MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  static void fill_zero(void* data, std::size_t bytes, cudaStream_t stream) {
+    if (bytes) MOELORA_CUDA_CHECK(cudaMemsetAsync(data, 0, bytes, stream));
+  }
+  static void synchronize(cudaStream_t stream) { MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream)); }
+
+  /// Per-layer device scratch: counts, offsets, the two tile schedules, the count status word and
+  /// the fp32 `u` buffer of the backward pass. Grows when a call needs more (an allocation only
+  /// then); `GroupedLoRA::reserve` pre-sizes it.
+  class Workspace {
+   public:
+    /// Scans `counts` on `stream` into offsets and schedules. Host counts (already validated) are
+    /// uploaded and their offsets also kept on the host; device counts are validated by the scan
+    /// kernel, which records a bad count in the status word (see `check_counts`) and leaves an
+    /// empty schedule, so that no kernel reads or writes out of bounds.
+    const ExpertSegments& prepare_segments(const ExpertCounts& counts, std::int64_t rows, cudaStream_t stream) {
+      const std::int64_t experts = counts.size;
+      if (experts + 1 > capacity_experts_) {
+        capacity_experts_ = experts + 1;
+        counts_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
+        offsets_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
+        tiles_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
+      }
+      if (!status_.data()) {
+        status_ = Buffer<CudaBackend>(sizeof(std::uint32_t));
+        fill_zero(status_.data(), status_.bytes(), stream);
+      }
+      ExpertCounts scanned = counts;
+      const std::int64_t* host_offsets = nullptr;
+      if (counts.memory == Memory::host) {
+        // Staged through pageable host memory, so the copy has left it when cudaMemcpyAsync returns.
+        host_counts_.resize(static_cast<std::size_t>(experts));
+        host_offsets_.assign(static_cast<std::size_t>(experts) + 1, 0);
+        for (std::int64_t e = 0; e < experts; ++e) {
+          host_counts_[static_cast<std::size_t>(e)] = counts.at(e);
+          host_offsets_[static_cast<std::size_t>(e) + 1] = host_offsets_[static_cast<std::size_t>(e)] + counts.at(e);
+        }
+        host_offsets = host_offsets_.data();
+        MOELORA_CUDA_CHECK(cudaMemcpyAsync(counts_.data(), host_counts_.data(), static_cast<std::size_t>(experts) * 8,
+                                           cudaMemcpyHostToDevice, stream));
+        scanned = {counts_.data(), IndexType::int64, experts, Memory::device};
+      }
+      auto* tile_offsets = tiles_.as<std::int32_t>();
+      const auto launch_scan = [&](auto* typed_counts) {
+        kernels::scan_counts_kernel<std::remove_cvref_t<decltype(*typed_counts)>, kernels::kGroupRows>
+            <<<1, kernels::kScanThreads, 0, stream>>>(typed_counts, static_cast<std::int32_t>(experts), rows,
+                                                      offsets_.as<std::int64_t>(), tile_offsets,
+                                                      tile_offsets + capacity_experts_, status_.as<std::uint32_t>());
+      };
+      if (scanned.index_type == IndexType::int32) launch_scan(static_cast<const std::int32_t*>(scanned.data));
+      else launch_scan(static_cast<const std::int64_t*>(scanned.data));
+      MOELORA_CUDA_CHECK(cudaGetLastError());
+      segments_ = {offsets_.as<std::int64_t>(), host_offsets, experts, rows};
+      return segments_;
+    }
+
+    [[nodiscard]] const ExpertSegments& segments() const { return segments_; }
+    [[nodiscard]] kernels::TileSchedule row_tiles() const {
+      return {segments_.offsets, tiles_.as<std::int32_t>(), static_cast<std::int32_t>(segments_.num_experts)};
+    }
+    [[nodiscard]] kernels::TileSchedule row_groups() const {
+      return {segments_.offsets, tiles_.as<std::int32_t>() + capacity_experts_,
+              static_cast<std::int32_t>(segments_.num_experts)};
+    }
+
+    /// An fp32 scratch of at least `count` elements, valid until the next call that asks for one.
+    float* scratch(std::int64_t count) {
+      scratch_.reserve(static_cast<std::size_t>(count) * sizeof(float));
+      return scratch_.as<float>();
+    }
+
+    /// Synchronises `stream` and throws ErrorCode::bad_counts if any device `tokens_per_expert`
+    /// scanned since the last check had a negative entry or a sum different from the row count
+    /// (the calls that saw them computed nothing for the LoRA branch). Resets the status.
+    void check_counts(cudaStream_t stream) {
+      if (!status_.data()) return;
+      std::uint32_t status = 0;
+      copy_to_host(&status, status_.data(), sizeof status, stream);
+      fill_zero(status_.data(), status_.bytes(), stream);
+      MOELORA_REQUIRE(status == kernels::kCountsOk, ErrorCode::bad_counts, "device tokens_per_expert ",
+                      (status & kernels::kNegativeCount) ? "had a negative entry" : "",
+                      (status == (kernels::kNegativeCount | kernels::kWrongSum)) ? " and " : "",
+                      (status & kernels::kWrongSum) ? "did not sum to the number of rows" : "");
+    }
+
+   private:
+    std::int64_t capacity_experts_ = 0;
+    Buffer<CudaBackend> counts_, offsets_, tiles_, status_, scratch_;
+    std::vector<std::int64_t> host_counts_, host_offsets_;
+    ExpertSegments segments_;
+  };
+
+  static void lora_forward(const LoraForwardArgs& args, Workspace& workspace, cudaStream_t stream) {
+    using namespace kernels;
+    const LoraShape& s = args.shape;
+    const FactorsRef& f = args.factors;
+    if (cuda_detail::tensor_core_path(s, f, {args.x, args.y}, {f.a, f.b, args.h})) {
+      const auto tiles = static_cast<unsigned>(max_tiles(s.rows, s.experts, kRowTile));
+      cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
+        if constexpr (ft.value != DType::fp32) {
+          using IoT = device_t<io.value>;
+          using FT = device_t<ft.value>;
+          cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
+            constexpr int kNFrag = decltype(nfrag)::value;
+            cuda_detail::launch(lora_shrink_kernel<IoT, FT, kNFrag>, dim3(tiles, 1), kThreads,
+                                shrink_smem_bytes<kNFrag>(), stream,
+                                ShrinkParams{args.x, f.a, args.h, workspace.row_tiles(), s.in,
+                                             static_cast<std::int32_t>(f.rank)});
+            const auto columns = static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols);
+            cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns), kThreads,
+                                expand_smem_bytes<kNFrag>(), stream,
+                                ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
+                                             static_cast<std::int32_t>(f.rank), f.scale});
+          });
+        }
+      });
+      return;
+    }
+    GenericParams p = generic_params(s, f, workspace);
+    p.x = args.x, p.h = args.h, p.y = args.y;
+    cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
+      using IoT = device_t<io.value>;
+      using FT = device_t<ft.value>;
+      cuda_detail::launch(generic_shrink_kernel<IoT, FT>, cuda_detail::elementwise_grid(s.rows * f.rank), 256, 0,
+                          stream, p);
+      cuda_detail::launch(generic_expand_kernel<IoT, FT>, cuda_detail::elementwise_grid(s.rows * s.out), 256, 0,
+                          stream, p);
+    });
+  }
+
+  static void lora_backward(const LoraBackwardArgs& args, Workspace& workspace, cudaStream_t stream) {
+    using namespace kernels;
+    const LoraShape& s = args.shape;
+    const FactorsRef& f = args.factors;
+    const bool needs_u = args.grad_a || args.dx;
+    float* u = needs_u ? workspace.scratch(s.rows * f.rank) : nullptr;
+    if (cuda_detail::tensor_core_path(s, f, {args.x, args.dy, args.dx}, {f.a, f.b, args.h})) {
+      const auto groups = static_cast<unsigned>(max_tiles(s.rows, s.experts, kGroupRows));
+      cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
+        if constexpr (ft.value != DType::fp32) {
+          using IoT = device_t<io.value>;
+          using FT = device_t<ft.value>;
+          cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
+            constexpr int kNFrag = decltype(nfrag)::value;
+            constexpr int kSlice = kSliceCols<kNFrag>;
+            const auto out_slices = static_cast<unsigned>((s.out + kSlice - 1) / kSlice);
+            const bool atomic_u = out_slices > 1;
+            if (u && atomic_u) fill_zero(u, static_cast<std::size_t>(s.rows * f.rank) * sizeof(float), stream);
+            cuda_detail::launch(lora_backward_dy_kernel<IoT, FT, kNFrag>, dim3(groups, out_slices), kBackwardThreads,
+                                BackwardDyLayout<kNFrag>{}.bytes, stream,
+                                BackwardDyParams{args.dy, f.b, args.h, u, args.grad_b, workspace.row_groups(), s.out,
+                                                 static_cast<std::int32_t>(f.rank), f.scale, atomic_u});
+            if (!needs_u) return;
+            const auto in_slices = static_cast<unsigned>((s.in + kSlice - 1) / kSlice);
+            cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(groups, in_slices), kBackwardThreads,
+                                BackwardXLayout<kNFrag>{}.bytes, stream,
+                                BackwardXParams{args.x, f.a, u, args.dx, args.grad_a, workspace.row_groups(), s.in,
+                                                static_cast<std::int32_t>(f.rank), f.scale});
+          });
+        }
+      });
+      return;
+    }
+    GenericParams p = generic_params(s, f, workspace);
+    p.x = args.x, p.h = const_cast<void*>(args.h) /* read only */, p.dy = args.dy, p.u = u, p.dx = args.dx, p.grad_a = args.grad_a, p.grad_b = args.grad_b;
+    cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
+      using IoT = device_t<io.value>;
+      using FT = device_t<ft.value>;
+      const auto grid = cuda_detail::elementwise_grid;
+      if (args.grad_b)
+        cuda_detail::launch(generic_grad_b_kernel<IoT, FT>, grid(s.experts * s.out * f.rank), 256, 0, stream, p);
+      if (!needs_u) return;
+      cuda_detail::launch(generic_u_kernel<IoT, FT>, grid(s.rows * f.rank), 256, 0, stream, p);
+      if (args.grad_a)
+        cuda_detail::launch(generic_grad_a_kernel<IoT, FT>, grid(s.experts * f.rank * s.in), 256, 0, stream, p);
+      if (args.dx) cuda_detail::launch(generic_dx_kernel<IoT, FT>, grid(s.rows * s.in), 256, 0, stream, p);
+    });
+  }
+
+  static void kaiming_init(const KaimingInitArgs& args, cudaStream_t stream) {
+    const float bound = std::sqrt(6.0f / static_cast<float>(args.in));
+    const std::int64_t count = args.experts * args.rank * args.in;
+    dispatch_dtype(args.dtype, [&](auto tag) {
+      using FT = kernels::device_t<tag.value>;
+      cuda_detail::launch(kernels::kaiming_uniform_kernel<FT>, cuda_detail::elementwise_grid(count), 256, 0, stream,
+                          static_cast<FT*>(args.a), count, bound, args.seed);
+    });
+    fill_zero(args.b, static_cast<std::size_t>(args.experts * args.out * args.rank) * dtype_size(args.dtype), stream);
+  }
+
+  static void adamw_step(const AdamWArgs& args, cudaStream_t stream) {
+    dispatch_dtype(args.dtype, [&](auto tag) {
+      using FT = kernels::device_t<tag.value>;
+      cuda_detail::launch(kernels::adamw_kernel<FT>, cuda_detail::elementwise_grid(args.count), 256, 0, stream, args);
+    });
+  }
+
+ private:
+  static kernels::GenericParams generic_params(const LoraShape& s, const FactorsRef& f, const Workspace& workspace) {
+    kernels::GenericParams p{};
+    p.offsets = workspace.segments().offsets;
+    p.experts = static_cast<std::int32_t>(s.experts);
+    p.rows = s.rows, p.in = s.in, p.out = s.out;
+    p.rank = static_cast<std::int32_t>(f.rank);
+    p.scale = f.scale;
+    p.a = f.a, p.b = f.b;
+    return p;
+  }
+};
+
+}  // namespace moelora

@@ -1,0 +1,133 @@
+/// \file
+/// \brief GroupedLinear<CudaBackend>: the reference base on the GPU, cuBLAS GEMMs (fp32 compute)
+/// over the non-empty experts: one grouped call (`cublasGemmGroupedBatchedEx`) or one call each.
+///
+/// cuBLAS takes the per-expert sizes on the host: with device counts this base copies the offsets
+/// to the host and synchronises the stream (the LoRA branch itself never does). The cuBLAS handle
+/// belongs to the caller; the base sets its stream on each call.
+#pragma once
+
+#if !defined(__CUDACC__)
+#error "moelora/cuda/grouped_linear.hpp needs nvcc"
+#endif
+
+#include <cublas_v2.h>
+
+#include <vector>
+
+#include "moelora/base/grouped_linear.hpp"
+#include "moelora/cuda/backend.hpp"
+
+namespace moelora {
+
+/// How the CUDA base issues its per-expert GEMMs.
+enum class GemmStrategy : std::uint8_t {
+  automatic,   ///< per_expert when the experts are few (≤ 32), else grouped
+  grouped,     ///< one cublasGemmGroupedBatchedEx over the non-empty experts
+  per_expert,  ///< one cublasGemmEx per non-empty expert (best for few, large experts)
+};
+
+template <>
+class GroupedLinear<CudaBackend> : public GroupedWeights<CudaBackend> {
+ public:
+  using backend_type = CudaBackend;
+
+  GroupedLinear(cublasHandle_t handle, std::int64_t experts, std::int64_t in, std::int64_t out, DType dtype,
+                GemmStrategy strategy = GemmStrategy::automatic)
+      : GroupedWeights(experts, in, out, dtype), handle_(handle), strategy_(strategy) {
+    MOELORA_REQUIRE(handle != nullptr, ErrorCode::invalid_argument, "GroupedLinear needs a cuBLAS handle");
+    if (strategy_ == GemmStrategy::automatic)
+      strategy_ = experts <= 32 ? GemmStrategy::per_expert : GemmStrategy::grouped;
+  }
+
+  [[nodiscard]] GemmStrategy strategy() const { return strategy_; }
+
+  /// y_t = W_e x_t: column-major y_eᵀ [out, n] = W_e (stored [in, out] column-major, transposed) · x_eᵀ.
+  void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, cudaStream_t stream) {
+    run(x.data, segments, y.data, CUBLAS_OP_T, out_features(), in_features(), stream);
+  }
+  /// dx_t = W_eᵀ dy_t: column-major dx_eᵀ [in, n] = W_e (stored [in, out] column-major) · dy_eᵀ.
+  void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, cudaStream_t stream) {
+    run(dy.data, segments, dx.data, CUBLAS_OP_N, in_features(), out_features(), stream);
+  }
+
+ private:
+  static cudaDataType_t cuda_type(DType d) {
+    return d == DType::bf16 ? CUDA_R_16BF : (d == DType::fp16 ? CUDA_R_16F : CUDA_R_32F);
+  }
+
+  // out rows [n, m] = in rows [n, k] · op(W_e)ᵀ in row-major terms; m = output features, k = input features.
+  void run(const void* in, const ExpertSegments& segments, void* out, cublasOperation_t op_w, std::int64_t m,
+           std::int64_t k, cudaStream_t stream) {
+    const std::int64_t experts = num_experts();
+    const std::int64_t* offsets = segments.host_offsets;
+    if (!offsets) {  // device counts: cuBLAS needs the sizes on the host
+      host_offsets_.resize(static_cast<std::size_t>(experts) + 1);
+      CudaBackend::copy_to_host(host_offsets_.data(), segments.offsets, host_offsets_.size() * sizeof(std::int64_t),
+                                stream);
+      offsets = host_offsets_.data();
+    }
+    const std::size_t elem = dtype_size(dtype());
+    const auto* w = static_cast<const std::byte*>(weight().data);
+    const auto* x = static_cast<const std::byte*>(in);
+    auto* y = static_cast<std::byte*>(out);
+    ops_.clear(), ms_.clear(), ns_.clear(), ks_.clear(), ldas_.clear(), ldbs_.clear(), ldcs_.clear();
+    pointers_.clear();
+    std::vector<const void*> a_ptrs, b_ptrs;
+    std::vector<void*> c_ptrs;
+    for (std::int64_t e = 0; e < experts; ++e) {
+      const std::int64_t n = offsets[e + 1] - offsets[e];
+      if (n == 0) continue;
+      ops_.push_back(op_w);
+      ms_.push_back(static_cast<int>(m));
+      ns_.push_back(static_cast<int>(n));
+      ks_.push_back(static_cast<int>(k));
+      ldas_.push_back(static_cast<int>(in_features()));
+      ldbs_.push_back(static_cast<int>(k));
+      ldcs_.push_back(static_cast<int>(m));
+      a_ptrs.push_back(w + static_cast<std::size_t>(e * out_features() * in_features()) * elem);
+      b_ptrs.push_back(x + static_cast<std::size_t>(offsets[e] * k) * elem);
+      c_ptrs.push_back(y + static_cast<std::size_t>(offsets[e] * m) * elem);
+    }
+    const auto groups = static_cast<int>(ms_.size());
+    if (groups == 0) return;
+    MOELORA_CUBLAS_CHECK(cublasSetStream(handle_, stream));
+    if (strategy_ == GemmStrategy::per_expert) {
+      const float one = 1.0f, zero = 0.0f;
+      for (int g = 0; g < groups; ++g)
+        MOELORA_CUBLAS_CHECK(cublasGemmEx(handle_, op_w, CUBLAS_OP_N, ms_[g], ns_[g], ks_[g], &one, a_ptrs[g],
+                                          cuda_type(dtype()), ldas_[g], b_ptrs[g], cuda_type(dtype()), ldbs_[g], &zero,
+                                          c_ptrs[g], cuda_type(dtype()), ldcs_[g], CUBLAS_COMPUTE_32F,
+                                          CUBLAS_GEMM_DEFAULT));
+      return;
+    }
+    // Device pointer arrays [A | B | C], uploaded from pageable staging (safe to reuse on return).
+    pointers_.insert(pointers_.end(), a_ptrs.begin(), a_ptrs.end());
+    pointers_.insert(pointers_.end(), b_ptrs.begin(), b_ptrs.end());
+    pointers_.insert(pointers_.end(), c_ptrs.begin(), c_ptrs.end());
+    device_pointers_.reserve(pointers_.size() * sizeof(void*));
+    MOELORA_CUDA_CHECK(cudaMemcpyAsync(device_pointers_.data(), pointers_.data(), pointers_.size() * sizeof(void*),
+                                       cudaMemcpyHostToDevice, stream));
+    const auto* device = device_pointers_.as<const void*>();
+    alphas_.assign(static_cast<std::size_t>(groups), 1.0f);
+    betas_.assign(static_cast<std::size_t>(groups), 0.0f);
+    group_sizes_.assign(static_cast<std::size_t>(groups), 1);
+    no_transpose_.assign(static_cast<std::size_t>(groups), CUBLAS_OP_N);
+    MOELORA_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
+        handle_, ops_.data(), no_transpose_.data(), ms_.data(), ns_.data(), ks_.data(), alphas_.data(), device,
+        cuda_type(dtype()), ldas_.data(), device + groups, cuda_type(dtype()), ldbs_.data(), betas_.data(),
+        const_cast<void* const*>(reinterpret_cast<const void* const*>(device + 2 * groups)), cuda_type(dtype()),
+        ldcs_.data(), groups, group_sizes_.data(), CUBLAS_COMPUTE_32F));
+  }
+
+  cublasHandle_t handle_;
+  GemmStrategy strategy_;
+  Buffer<CudaBackend> device_pointers_;
+  std::vector<std::int64_t> host_offsets_;
+  std::vector<cublasOperation_t> ops_, no_transpose_;
+  std::vector<int> ms_, ns_, ks_, ldas_, ldbs_, ldcs_, group_sizes_;
+  std::vector<float> alphas_, betas_;
+  std::vector<const void*> pointers_;
+};
+
+}  // namespace moelora

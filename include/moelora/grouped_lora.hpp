@@ -1,0 +1,305 @@
+/// \file
+/// \brief GroupedLoRA<Base, Policies...>: named LoRA adapters on the experts of a grouped linear base.
+///
+/// Layouts (row-major): x `[T, in]`, y `[T, out]` grouped by expert per `tokens_per_expert` `[E]`;
+/// per adapter A `[E, r, in]`, B `[E, out, r]` in the adapter's dtype, gradients fp32 of the same
+/// shapes. Forward: `y = base(x) + Σ_enabled scale · B_e A_e x_t`. Backward: `dA`, `dB` `+=` (gradient
+/// accumulation) and `dx = baseᵀ(dy) + Σ_enabled A_eᵀ u_t`. All work is queued on the caller's stream.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "moelora/concepts.hpp"
+#include "moelora/core/buffer.hpp"
+#include "moelora/core/config.hpp"
+#include "moelora/core/error.hpp"
+#include "moelora/core/tensor.hpp"
+#include "moelora/policies/policy_set.hpp"
+
+namespace moelora {
+
+/// One adapter as the caller sees it: its settings and views of its factors and gradients (in the
+/// backend's memory). The views stay valid until the adapter is removed.
+struct AdapterView {
+  std::string_view name;
+  const ResolvedAdapterConfig& config;
+  TensorRef a;       ///< `[E, r, in]`, factor dtype
+  TensorRef b;       ///< `[E, out, r]`, factor dtype
+  TensorRef grad_a;  ///< `[E, r, in]` fp32; null data while the adapter is frozen
+  TensorRef grad_b;  ///< `[E, out, r]` fp32; null data while the adapter is frozen
+};
+
+/// LoRA adapters on a frozen grouped base. Move-only; owns the base, the factors, their gradients
+/// and the activations saved by the last forward (one forward/backward pair in flight at a time).
+template <GroupedLinearBase Base, class... Policies>
+class GroupedLoRA {
+ public:
+  using base_type = Base;
+  using backend_type = typename Base::backend_type;
+  using stream_type = typename backend_type::stream_type;
+  using policies = policy::PolicySet<Policies...>;
+
+  static_assert(std::is_same_v<typename policies::parallel_mode, policy::NoTensorParallel>,
+                "moelora: tensor-parallel GroupedLoRA needs the parallel module's communicator-aware layer; "
+                "this single-device layer supports policy::NoTensorParallel only");
+
+  explicit GroupedLoRA(Base base) : base_(std::move(base)) {
+    constexpr std::int64_t kStatic = policies::expert_count::value;
+    if constexpr (kStatic != policy::kDynamicExperts) {
+      MOELORA_REQUIRE(base_.num_experts() == kStatic, ErrorCode::shape_mismatch, "the base holds ",
+                      base_.num_experts(), " experts but the layer's StaticExperts policy says ", kStatic);
+    }
+    MOELORA_REQUIRE(base_.num_experts() >= 1 && base_.in_features() >= 1 && base_.out_features() >= 1,
+                    ErrorCode::shape_mismatch, "the base must have at least one expert, input and output feature");
+  }
+
+  GroupedLoRA(GroupedLoRA&&) noexcept = default;
+  GroupedLoRA& operator=(GroupedLoRA&&) noexcept = default;
+
+  [[nodiscard]] Base& base() { return base_; }
+  [[nodiscard]] const Base& base() const { return base_; }
+  [[nodiscard]] std::int64_t num_experts() const { return base_.num_experts(); }
+  [[nodiscard]] std::int64_t in_features() const { return base_.in_features(); }
+  [[nodiscard]] std::int64_t out_features() const { return base_.out_features(); }
+  [[nodiscard]] DType dtype() const { return base_.dtype(); }
+
+  // ---- adapters -------------------------------------------------------------------------------
+
+  /// Adds adapter `name` (unique, non-empty) and initialises its factors on `stream`.
+  void add_adapter(std::string name, const AdapterConfig& config, stream_type stream) {
+    MOELORA_REQUIRE(!name.empty(), ErrorCode::invalid_argument, "an adapter name must not be empty");
+    MOELORA_REQUIRE(find(name) == nullptr, ErrorCode::duplicate_adapter, "adapter \"", name, "\" already exists");
+    const ResolvedAdapterConfig resolved = resolve(config, constraints());
+    Slot slot{std::move(name), resolved, Buffer<backend_type>(factor_bytes(resolved, Factor::a)),
+              Buffer<backend_type>(factor_bytes(resolved, Factor::b)), {}, {}, {}, false};
+    if (resolved.trainable) allocate_grads(slot, stream);
+    initialize(slot, stream);
+    slots_.push_back(std::move(slot));
+  }
+
+  /// Removes adapter `name` with its factors, gradients and saved activations.
+  void remove_adapter(std::string_view name) {
+    const Slot& slot = get(name);
+    slots_.erase(slots_.begin() + (&slot - slots_.data()));
+  }
+
+  [[nodiscard]] bool has_adapter(std::string_view name) const { return find(name) != nullptr; }
+
+  /// Adapter names in insertion order (the order in which deltas are summed).
+  [[nodiscard]] std::vector<std::string> adapter_names() const {
+    std::vector<std::string> names;
+    for (const Slot& slot : slots_) names.push_back(slot.name);
+    return names;
+  }
+
+  [[nodiscard]] AdapterView adapter(std::string_view name) { return view(get(name)); }
+
+  /// A disabled adapter adds nothing to the output and receives no gradient.
+  void set_enabled(std::string_view name, bool enabled) { get(name).config.enabled = enabled; }
+
+  /// Changes an adapter's scale (finite, > 0); takes effect from the next forward.
+  void set_scale(std::string_view name, double scale) {
+    Slot& slot = get(name);
+    slot.config.scale = validate_scale(scale);
+  }
+
+  /// Freezes (no dA, dB; gradients released) or unfreezes (zeroed gradients allocated) an adapter.
+  void set_trainable(std::string_view name, bool trainable, stream_type stream) {
+    Slot& slot = get(name);
+    if (trainable && !slot.config.trainable) allocate_grads(slot, stream);
+    if (!trainable) slot.grad_a = {}, slot.grad_b = {};
+    slot.config.trainable = trainable;
+  }
+
+  /// Zeroes the gradients of every trainable adapter.
+  void zero_grad(stream_type stream) {
+    for (Slot& slot : slots_) {
+      if (slot.grad_a.data()) backend_type::fill_zero(slot.grad_a.data(), slot.grad_a.bytes(), stream);
+      if (slot.grad_b.data()) backend_type::fill_zero(slot.grad_b.data(), slot.grad_b.bytes(), stream);
+    }
+  }
+
+  /// Sizes the saved activations of every adapter for calls of up to `rows` rows, so that later
+  /// forwards of at most that size allocate nothing.
+  void reserve(std::int64_t rows) {
+    MOELORA_REQUIRE(rows >= 0, ErrorCode::invalid_argument, "reserve(rows) needs rows >= 0, got ", rows);
+    reserved_rows_ = std::max(reserved_rows_, rows);
+    for (Slot& slot : slots_) slot.saved_h.reserve(saved_bytes(slot, reserved_rows_));
+  }
+
+  // ---- compute --------------------------------------------------------------------------------
+
+  /// `y = base(x) + Σ_enabled scale · B_e A_e x_t`. x `[T, in]`, y `[T, out]` (overwritten), both of
+  /// the base's dtype; `counts` `[E]` on the host or (CUDA) the device, Σ = T. Saves `h = A x` of
+  /// each enabled adapter for `backward`.
+  void forward(ConstTensorRef x, const ExpertCounts& counts, TensorRef y, stream_type stream) {
+    check_rows("x", x, in_features());
+    const std::int64_t rows = x.shape[0];
+    check_rows("y", y, out_features(), rows);
+    check_counts(counts, rows);
+    for (Slot& slot : slots_)
+      if (slot.config.enabled) slot.saved_h.reserve(saved_bytes(slot, std::max(rows, reserved_rows_)));
+
+    const ExpertSegments& segments = workspace_.prepare_segments(counts, rows, stream);
+    base_.forward(x, segments, y, stream);
+    saved_rows_ = rows;
+    for (Slot& slot : slots_) {
+      slot.h_saved = slot.config.enabled;
+      if (!slot.config.enabled || rows == 0) continue;
+      LoraForwardArgs args{shape(rows), factors(slot), x.data, y.data, slot.saved_h.data()};
+      backend_type::lora_forward(args, workspace_, stream);
+    }
+  }
+
+  /// Backward of the last `forward` (same x and counts): `dA`, `dB` `+=` for trainable enabled
+  /// adapters; if `dx.data` is non-null, `dx = baseᵀ(dy) + Σ_enabled A_eᵀ u_t` (overwritten).
+  void backward(ConstTensorRef x, const ExpertCounts& counts, ConstTensorRef dy, TensorRef dx, stream_type stream) {
+    check_rows("x", x, in_features());
+    const std::int64_t rows = x.shape[0];
+    check_rows("dy", dy, out_features(), rows);
+    if (dx.data) check_rows("dx", dx, in_features(), rows);
+    check_counts(counts, rows);
+    MOELORA_REQUIRE(saved_rows_ == rows, ErrorCode::invalid_argument, "backward needs the forward of the same ",
+                    rows, " rows first (the last forward saw ", saved_rows_, ")");
+    for (const Slot& slot : slots_)
+      MOELORA_REQUIRE(!slot.config.enabled || slot.h_saved, ErrorCode::invalid_argument, "adapter \"", slot.name,
+                      "\" was enabled after the last forward; run forward again before backward");
+
+    const ExpertSegments& segments = workspace_.prepare_segments(counts, rows, stream);
+    if (dx.data) base_.backward_input(dy, segments, dx, stream);
+    for (Slot& slot : slots_) {
+      const bool wants_grads = slot.config.trainable;
+      if (!slot.config.enabled || rows == 0 || (!wants_grads && !dx.data)) continue;
+      LoraBackwardArgs args{shape(rows),
+                            factors(slot),
+                            x.data,
+                            dy.data,
+                            slot.saved_h.data(),
+                            dx.data,
+                            wants_grads ? slot.grad_a.template as<float>() : nullptr,
+                            wants_grads ? slot.grad_b.template as<float>() : nullptr};
+      backend_type::lora_backward(args, workspace_, stream);
+    }
+  }
+
+  /// The backend's scratch state (the CUDA backend records there whether device counts were valid).
+  [[nodiscard]] typename backend_type::Workspace& workspace() { return workspace_; }
+
+ private:
+  enum class Factor { a, b };
+
+  struct Slot {
+    std::string name;
+    ResolvedAdapterConfig config;
+    Buffer<backend_type> a, b;            // factors
+    Buffer<backend_type> grad_a, grad_b;  // fp32 gradients, empty while frozen
+    Buffer<backend_type> saved_h;         // [T, r] factor dtype
+    bool h_saved = false;                 // whether the last forward wrote saved_h
+  };
+
+  [[nodiscard]] ConfigConstraints constraints() const {
+    using P = policies;
+    return {dtype(), P::factor_dtype::pinned, P::init_method::method, P::init_method::pinned};
+  }
+
+  [[nodiscard]] Shape factor_shape(const ResolvedAdapterConfig& c, Factor f) const {
+    return f == Factor::a ? Shape{num_experts(), c.rank, in_features()} : Shape{num_experts(), out_features(), c.rank};
+  }
+  [[nodiscard]] std::size_t factor_bytes(const ResolvedAdapterConfig& c, Factor f) const {
+    return static_cast<std::size_t>(factor_shape(c, f).numel()) * dtype_size(c.dtype);
+  }
+  static std::size_t saved_bytes(const Slot& slot, std::int64_t rows) {
+    return static_cast<std::size_t>(rows * slot.config.rank) * dtype_size(slot.config.dtype);
+  }
+
+  void allocate_grads(Slot& slot, stream_type stream) const {
+    const auto fp32_bytes = [&](Factor f) {
+      return static_cast<std::size_t>(factor_shape(slot.config, f).numel()) * sizeof(float);
+    };
+    slot.grad_a = Buffer<backend_type>(fp32_bytes(Factor::a));
+    slot.grad_b = Buffer<backend_type>(fp32_bytes(Factor::b));
+    backend_type::fill_zero(slot.grad_a.data(), slot.grad_a.bytes(), stream);
+    backend_type::fill_zero(slot.grad_b.data(), slot.grad_b.bytes(), stream);
+  }
+
+  void initialize(Slot& slot, stream_type stream) const {
+    switch (slot.config.init) {
+      case InitMethod::kaiming_zeros:
+        backend_type::kaiming_init({slot.a.data(), slot.b.data(), slot.config.dtype, num_experts(), slot.config.rank,
+                                    in_features(), out_features(), slot.config.seed},
+                                   stream);
+        return;
+    }
+  }
+
+  [[nodiscard]] AdapterView view(Slot& slot) const {
+    const auto grad = [&](Buffer<backend_type>& buffer, Factor f) {
+      return TensorRef{buffer.data(), DType::fp32, factor_shape(slot.config, f)};
+    };
+    return {slot.name,
+            slot.config,
+            {slot.a.data(), slot.config.dtype, factor_shape(slot.config, Factor::a)},
+            {slot.b.data(), slot.config.dtype, factor_shape(slot.config, Factor::b)},
+            grad(slot.grad_a, Factor::a),
+            grad(slot.grad_b, Factor::b)};
+  }
+
+  [[nodiscard]] LoraShape shape(std::int64_t rows) const {
+    return {num_experts(), in_features(), out_features(), rows, dtype()};
+  }
+  static FactorsRef factors(const Slot& slot) {
+    return {slot.a.data(), slot.b.data(), slot.config.dtype, slot.config.rank, slot.config.scale};
+  }
+
+  [[nodiscard]] const Slot* find(std::string_view name) const {
+    const auto it = std::find_if(slots_.begin(), slots_.end(), [&](const Slot& s) { return s.name == name; });
+    return it == slots_.end() ? nullptr : &*it;
+  }
+  Slot& get(std::string_view name) {
+    const Slot* slot = find(name);
+    MOELORA_REQUIRE(slot != nullptr, ErrorCode::unknown_adapter, "no adapter named \"", name, "\"");
+    return const_cast<Slot&>(*slot);
+  }
+
+  /// A tensor of shape `[rows, features]` (rows = -1: any) and the base's dtype.
+  void check_rows(const char* what, ConstTensorRef t, std::int64_t features, std::int64_t rows = -1) const {
+    MOELORA_REQUIRE(t.shape.rank == 2 && t.shape[1] == features && (rows < 0 || t.shape[0] == rows),
+                    ErrorCode::shape_mismatch, what, " has shape ", t.shape, " but the layer needs [",
+                    rows < 0 ? std::string("T") : std::to_string(rows), ", ", features, "]");
+    MOELORA_REQUIRE(t.dtype == dtype(), ErrorCode::dtype_mismatch, what, " has dtype ", dtype_name(t.dtype),
+                    " but the base's dtype is ", dtype_name(dtype()));
+    MOELORA_REQUIRE(t.data != nullptr || t.shape[0] == 0, ErrorCode::invalid_argument, what, " has no data");
+  }
+
+  /// Length E; host counts are checked here (non-negative, Σ = rows); device counts are checked by
+  /// the backend without a host sync.
+  void check_counts(const ExpertCounts& counts, std::int64_t rows) const {
+    MOELORA_REQUIRE(counts.size == num_experts(), ErrorCode::bad_counts, "tokens_per_expert has ", counts.size,
+                    " entries but the layer has ", num_experts(), " experts");
+    MOELORA_REQUIRE(counts.data != nullptr, ErrorCode::bad_counts, "tokens_per_expert has no data");
+    MOELORA_REQUIRE(counts.memory == Memory::host || backend_type::memory == Memory::device,
+                    ErrorCode::bad_counts, "tokens_per_expert is in device memory but the backend runs on the host");
+    if (counts.memory != Memory::host) return;
+    std::int64_t sum = 0;
+    for (std::int64_t e = 0; e < counts.size; ++e) {
+      const std::int64_t c = counts.at(e);
+      MOELORA_REQUIRE(c >= 0, ErrorCode::bad_counts, "tokens_per_expert[", e, "] is negative (", c, ")");
+      sum += c;
+    }
+    MOELORA_REQUIRE(sum == rows, ErrorCode::bad_counts, "tokens_per_expert sums to ", sum, " but x has ", rows,
+                    " rows");
+  }
+
+  Base base_;
+  std::vector<Slot> slots_;
+  typename backend_type::Workspace workspace_;
+  std::int64_t reserved_rows_ = 0;
+  std::int64_t saved_rows_ = -1;
+};
+
+}  // namespace moelora

@@ -1,0 +1,167 @@
+/// \file
+/// \brief HostBackend: the CPU reference backend. The same math as the CUDA backend, on the host,
+/// with OpenBLAS GEMMs; the test oracle and the backend of machines without a GPU.
+///
+/// Streams are a tag: every operation completes before it returns.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "moelora/core/error.hpp"
+#include "moelora/core/lora_args.hpp"
+#include "moelora/core/random.hpp"
+#include "moelora/core/segments.hpp"
+#include "moelora/core/tensor.hpp"
+#include "moelora/host/convert.hpp"
+#include "moelora/host/gemm.hpp"
+#include "moelora/optim/adamw_math.hpp"
+
+namespace moelora {
+
+/// The host "stream": work on the host backend is synchronous.
+struct HostStream {};
+
+/// The CPU reference backend.
+struct HostBackend {
+  using stream_type = HostStream;
+  static constexpr Memory memory = Memory::host;
+  static constexpr std::string_view name = "host";
+
+  static void* allocate(std::size_t bytes) { return ::operator new(bytes, std::align_val_t{64}); }
+  static void deallocate(void* data) noexcept { ::operator delete(data, std::align_val_t{64}); }
+  static void copy(void* dst, const void* src, std::size_t bytes, HostStream /*stream*/) {
+    if (bytes) std::memcpy(dst, src, bytes);
+  }
+  static void copy_to_host(void* host_dst, const void* src, std::size_t bytes, HostStream stream) {
+    copy(host_dst, src, bytes, stream);
+  }
+  static void copy_from_host(void* dst, const void* host_src, std::size_t bytes, HostStream stream) {
+    copy(dst, host_src, bytes, stream);
+  }
+  static void fill_zero(void* data, std::size_t bytes, HostStream /*stream*/) {
+    if (bytes) std::memset(data, 0, bytes);
+  }
+  static void synchronize(HostStream /*stream*/) {}
+
+  /// Per-layer scratch state: the offsets of the current call.
+  class Workspace {
+   public:
+    /// Scans host counts into offsets; the counts were validated by the caller.
+    const ExpertSegments& prepare_segments(const ExpertCounts& counts, std::int64_t rows, HostStream /*stream*/) {
+      MOELORA_REQUIRE(counts.memory == Memory::host, ErrorCode::invalid_argument,
+                      "the host backend needs tokens_per_expert in host memory");
+      offsets_.assign(static_cast<std::size_t>(counts.size) + 1, 0);
+      for (std::int64_t e = 0; e < counts.size; ++e)
+        offsets_[static_cast<std::size_t>(e) + 1] = offsets_[static_cast<std::size_t>(e)] + counts.at(e);
+      segments_ = {offsets_.data(), offsets_.data(), counts.size, rows};
+      return segments_;
+    }
+    [[nodiscard]] const ExpertSegments& segments() const { return segments_; }
+
+   private:
+    std::vector<std::int64_t> offsets_;
+    ExpertSegments segments_;
+  };
+
+  static void lora_forward(const LoraForwardArgs& args, Workspace& workspace, HostStream /*stream*/) {
+    const LoraShape& s = args.shape;
+    const FactorsRef& f = args.factors;
+    const std::int64_t r = f.rank;
+    std::vector<float> a, b, x, h, delta;
+    for (std::int64_t e = 0; e < s.experts; ++e) {
+      const auto [row0, n] = expert_rows(workspace.segments(), e);
+      if (n == 0) continue;
+      load_factors(f, s, e, a, b);
+      load(host::element(args.x, s.io_dtype, row0 * s.in), s.io_dtype, n * s.in, f.dtype, x);
+      h.resize(static_cast<std::size_t>(n * r));
+      host::gemm(host::Op::n, host::Op::t, n, r, s.in, 1.0f, x.data(), a.data(), 0.0f, h.data());
+      round_in_place(h, f.dtype);
+      host::store_from_float(h.data(), h.size(), host::element(args.h, f.dtype, row0 * r), f.dtype);
+      void* y = host::element(args.y, s.io_dtype, row0 * s.out);
+      load(y, s.io_dtype, n * s.out, DType::fp32, delta);
+      host::gemm(host::Op::n, host::Op::t, n, s.out, r, f.scale, h.data(), b.data(), 1.0f, delta.data());
+      host::store_from_float(delta.data(), delta.size(), y, s.io_dtype);
+    }
+  }
+
+  static void lora_backward(const LoraBackwardArgs& args, Workspace& workspace, HostStream /*stream*/) {
+    const LoraShape& s = args.shape;
+    const FactorsRef& f = args.factors;
+    const std::int64_t r = f.rank;
+    std::vector<float> a, b, x, dy, h, u, dx;
+    for (std::int64_t e = 0; e < s.experts; ++e) {
+      const auto [row0, n] = expert_rows(workspace.segments(), e);
+      if (n == 0) continue;
+      load_factors(f, s, e, a, b);
+      load(host::element(args.dy, s.io_dtype, row0 * s.out), s.io_dtype, n * s.out, f.dtype, dy);
+      u.resize(static_cast<std::size_t>(n * r));
+      host::gemm(host::Op::n, host::Op::n, n, r, s.out, f.scale, dy.data(), b.data(), 0.0f, u.data());
+      round_in_place(u, f.dtype);
+      if (args.grad_b) {
+        load(host::element(args.h, f.dtype, row0 * r), f.dtype, n * r, f.dtype, h);
+        host::gemm(host::Op::t, host::Op::n, s.out, r, n, f.scale, dy.data(), h.data(), 1.0f,
+                   args.grad_b + e * s.out * r);
+      }
+      if (args.grad_a || args.dx) load(host::element(args.x, s.io_dtype, row0 * s.in), s.io_dtype, n * s.in, f.dtype, x);
+      if (args.grad_a)
+        host::gemm(host::Op::t, host::Op::n, r, s.in, n, 1.0f, u.data(), x.data(), 1.0f, args.grad_a + e * r * s.in);
+      if (args.dx) {
+        void* dx_rows = host::element(args.dx, s.io_dtype, row0 * s.in);
+        load(dx_rows, s.io_dtype, n * s.in, DType::fp32, dx);
+        host::gemm(host::Op::n, host::Op::n, n, s.in, r, 1.0f, u.data(), a.data(), 1.0f, dx.data());
+        host::store_from_float(dx.data(), dx.size(), dx_rows, s.io_dtype);
+      }
+    }
+  }
+
+  static void kaiming_init(const KaimingInitArgs& args, HostStream stream) {
+    const float bound = std::sqrt(6.0f / static_cast<float>(args.in));
+    const auto count_a = static_cast<std::size_t>(args.experts * args.rank * args.in);
+    std::vector<float> a(count_a);
+    for (std::size_t i = 0; i < count_a; ++i) a[i] = (2.0f * uniform01(args.seed, 0, i) - 1.0f) * bound;
+    host::store_from_float(a.data(), count_a, args.a, args.dtype);
+    fill_zero(args.b, static_cast<std::size_t>(args.experts * args.out * args.rank) * dtype_size(args.dtype), stream);
+  }
+
+  static void adamw_step(const AdamWArgs& args, HostStream /*stream*/) {
+    dispatch_dtype(args.dtype, [&](auto tag) {
+      using T = host_type_t<tag.value>;
+      auto* param = static_cast<T*>(args.param);
+      for (std::int64_t i = 0; i < args.count; ++i) {
+        const float w = args.master && !args.first_step ? args.master[i] : static_cast<float>(param[i]);
+        const float updated = adamw_update(w, args.grad[i], args.m[i], args.v[i], args.config, args.step);
+        if (args.master) args.master[i] = updated;
+        param[i] = T(updated);
+      }
+    });
+  }
+
+ private:
+  struct Rows {
+    std::int64_t first, count;
+  };
+  static Rows expert_rows(const ExpertSegments& segments, std::int64_t e) {
+    return {segments.host_offsets[e], segments.host_offsets[e + 1] - segments.host_offsets[e]};
+  }
+  static void load(const void* data, DType dtype, std::int64_t n, DType round, std::vector<float>& out) {
+    out.resize(static_cast<std::size_t>(n));
+    host::load_as_float(data, dtype, out.size(), out.data(), round);
+  }
+  static void load_factors(const FactorsRef& f, const LoraShape& s, std::int64_t e, std::vector<float>& a,
+                           std::vector<float>& b) {
+    load(host::element(f.a, f.dtype, e * f.rank * s.in), f.dtype, f.rank * s.in, f.dtype, a);
+    load(host::element(f.b, f.dtype, e * s.out * f.rank), f.dtype, s.out * f.rank, f.dtype, b);
+  }
+  static void round_in_place(std::vector<float>& values, DType dtype) {
+    dispatch_dtype(dtype, [&](auto tag) {
+      for (float& v : values) v = round_to<tag.value>(v);
+    });
+  }
+};
+
+}  // namespace moelora

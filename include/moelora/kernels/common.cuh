@@ -1,0 +1,133 @@
+/// \file
+/// \brief Device building blocks shared by the LoRA kernels: element types, conversions, cp.async,
+/// tile loaders and the per-expert row-tile schedule.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "moelora/core/dtype.hpp"
+
+namespace moelora::kernels {
+
+/// The device storage type of each DType.
+template <DType D> struct DeviceTypeOf;
+template <> struct DeviceTypeOf<DType::bf16> { using type = __nv_bfloat16; };
+template <> struct DeviceTypeOf<DType::fp16> { using type = __half; };
+template <> struct DeviceTypeOf<DType::fp32> { using type = float; };
+template <DType D> using device_t = typename DeviceTypeOf<D>::type;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+/// Round-to-nearest-even conversion from fp32.
+template <class T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return __float2half_rn(v);
+}
+
+/// Rows per scheduled tile: every row tile lies inside one expert's segment.
+inline constexpr int kRowTile = 64;
+
+/// Where the tiles of one call are: offsets `[E+1]` (int64 rows) and tile_offsets `[E+1]` (int32,
+/// exclusive scan of ceil(count_e / tile rows)), both in device memory.
+struct TileSchedule {
+  const std::int64_t* offsets;
+  const std::int32_t* tile_offsets;
+  std::int32_t experts;
+};
+
+/// The rows of one tile: expert, first row, number of rows (0 for a grid slot past the last tile).
+struct RowTile {
+  std::int32_t expert;
+  std::int64_t row0;
+  std::int32_t rows;
+};
+
+/// Maps tile index `tile` (a grid slot; slots past the last tile get rows = 0) of a schedule of
+/// `TileRows`-row tiles to its expert and rows.
+template <int TileRows = kRowTile>
+__device__ __forceinline__ RowTile locate_tile(const TileSchedule& s, std::int64_t tile) {
+  if (tile >= s.tile_offsets[s.experts]) return {0, 0, 0};
+  std::int32_t lo = 0, hi = s.experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
+  while (hi - lo > 1) {
+    const std::int32_t mid = (lo + hi) / 2;
+    if (s.tile_offsets[mid] <= tile) lo = mid;
+    else hi = mid;
+  }
+  const std::int64_t row0 = s.offsets[lo] + (tile - s.tile_offsets[lo]) * TileRows;
+  const std::int64_t end = s.offsets[lo + 1];
+  return {lo, row0, static_cast<std::int32_t>(end - row0 < TileRows ? end - row0 : TileRows)};
+}
+
+/// Upper bound of the number of `tile_rows`-row tiles of a call with `rows` rows over `experts` experts.
+inline std::int64_t max_tiles(std::int64_t rows, std::int64_t experts, std::int64_t tile_rows) {
+  return (rows + tile_rows - 1) / tile_rows + experts;
+}
+
+// ---- asynchronous copies -------------------------------------------------------------------------
+
+__device__ __forceinline__ std::uint32_t smem_address(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+/// 16-byte global → shared copy; `valid == false` writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+}
+
+/// 8 consecutive elements of T as one aligned vector (16 bytes for 16-bit T, 32 for fp32).
+template <class T>
+struct alignas(sizeof(T) * 8) Vec8 {
+  T v[8];
+};
+
+/// Loads a `[Rows, Cols]` tile (Cols a multiple of 8) of a row-major global matrix `src` (row stride
+/// `ld` elements) into shared memory `dst` (row stride `dst_ld`) as `Dst`, with `Threads` threads.
+/// Rows ≥ `rows` and columns ≥ `cols` (a multiple of 8) read as zero. Same type: cp.async (the
+/// caller commits and waits); another type: converted through registers.
+template <int Rows, int Cols, int Threads, class Dst, class Src>
+__device__ __forceinline__ void load_tile(Dst* dst, int dst_ld, const Src* src, std::int64_t ld, int rows,
+                                          std::int64_t cols) {
+  constexpr int kChunksPerRow = Cols / 8;
+  constexpr int kChunks = Rows * kChunksPerRow;
+  static_assert(Cols % 8 == 0, "tile columns must be a multiple of 8");
+#pragma unroll
+  for (int i = 0; i < (kChunks + Threads - 1) / Threads; ++i) {
+    const int chunk = i * Threads + static_cast<int>(threadIdx.x);
+    if (kChunks % Threads != 0 && chunk >= kChunks) break;
+    const int r = chunk / kChunksPerRow;
+    const int c = (chunk % kChunksPerRow) * 8;
+    const bool valid = r < rows && c < cols;
+    const Src* from = valid ? src + r * ld + c : src;
+    Dst* to = dst + r * dst_ld + c;
+    if constexpr (std::is_same_v<Dst, Src>) {
+      static_assert(sizeof(Dst) == 2, "cp.async tiles are of 16-bit elements");
+      cp_async_16(to, from, valid);
+    } else {
+      Vec8<Dst> out;
+      if (valid) {
+        const Vec8<Src> in = *reinterpret_cast<const Vec8<Src>*>(from);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) out.v[j] = from_float<Dst>(to_float(in.v[j]));
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) out.v[j] = from_float<Dst>(0.0f);
+      }
+      *reinterpret_cast<Vec8<Dst>*>(to) = out;
+    }
+  }
+}
+
+}  // namespace moelora::kernels

@@ -1,0 +1,337 @@
+/// \file
+/// \brief The fast LoRA backward on tensor cores, two kernels per adapter over row groups (up to
+/// kGroupRows rows of one expert):
+///   dy pass: `u += B_eᵀ dy_t` (fp32, [T, r]) and `dB_e += scale · Σ dy_t h_tᵀ`;
+///   x pass:  `dx_t += A_eᵀ round(scale · u_t)` and `dA_e += Σ round(scale · u_t) x_tᵀ`.
+/// Each block of 8 warps owns one row group and one column slice: warps 0–3 produce the row-wise
+/// result (u or dx), warps 4–7 the factor gradient, which they accumulate over the whole group in
+/// shared memory and add to global memory once (fp32 vector atomics).
+#pragma once
+
+#include "moelora/kernels/lora_forward.cuh"
+
+namespace moelora::kernels {
+
+inline constexpr int kGroupRows = 8 * kRowTile;  ///< rows of one backward row group
+inline constexpr int kBackwardThreads = 256;
+
+/// Columns of the slice a backward block owns, by rank tile (shared memory stays under ~100 KB).
+template <int NFrag>
+inline constexpr int kSliceCols = NFrag <= 2 ? 256 : (NFrag == 4 ? 128 : 64);
+
+/// Shared-memory carve-out: byte offsets of consecutive 128-byte aligned regions.
+struct SmemLayout {
+  int used = 0;
+  constexpr int take(int bytes) {
+    const int at = used;
+    used += (bytes + 127) / 128 * 128;
+    return at;
+  }
+};
+
+/// Adds the `[Rows, Cols]` fp32 tile `src` (row stride `src_ld`) times `scale` into the row-major
+/// global matrix `dst` (row stride `ld`), rows < `rows` and columns < `cols` (multiples of 4).
+template <int Rows, int Cols, int Threads>
+__device__ __forceinline__ void atomic_add_tile(float* dst, std::int64_t ld, const float* src, int src_ld, int rows,
+                                                int cols, float scale) {
+  for (int i = static_cast<int>(threadIdx.x) % Threads; i < Rows * Cols / 4; i += Threads) {
+    const int r = i / (Cols / 4), c = (i % (Cols / 4)) * 4;
+    if (r >= rows || c >= cols) continue;
+    const float* s = src + r * src_ld + c;
+    atomicAdd(reinterpret_cast<float4*>(dst + r * ld + c), make_float4(scale * s[0], scale * s[1], scale * s[2], scale * s[3]));
+  }
+}
+
+struct BackwardDyParams {
+  const void* dy;  // [T, out]
+  const void* b;   // [E, out, r]
+  const void* h;   // [T, r]
+  float* u;        // [T, r] fp32, zeroed when several slices add into it; null: not needed
+  float* grad_b;   // [E, out, r] fp32; null: B frozen
+  TileSchedule groups;
+  std::int64_t out;
+  std::int32_t rank;
+  float scale;
+  bool atomic_u;   // several column slices: add u atomically
+};
+
+template <int NFrag>
+struct BackwardDyLayout {
+  static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kSlice = kSliceCols<NFrag>;
+  static constexpr int kLdC = kChunk + kPad;
+  int b, db, dy, h, u, bytes;
+  constexpr BackwardDyLayout() {
+    SmemLayout s;
+    b = s.take(kSlice * kLdN * 2);          // B slice [kSlice][kLdN]
+    db = s.take(kSlice * (kN + 4) * 4);     // dB accumulator [kSlice][kN + 4] fp32
+    dy = s.take(2 * kRowTile * kLdC * 2);   // dy chunk ring [2][64][72]
+    h = s.take(kRowTile * kLdN * 2);        // h tile [64][kLdN]
+    u = s.take(kRowTile * (kN + 4) * 4);    // u stage [64][kN + 4] fp32
+    bytes = s.used;
+  }
+};
+
+/// Grid (row-group slots, ceil(out / kSliceCols)).
+template <class IoT, class FT, int NFrag>
+__global__ void __launch_bounds__(kBackwardThreads) lora_backward_dy_kernel(BackwardDyParams p) {
+  using L = BackwardDyLayout<NFrag>;
+  constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kUld = kN + 4;
+  constexpr L kLayout{};
+  extern __shared__ __align__(128) unsigned char smem[];
+  FT* bs = reinterpret_cast<FT*>(smem + kLayout.b);
+  float* db = reinterpret_cast<float*>(smem + kLayout.db);
+  FT* dys = reinterpret_cast<FT*>(smem + kLayout.dy);
+  FT* hs = reinterpret_cast<FT*>(smem + kLayout.h);
+  float* us = reinterpret_cast<float*>(smem + kLayout.u);
+
+  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.x);
+  if (group.rows == 0) return;
+  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * L::kSlice;
+  const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(L::kSlice), p.out - n0));
+  const int chunks = (n_valid + kChunk - 1) / kChunk;
+  const int tiles = (group.rows + kRowTile - 1) / kRowTile;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const IoT* dy = static_cast<const IoT*>(p.dy) + group.row0 * p.out + n0;
+  const FT* h = static_cast<const FT*>(p.h) + group.row0 * p.rank;
+
+  load_tile<L::kSlice, kN, kBackwardThreads>(
+      bs, kLdN, static_cast<const FT*>(p.b) + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank,
+      n_valid, p.rank);
+  for (int i = static_cast<int>(threadIdx.x); i < L::kSlice * kUld; i += kBackwardThreads) db[i] = 0.0f;
+  const auto load_dy = [&](int it) {
+    const int t = it / chunks, c = it % chunks;
+    load_tile<kRowTile, kChunk, kBackwardThreads>(dys + (it % 2) * kRowTile * kLdC, kLdC,
+                                                  dy + static_cast<std::int64_t>(t) * kRowTile * p.out + c * kChunk,
+                                                  p.out, group.rows - t * kRowTile, n_valid - c * kChunk);
+  };
+  load_dy(0);
+  cp_async_commit();
+
+  FragAcc u_acc[NFrag];
+  const int iterations = tiles * chunks;
+  for (int it = 0; it < iterations; ++it) {
+    const int t = it / chunks, c = it % chunks;
+    if (c == 0) {
+      load_tile<kRowTile, kN, kBackwardThreads>(hs, kLdN, h + static_cast<std::int64_t>(t) * kRowTile * p.rank, p.rank,
+                                                group.rows - t * kRowTile, p.rank);
+#pragma unroll
+      for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(u_acc[f], 0.0f);
+    }
+    cp_async_commit();
+    if (it + 1 < iterations) load_dy(it + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const FT* dyt = dys + (it % 2) * kRowTile * kLdC;
+    if (warp < kWarps) {
+      if (p.u) {  // u rows [16 warp, +16) += dy chunk · B chunk
+#pragma unroll
+        for (int k = 0; k < kChunk; k += 16) {
+          FragA<FT> fa;
+          nvcuda::wmma::load_matrix_sync(fa, dyt + warp * 16 * kLdC + k, kLdC);
+#pragma unroll
+          for (int f = 0; f < NFrag; ++f) {
+            FragB<FT> fb;
+            nvcuda::wmma::load_matrix_sync(fb, bs + (c * kChunk + k) * kLdN + f * 16, kLdN);
+            nvcuda::wmma::mma_sync(u_acc[f], fa, fb, u_acc[f]);
+          }
+        }
+        if (c == chunks - 1) {
+          float* stage = us + warp * 16 * kUld;
+#pragma unroll
+          for (int f = 0; f < NFrag; ++f)
+            nvcuda::wmma::store_matrix_sync(stage + f * 16, u_acc[f], kUld, nvcuda::wmma::mem_row_major);
+          __syncwarp();
+          const std::int64_t row = group.row0 + static_cast<std::int64_t>(t) * kRowTile + warp * 16;
+          const int rows = min(16, group.rows - t * kRowTile - warp * 16);
+          for (int i = lane; i < 16 * kN / 4; i += 32) {
+            const int r = i / (kN / 4), col = (i % (kN / 4)) * 4;
+            if (r >= rows || col >= p.rank) continue;
+            const float4 v = *reinterpret_cast<const float4*>(stage + r * kUld + col);
+            float4* to = reinterpret_cast<float4*>(p.u + (row + r) * p.rank + col);
+            if (p.atomic_u) atomicAdd(to, v);
+            else *to = v;
+          }
+        }
+      }
+    } else if (p.grad_b) {  // dB rows [c·64 + 16 (warp−4), +16) += dy chunkᵀ · h
+      const int wn = warp - kWarps;
+#pragma unroll
+      for (int f = 0; f < NFrag; ++f) {
+        float* acc_at = db + (c * kChunk + wn * 16) * kUld + f * 16;
+        FragAcc acc;
+        nvcuda::wmma::load_matrix_sync(acc, acc_at, kUld, nvcuda::wmma::mem_row_major);
+#pragma unroll
+        for (int m = 0; m < kRowTile; m += 16) {
+          FragAT<FT> fa;
+          nvcuda::wmma::load_matrix_sync(fa, dyt + m * kLdC + wn * 16, kLdC);
+          FragB<FT> fb;
+          nvcuda::wmma::load_matrix_sync(fb, hs + m * kLdN + f * 16, kLdN);
+          nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+        }
+        nvcuda::wmma::store_matrix_sync(acc_at, acc, kUld, nvcuda::wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+  }
+  if (p.grad_b)
+    atomic_add_tile<L::kSlice, kN, kBackwardThreads>(
+        p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank, db, kUld, n_valid, p.rank,
+        p.scale);
+}
+
+struct BackwardXParams {
+  const void* x;   // [T, in]
+  const void* a;   // [E, r, in]
+  const float* u;  // [T, r] fp32, B_eᵀ dy_t without the scale
+  void* dx;        // [T, in]; null: not needed
+  float* grad_a;   // [E, r, in] fp32; null: A frozen
+  TileSchedule groups;
+  std::int64_t in;
+  std::int32_t rank;
+  float scale;
+};
+
+template <int NFrag>
+struct BackwardXLayout {
+  static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kSlice = kSliceCols<NFrag>;
+  static constexpr int kLdC = kChunk + kPad, kLdS = kSlice + kPad;
+  int a, da, x, u, dx, bytes;
+  constexpr BackwardXLayout() {
+    SmemLayout s;
+    a = s.take(kN * kLdS * 2);               // A slice [kN][kSlice + 8]
+    da = s.take(kN * (kSlice + 4) * 4);      // dA accumulator [kN][kSlice + 4] fp32
+    x = s.take(2 * kRowTile * kLdC * 2);     // x chunk ring [2][64][72]
+    u = s.take(kRowTile * kLdN * 2);         // round(scale · u) tile [64][kLdN]
+    dx = s.take(kWarps * 16 * (kChunk + 4) * 4);  // per-warp dx stage [4][16][68] fp32
+    bytes = s.used;
+  }
+};
+
+/// Grid (row-group slots, ceil(in / kSliceCols)).
+template <class IoT, class FT, int NFrag>
+__global__ void __launch_bounds__(kBackwardThreads) lora_backward_x_kernel(BackwardXParams p) {
+  using L = BackwardXLayout<NFrag>;
+  constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kLdS = L::kLdS, kDaLd = L::kSlice + 4;
+  constexpr int kDxLd = kChunk + 4;
+  constexpr int kDxVectors = 16 * (kChunk / 8) / 32;  // per lane
+  constexpr L kLayout{};
+  extern __shared__ __align__(128) unsigned char smem[];
+  FT* as = reinterpret_cast<FT*>(smem + kLayout.a);
+  float* da = reinterpret_cast<float*>(smem + kLayout.da);
+  FT* xs = reinterpret_cast<FT*>(smem + kLayout.x);
+  FT* us = reinterpret_cast<FT*>(smem + kLayout.u);
+
+  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.x);
+  if (group.rows == 0) return;
+  const std::int64_t k0 = static_cast<std::int64_t>(blockIdx.y) * L::kSlice;
+  const int k_valid = static_cast<int>(min(static_cast<std::int64_t>(L::kSlice), p.in - k0));
+  const int chunks = (k_valid + kChunk - 1) / kChunk;
+  const int tiles = (group.rows + kRowTile - 1) / kRowTile;
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const IoT* x = static_cast<const IoT*>(p.x) + group.row0 * p.in + k0;
+  IoT* dx = p.dx ? static_cast<IoT*>(p.dx) + group.row0 * p.in + k0 : nullptr;
+
+  load_tile<kN, L::kSlice, kBackwardThreads>(
+      as, kLdS, static_cast<const FT*>(p.a) + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in,
+      p.rank, k_valid);
+  for (int i = static_cast<int>(threadIdx.x); i < kN * kDaLd; i += kBackwardThreads) da[i] = 0.0f;
+  const auto load_x = [&](int it) {
+    if (!p.grad_a) return;
+    const int t = it / chunks, c = it % chunks;
+    load_tile<kRowTile, kChunk, kBackwardThreads>(xs + (it % 2) * kRowTile * kLdC, kLdC,
+                                                  x + static_cast<std::int64_t>(t) * kRowTile * p.in + c * kChunk, p.in,
+                                                  group.rows - t * kRowTile, k_valid - c * kChunk);
+  };
+  load_x(0);
+  cp_async_commit();
+
+  const int iterations = tiles * chunks;
+  for (int it = 0; it < iterations; ++it) {
+    const int t = it / chunks, c = it % chunks;
+    const int tile_rows = group.rows - t * kRowTile;
+    if (c == 0) {  // the tile's round(scale · u), zero past the tile and the rank
+      const float* u = p.u + (group.row0 + static_cast<std::int64_t>(t) * kRowTile) * p.rank;
+      for (int i = static_cast<int>(threadIdx.x); i < kRowTile * kN; i += kBackwardThreads) {
+        const int r = i / kN, j = i % kN;
+        us[r * kLdN + j] = from_float<FT>(r < tile_rows && j < p.rank ? p.scale * u[r * p.rank + j] : 0.0f);
+      }
+    }
+    cp_async_commit();
+    if (it + 1 < iterations) load_x(it + 1);
+    cp_async_commit();
+
+    // dx rows [16 warp, +16), columns [c·64, +64): issue the loads before waiting
+    Vec8<IoT> dx_old[kDxVectors];
+    const int dx_row0 = t * kRowTile + warp * 16;
+    if (warp < kWarps && dx) {
+#pragma unroll
+      for (int i = 0; i < kDxVectors; ++i) {
+        const int v = i * 32 + lane, r = v / (kChunk / 8), col = c * kChunk + (v % (kChunk / 8)) * 8;
+        if (dx_row0 + r < group.rows && col < k_valid)
+          dx_old[i] = *reinterpret_cast<const Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col);
+      }
+    }
+    cp_async_wait<1>();
+    __syncthreads();
+
+    if (warp < kWarps) {
+      if (dx) {
+        FragAcc acc[kChunk / 16];
+#pragma unroll
+        for (int f = 0; f < kChunk / 16; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+#pragma unroll
+        for (int k = 0; k < kN; k += 16) {
+          FragA<FT> fa;
+          nvcuda::wmma::load_matrix_sync(fa, us + warp * 16 * kLdN + k, kLdN);
+#pragma unroll
+          for (int f = 0; f < kChunk / 16; ++f) {
+            FragB<FT> fb;
+            nvcuda::wmma::load_matrix_sync(fb, as + k * kLdS + c * kChunk + f * 16, kLdS);
+            nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+          }
+        }
+        float* stage = reinterpret_cast<float*>(smem + kLayout.dx) + warp * 16 * kDxLd;
+#pragma unroll
+        for (int f = 0; f < kChunk / 16; ++f)
+          nvcuda::wmma::store_matrix_sync(stage + f * 16, acc[f], kDxLd, nvcuda::wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < kDxVectors; ++i) {
+          const int v = i * 32 + lane, r = v / (kChunk / 8), cc = (v % (kChunk / 8)) * 8;
+          const int col = c * kChunk + cc;
+          if (dx_row0 + r >= group.rows || col >= k_valid) continue;
+          Vec8<IoT> out;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) out.v[j] = from_float<IoT>(to_float(dx_old[i].v[j]) + stage[r * kDxLd + cc + j]);
+          *reinterpret_cast<Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col) = out;
+        }
+      }
+    } else if (p.grad_a) {  // dA columns [c·64 + 16 (warp−4), +16) += round(scale·u)ᵀ · x chunk
+      const int wn = warp - kWarps;
+      const FT* xt = xs + (it % 2) * kRowTile * kLdC;
+#pragma unroll
+      for (int f = 0; f < NFrag; ++f) {
+        float* acc_at = da + f * 16 * kDaLd + c * kChunk + wn * 16;
+        FragAcc acc;
+        nvcuda::wmma::load_matrix_sync(acc, acc_at, kDaLd, nvcuda::wmma::mem_row_major);
+#pragma unroll
+        for (int m = 0; m < kRowTile; m += 16) {
+          FragAT<FT> fa;
+          nvcuda::wmma::load_matrix_sync(fa, us + m * kLdN + f * 16, kLdN);
+          FragB<FT> fb;
+          nvcuda::wmma::load_matrix_sync(fb, xt + m * kLdC + wn * 16, kLdC);
+          nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+        }
+        nvcuda::wmma::store_matrix_sync(acc_at, acc, kDaLd, nvcuda::wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+  }
+  if (p.grad_a)
+    atomic_add_tile<kN, L::kSlice, kBackwardThreads>(
+        p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in, da, kDaLd, p.rank, k_valid, 1.0f);
+}
+
+}  // namespace moelora::kernels

@@ -1,0 +1,20 @@
+/// \file
+/// \brief Umbrella header: everything that compiles with the current compiler (the CUDA backend and
+/// base only under nvcc).
+#pragma once
+
+#include "moelora/base/grouped_linear.hpp"
+#include "moelora/concepts.hpp"
+#include "moelora/core/config.hpp"
+#include "moelora/core/dtype.hpp"
+#include "moelora/core/error.hpp"
+#include "moelora/core/tensor.hpp"
+#include "moelora/grouped_lora.hpp"
+#include "moelora/host/backend.hpp"
+#include "moelora/optim/adamw.hpp"
+#include "moelora/policies/policy_set.hpp"
+
+#if defined(__CUDACC__)
+#include "moelora/cuda/backend.hpp"
+#include "moelora/cuda/grouped_linear.hpp"
+#endif

@@ -1,0 +1,363 @@
+/// \file
+/// \brief Behaviour of GroupedLoRA, written once and run on every backend (host and CUDA) through
+/// a harness; results are checked against the fp64 oracle on fresh random data.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "support/harness.hpp"
+
+namespace moelora::testing {
+
+/// One random problem on harness H: base weights, grouped input, counts and the layer.
+template <class H>
+struct Problem {
+  H h;
+  Rng rng;
+  std::int64_t experts, in, out, rows;
+  DType io;
+  HostTensor w, x;
+  std::vector<std::int64_t> counts;
+  std::optional<typename H::Layer> layer;
+  BackendTensor<typename H::backend> x_dev;
+
+  Problem(std::int64_t e, std::int64_t i, std::int64_t o, std::int64_t t, DType dtype, Spread spread = Spread::skewed)
+      : experts(e), in(i), out(o), rows(t), io(dtype) {
+    INFO("seed " << rng.seed);
+    w = random_tensor(rng, io, {experts, out, in}, 0.1f);
+    x = random_tensor(rng, io, {rows, in});
+    counts = make_counts(rng, experts, rows, spread);
+    layer.emplace(h.make_base(w));
+    x_dev = h.upload(x);
+  }
+
+  [[nodiscard]] Reference reference() const { return {experts, in, out, &w, offsets_of(counts)}; }
+  ExpertCounts device_counts() { return h.counts(counts); }
+
+  /// Adds adapter `name` with random A and B (non-zero) in its dtype; returns the factors.
+  std::pair<HostTensor, HostTensor> add_random(const std::string& name, AdapterConfig config) {
+    layer->add_adapter(name, config, h.stream());
+    const AdapterView view = layer->adapter(name);
+    HostTensor a = random_tensor(rng, view.a.dtype, view.a.shape, 0.5f);
+    HostTensor b = random_tensor(rng, view.b.dtype, view.b.shape, 0.5f);
+    h.write(view.a, a);
+    h.write(view.b, b);
+    return {std::move(a), std::move(b)};
+  }
+
+  /// The layer's forward output, from a NaN-poisoned y.
+  HostTensor forward() {
+    auto y = h.poisoned(io, {rows, out});
+    layer->forward(x_dev.ref(), device_counts(), y.ref(), h.stream());
+    return h.download(y.ref());
+  }
+
+  /// Runs backward with `dy` (after a forward); returns dx, from a NaN-poisoned buffer.
+  HostTensor backward(const HostTensor& dy) {
+    auto dy_dev = h.upload(dy);
+    auto dx = h.poisoned(io, {rows, in});
+    layer->backward(x_dev.ref(), device_counts(), dy_dev.ref(), dx.ref(), h.stream());
+    return h.download(dx.ref());
+  }
+};
+
+inline AdapterConfig adapter_config(std::int64_t rank, double scale = 1.0, std::optional<std::string> dtype = {}) {
+  AdapterConfig c;
+  c.rank = rank;
+  c.scale = scale;
+  c.lora_dtype = std::move(dtype);
+  return c;
+}
+
+inline std::vector<double> widen(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+/// Shapes for the two kernel paths: tensor-core friendly, and odd sizes that take the generic path.
+struct Case {
+  std::int64_t experts, in, out, rows, rank;
+};
+inline const Case kFastCase{5, 64, 48, 300, 16};
+inline const Case kOddCase{4, 36, 20, 97, 5};
+
+/// Runs `action`, which must throw moelora::Error with `code` and a message containing `needle`.
+template <class F>
+void check_error(F&& action, ErrorCode code, const std::string& needle) {
+  try {
+    action();
+    FAIL("no error for: " << needle);
+  } catch (const Error& e) {
+    CHECK(e.code() == code);
+    CHECK_MESSAGE(std::string(e.what()).find(needle) != std::string::npos, e.what());
+  }
+}
+
+}  // namespace moelora::testing
+
+// Test cases live at global scope (doctest's template registration needs it).
+using namespace moelora;          // NOLINT(google-build-using-namespace)
+using namespace moelora::testing; // NOLINT(google-build-using-namespace)
+
+TEST_CASE_TEMPLATE_DEFINE("factor shapes, dtypes and normalised lora_dtype", H, factor_shapes) {
+  Problem<H> p(3, 24, 16, 10, DType::fp32);
+  p.layer->add_adapter("default", {}, p.h.stream());
+  AdapterView v = p.layer->adapter("default");
+  CHECK(v.a.shape == Shape{3, 64, 24});
+  CHECK(v.b.shape == Shape{3, 16, 64});
+  CHECK(v.a.dtype == DType::fp32);
+  CHECK(v.grad_a.dtype == DType::fp32);
+  CHECK(v.grad_b.shape == Shape{3, 16, 64});
+  CHECK(v.config.scale == 1.0f);
+  CHECK(v.config.init == InitMethod::kaiming_zeros);
+
+  for (const char* spelling : {"bf16", "bfloat16"}) {
+    p.layer->add_adapter(spelling, adapter_config(4, 1.0, spelling), p.h.stream());
+    CHECK(p.layer->adapter(spelling).a.dtype == DType::bf16);
+  }
+  CHECK(normalized_lora_dtype(adapter_config(4, 1.0, "half")) == "fp16");
+  CHECK(normalized_lora_dtype(adapter_config(4, 1.0, "float")) == "fp32");
+  CHECK(p.layer->adapter_names() == std::vector<std::string>{"default", "bf16", "bfloat16"});
+
+  Problem<H> half(2, 16, 8, 4, DType::fp16);
+  half.layer->add_adapter("x", adapter_config(8, 1.0, "bf16"), half.h.stream());
+  CHECK(half.layer->adapter("x").b.dtype == DType::bf16);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("kaiming_zeros: A in the Kaiming bound, B zero, output unchanged bitwise", H, kaiming) {
+  for (DType io : kAllDTypes) {
+    Problem<H> p(4, 64, 32, 200, io);
+    const HostTensor base_only = p.forward();
+    AdapterConfig c = adapter_config(16);
+    c.seed = 7;
+    p.layer->add_adapter("new", c, p.h.stream());
+    const HostTensor with_new = p.forward();
+    CHECK(with_new.values == base_only.values);  // bitwise: B = 0
+
+    const AdapterView v = p.layer->adapter("new");
+    const HostTensor a = p.h.download(v.a);
+    const HostTensor b = p.h.download(v.b);
+    const float bound = std::sqrt(6.0f / 64.0f);
+    float largest = 0.0f, sum = 0.0f;
+    for (float value : a.values) largest = std::max(largest, std::fabs(value)), sum += value;
+    CHECK(largest <= bound * (1.0f + 1.0f / 256.0f));  // the bound itself may round up by half a bf16 ulp
+    CHECK(largest > 0.9f * bound);
+    CHECK(std::fabs(sum / static_cast<float>(a.size())) < 0.05f * bound);
+    for (float value : b.values) REQUIRE(value == 0.0f);
+
+    // Kaiming A with a non-zero B changes the output.
+    HostTensor b_rand = random_tensor(p.rng, v.b.dtype, v.b.shape);
+    p.h.write(v.b, b_rand);
+    CHECK(p.forward().values != base_only.values);
+  }
+}
+
+TEST_CASE_TEMPLATE_DEFINE("forward and backward match the fp64 reference", H, against_reference) {
+  for (const Case& c : {kFastCase, kOddCase}) {
+    for (DType io : kAllDTypes) {
+      for (const char* factor : {"bf16", "fp16", "fp32"}) {
+        for (Spread spread : {Spread::uniform, Spread::skewed, Spread::one_expert}) {
+          Problem<H> p(c.experts, c.in, c.out, c.rows, io, spread);
+          INFO("seed " << p.rng.seed << " io " << dtype_name(io) << " factors " << factor << " in " << c.in
+                       << " rank " << c.rank << " spread " << static_cast<int>(spread));
+          auto [a, b] = p.add_random("ad", adapter_config(c.rank, 0.75, factor));
+          const Reference ref = p.reference();
+          const std::vector<RefAdapter> adapters{{&a, &b, 0.75f}};
+          const double tol = std::max(tolerance(io), tolerance(a.dtype));
+          CHECK(relative_error(p.forward().values, ref.forward(p.x, adapters)) < tol);
+
+          const HostTensor dy = random_tensor(p.rng, io, {c.rows, c.out});
+          std::vector<double> dx_ref;
+          std::vector<Reference::Grads> grads_ref;
+          ref.backward(p.x, dy, adapters, dx_ref, grads_ref);
+          CHECK(relative_error(p.backward(dy).values, dx_ref) < tol);
+          const AdapterView v = p.layer->adapter("ad");
+          CHECK(relative_error(p.h.download(v.grad_a).values, grads_ref[0].a) < tol);
+          CHECK(relative_error(p.h.download(v.grad_b).values, grads_ref[0].b) < tol);
+
+          // A second backward accumulates: the gradients double.
+          p.backward(dy);
+          std::vector<double> twice_a = grads_ref[0].a, twice_b = grads_ref[0].b;
+          for (double& g : twice_a) g *= 2.0;
+          for (double& g : twice_b) g *= 2.0;
+          CHECK(relative_error(p.h.download(v.grad_a).values, twice_a) < tol);
+          CHECK(relative_error(p.h.download(v.grad_b).values, twice_b) < tol);
+          p.layer->zero_grad(p.h.stream());
+          for (float g : p.h.download(v.grad_a).values) REQUIRE(g == 0.0f);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE_DEFINE("edge cases: T = 0, empty experts, every row on one expert", H, edge_cases) {
+  SUBCASE("T = 0") {
+    Problem<H> p(4, 32, 16, 0, DType::bf16);
+    p.add_random("ad", adapter_config(8));
+    CHECK(p.forward().size() == 0);
+    CHECK(p.backward(HostTensor(DType::bf16, {0, 16})).size() == 0);
+    for (float g : p.h.download(p.layer->adapter("ad").grad_a).values) REQUIRE(g == 0.0f);
+  }
+  SUBCASE("empty experts and one full expert") {
+    for (Spread spread : {Spread::one_expert, Spread::skewed}) {
+      Problem<H> p(16, 64, 64, 513, DType::bf16, spread);
+      auto [a, b] = p.add_random("ad", adapter_config(32));
+      const Reference ref = p.reference();
+      const std::vector<RefAdapter> adapters{{&a, &b, 1.0f}};
+      CHECK(relative_error(p.forward().values, ref.forward(p.x, adapters)) < tolerance(DType::bf16));
+      const HostTensor dy = random_tensor(p.rng, DType::bf16, {513, 64});
+      std::vector<double> dx_ref;
+      std::vector<Reference::Grads> grads_ref;
+      ref.backward(p.x, dy, adapters, dx_ref, grads_ref);
+      CHECK(relative_error(p.backward(dy).values, dx_ref) < tolerance(DType::bf16));
+      // Gradients of experts without rows stay exactly zero.
+      const HostTensor grad_a = p.h.download(p.layer->adapter("ad").grad_a);
+      const std::int64_t per_expert = 32 * 64;
+      for (std::int64_t e = 0; e < 16; ++e)
+        if (p.counts[static_cast<std::size_t>(e)] == 0)
+          for (std::int64_t i = 0; i < per_expert; ++i) REQUIRE(grad_a[static_cast<std::size_t>(e * per_expert + i)] == 0.0f);
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE_DEFINE("several adapters, enable/disable, scale changes restore bitwise", H, adapters) {
+  Problem<H> p(6, 64, 40, 250, DType::bf16);
+  const HostTensor base_only = p.forward();
+  auto [a1, b1] = p.add_random("one", adapter_config(16, 0.5));
+  auto [a2, b2] = p.add_random("two", adapter_config(8, 2.0, "fp32"));
+  const Reference ref = p.reference();
+  const RefAdapter r1{&a1, &b1, 0.5f}, r2{&a2, &b2, 2.0f};
+  const double tol = tolerance(DType::bf16);
+
+  const HostTensor both = p.forward();
+  CHECK(relative_error(both.values, ref.forward(p.x, {r1, r2})) < tol);
+  p.layer->set_enabled("two", false);
+  const HostTensor one_only = p.forward();
+  CHECK(relative_error(one_only.values, ref.forward(p.x, {r1})) < tol);
+  p.layer->set_enabled("one", false);
+  CHECK(p.forward().values == base_only.values);
+  p.layer->set_enabled("two", true);
+  CHECK(relative_error(p.forward().values, ref.forward(p.x, {r2})) < tol);
+  p.layer->set_enabled("one", true);
+  CHECK(p.forward().values == both.values);
+
+  p.layer->set_scale("one", 3.0);
+  const HostTensor rescaled = p.forward();
+  CHECK(rescaled.values != both.values);
+  CHECK(relative_error(rescaled.values, ref.forward(p.x, {{&a1, &b1, 3.0f}, r2})) < tol);
+  p.layer->set_scale("one", 0.5);
+  CHECK(p.forward().values == both.values);
+
+  p.layer->remove_adapter("one");
+  CHECK(!p.layer->has_adapter("one"));
+  CHECK(relative_error(p.forward().values, ref.forward(p.x, {r2})) < tol);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("frozen factors get no gradient; the base never changes", H, frozen) {
+  Problem<H> p(4, 64, 32, 128, DType::bf16);
+  auto [a, b] = p.add_random("ad", adapter_config(16));
+  const HostTensor w_before = p.h.download(p.layer->base().weight());
+  p.layer->set_trainable("ad", false, p.h.stream());
+  CHECK(p.layer->adapter("ad").grad_a.data == nullptr);
+  p.forward();
+  const HostTensor dy = random_tensor(p.rng, DType::bf16, {128, 32});
+  std::vector<double> dx_ref;
+  std::vector<Reference::Grads> grads_ref;
+  p.reference().backward(p.x, dy, {{&a, &b, 1.0f}}, dx_ref, grads_ref);
+  CHECK(relative_error(p.backward(dy).values, dx_ref) < tolerance(DType::bf16));  // dx keeps the LoRA part
+
+  p.layer->set_trainable("ad", true, p.h.stream());
+  p.backward(dy);
+  bool nonzero_a = false, nonzero_b = false;
+  for (float g : p.h.download(p.layer->adapter("ad").grad_a).values) nonzero_a |= g != 0.0f;
+  for (float g : p.h.download(p.layer->adapter("ad").grad_b).values) nonzero_b |= g != 0.0f;
+  CHECK(nonzero_a);
+  CHECK(nonzero_b);
+  AdamW<typename H::Layer> optimizer({1e-2f});
+  for (int i = 0; i < 3; ++i) optimizer.step(*p.layer, p.h.stream());
+  CHECK(p.h.download(p.layer->base().weight()).values == w_before.values);
+  CHECK(p.h.download(p.layer->adapter("ad").a).values != a.values);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("bad input gives a clear error and leaves the layer unchanged", H, bad_input) {
+  Problem<H> p(4, 32, 16, 40, DType::bf16);
+  auto [a, b] = p.add_random("ad", adapter_config(8));
+  const HostTensor before = p.forward();
+  auto y = p.h.poisoned(DType::bf16, {40, 16});
+  auto& layer = *p.layer;
+  auto stream = p.h.stream();
+
+  std::vector<std::int64_t> short_counts(p.counts.begin(), p.counts.end() - 1);
+  check_error([&] { layer.forward(p.x_dev.ref(), p.h.counts(short_counts), y.ref(), stream); }, ErrorCode::bad_counts,
+              "has 3 entries but the layer has 4 experts");
+  std::vector<std::int64_t> negative = p.counts;
+  negative[0] -= 50, negative[1] += 50;
+  check_error([&] { layer.forward(p.x_dev.ref(), expert_counts(negative.data(), 4), y.ref(), stream); },
+              ErrorCode::bad_counts, "is negative");
+  std::vector<std::int64_t> wrong_sum = p.counts;
+  wrong_sum[2] += 1;
+  check_error([&] { layer.forward(p.x_dev.ref(), expert_counts(wrong_sum.data(), 4), y.ref(), stream); },
+              ErrorCode::bad_counts, "sums to 41 but x has 40 rows");
+  auto y_wide = p.h.poisoned(DType::bf16, {40, 17});
+  check_error([&] { layer.forward(p.x_dev.ref(), p.device_counts(), y_wide.ref(), stream); },
+              ErrorCode::shape_mismatch, "y has shape [40, 17]");
+  auto y_fp32 = p.h.poisoned(DType::fp32, {40, 16});
+  check_error([&] { layer.forward(p.x_dev.ref(), p.device_counts(), y_fp32.ref(), stream); },
+              ErrorCode::dtype_mismatch, "y has dtype fp32 but the base's dtype is bf16");
+  check_error([&] { layer.add_adapter("ad", {}, stream); }, ErrorCode::duplicate_adapter, "\"ad\" already exists");
+  check_error([&] { layer.set_enabled("nope", false); }, ErrorCode::unknown_adapter, "no adapter named \"nope\"");
+  check_error([&] { layer.remove_adapter("nope"); }, ErrorCode::unknown_adapter, "no adapter named \"nope\"");
+  check_error([&] { layer.add_adapter("r0", adapter_config(0), stream); }, ErrorCode::invalid_argument,
+              "rank must be >= 1, got 0");
+  for (double scale : {0.0, -1.0, std::nan(""), double(INFINITY), 1e300})
+    check_error([&] { layer.add_adapter("s", adapter_config(4, scale), stream); }, ErrorCode::invalid_argument,
+                "scale must be finite and > 0");
+  check_error([&] { layer.set_scale("ad", -2.0); }, ErrorCode::invalid_argument, "scale must be finite and > 0");
+  check_error([&] { layer.add_adapter("d", adapter_config(4, 1.0, "int8"), stream); }, ErrorCode::invalid_argument,
+              "accepted spellings: bf16, bfloat16, fp16, float16, half, fp32, float32, float");
+  check_error([&] { layer.add_adapter("", {}, stream); }, ErrorCode::invalid_argument, "must not be empty");
+  auto dy = p.h.poisoned(DType::bf16, {39, 16});
+  check_error([&] { layer.backward(p.x_dev.ref(), p.device_counts(), dy.ref(), TensorRef{}, stream); },
+              ErrorCode::shape_mismatch, "dy has shape [39, 16]");
+
+  CHECK(layer.adapter_names() == std::vector<std::string>{"ad"});
+  CHECK(layer.adapter("ad").config.scale == 1.0f);
+  CHECK(p.h.download(layer.adapter("ad").a).values == a.values);
+  CHECK(p.forward().values == before.values);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("AdamW trains the adapters towards a teacher", H, training) {
+  Problem<H> p(4, 64, 32, 256, DType::fp32, Spread::uniform);
+  // Teacher: the base plus a fixed random adapter; student: a fresh kaiming_zeros adapter.
+  auto [ta, tb] = p.add_random("teacher", adapter_config(8, 1.0));
+  const HostTensor target = p.forward();
+  p.layer->remove_adapter("teacher");
+  p.layer->add_adapter("student", adapter_config(8, 1.0, "bf16"), p.h.stream());
+  AdamW<typename H::Layer> optimizer({2e-2f});
+  double first = 0.0, last = 0.0;
+  for (int step = 0; step < 40; ++step) {
+    const HostTensor y = p.forward();
+    HostTensor dy(DType::fp32, y.shape);
+    double loss = 0.0;
+    for (std::size_t i = 0; i < y.size(); ++i) dy[i] = y[i] - target[i], loss += 0.5 * dy[i] * dy[i];
+    (step == 0 ? first : last) = loss;
+    p.layer->zero_grad(p.h.stream());
+    auto dy_dev = p.h.upload(dy);
+    p.layer->backward(p.x_dev.ref(), p.device_counts(), dy_dev.ref(), TensorRef{}, p.h.stream());
+    optimizer.step(*p.layer, p.h.stream());
+  }
+  CHECK(optimizer.steps("student") == 40);
+  CHECK(last < 0.5 * first);
+}
+
+/// Instantiates every behaviour test for harness H.
+#define MOELORA_LAYER_CASES(H)                                       \
+  TEST_CASE_TEMPLATE_INVOKE(factor_shapes, H);                       \
+  TEST_CASE_TEMPLATE_INVOKE(kaiming, H);                             \
+  TEST_CASE_TEMPLATE_INVOKE(against_reference, H);                   \
+  TEST_CASE_TEMPLATE_INVOKE(edge_cases, H);                          \
+  TEST_CASE_TEMPLATE_INVOKE(adapters, H);                            \
+  TEST_CASE_TEMPLATE_INVOKE(frozen, H);                              \
+  TEST_CASE_TEMPLATE_INVOKE(bad_input, H);                           \
+  TEST_CASE_TEMPLATE_INVOKE(training, H)
