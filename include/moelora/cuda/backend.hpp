@@ -150,7 +150,8 @@ struct CudaBackend {
       }
       auto* tile_offsets = tiles_.as<std::int32_t>();
       const auto launch_scan = [&](auto* typed_counts) {
-        kernels::scan_counts_kernel<std::remove_cvref_t<decltype(*typed_counts)>, kernels::kGroupRows>
+        kernels::scan_counts_kernel<std::remove_cvref_t<decltype(*typed_counts)>, kernels::kForwardRows,
+                                    kernels::kGroupRows>
             <<<1, kernels::kScanThreads, 0, stream>>>(typed_counts, static_cast<std::int32_t>(experts), rows,
                                                       offsets_.as<std::int64_t>(), tile_offsets,
                                                       tile_offsets + capacity_experts_, status_.as<std::uint32_t>());
@@ -163,9 +164,11 @@ struct CudaBackend {
     }
 
     [[nodiscard]] const ExpertSegments& segments() const { return segments_; }
+    /// Schedule of kForwardRows-row tiles.
     [[nodiscard]] kernels::TileSchedule row_tiles() const {
       return {segments_.offsets, tiles_.as<std::int32_t>(), static_cast<std::int32_t>(segments_.num_experts)};
     }
+    /// Schedule of kGroupRows-row groups.
     [[nodiscard]] kernels::TileSchedule row_groups() const {
       return {segments_.offsets, tiles_.as<std::int32_t>() + capacity_experts_,
               static_cast<std::int32_t>(segments_.num_experts)};
@@ -203,19 +206,19 @@ struct CudaBackend {
     const LoraShape& s = args.shape;
     const FactorsRef& f = args.factors;
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.y}, {f.a, f.b, args.h})) {
-      const auto tiles = static_cast<unsigned>(max_tiles(s.rows, s.experts, kRowTile));
+      const auto tiles = static_cast<unsigned>(max_tiles(s.rows, s.experts, kForwardRows));
       cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
         if constexpr (ft.value != DType::fp32) {
           using IoT = device_t<io.value>;
           using FT = device_t<ft.value>;
           cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
             constexpr int kNFrag = decltype(nfrag)::value;
-            cuda_detail::launch(lora_shrink_kernel<IoT, FT, kNFrag>, dim3(tiles, 1), kThreads,
+            cuda_detail::launch(lora_shrink_kernel<IoT, FT, kNFrag>, dim3(tiles, 1), kForwardThreads,
                                 shrink_smem_bytes<kNFrag>(), stream,
                                 ShrinkParams{args.x, f.a, args.h, workspace.row_tiles(), s.in,
                                              static_cast<std::int32_t>(f.rank)});
             const auto columns = static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols);
-            cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns), kThreads,
+            cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns), kForwardThreads,
                                 expand_smem_bytes<kNFrag>(), stream,
                                 ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
                                              static_cast<std::int32_t>(f.rank), f.scale});

@@ -32,9 +32,6 @@ __device__ __forceinline__ T from_float(float v) {
   else return __float2half_rn(v);
 }
 
-/// Rows per scheduled tile: every row tile lies inside one expert's segment.
-inline constexpr int kRowTile = 64;
-
 /// Where the tiles of one call are: offsets `[E+1]` (int64 rows) and tile_offsets `[E+1]` (int32,
 /// exclusive scan of ceil(count_e / tile rows)), both in device memory.
 struct TileSchedule {
@@ -52,7 +49,7 @@ struct RowTile {
 
 /// Maps tile index `tile` (a grid slot; slots past the last tile get rows = 0) of a schedule of
 /// `TileRows`-row tiles to its expert and rows.
-template <int TileRows = kRowTile>
+template <int TileRows>
 __device__ __forceinline__ RowTile locate_tile(const TileSchedule& s, std::int64_t tile) {
   if (tile >= s.tile_offsets[s.experts]) return {0, 0, 0};
   std::int32_t lo = 0, hi = s.experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
@@ -95,9 +92,9 @@ struct alignas(sizeof(T) * 8) Vec8 {
 
 /// Loads a `[Rows, Cols]` tile (Cols a multiple of 8) of a row-major global matrix `src` (row stride
 /// `ld` elements) into shared memory `dst` (row stride `dst_ld`) as `Dst`, with `Threads` threads.
-/// Rows ≥ `rows` and columns ≥ `cols` (a multiple of 8) read as zero. Same type: cp.async (the
-/// caller commits and waits); another type: converted through registers.
-template <int Rows, int Cols, int Threads, class Dst, class Src>
+/// Rows ≥ `rows` and columns ≥ `cols` (a multiple of 8) read as zero. Same type and `Async`:
+/// cp.async (the caller commits and waits); otherwise through registers, converted.
+template <int Rows, int Cols, int Threads, bool Async = true, class Dst, class Src>
 __device__ __forceinline__ void load_tile(Dst* dst, int dst_ld, const Src* src, std::int64_t ld, int rows,
                                           std::int64_t cols) {
   constexpr int kChunksPerRow = Cols / 8;
@@ -112,7 +109,7 @@ __device__ __forceinline__ void load_tile(Dst* dst, int dst_ld, const Src* src, 
     const bool valid = r < rows && c < cols;
     const Src* from = valid ? src + r * ld + c : src;
     Dst* to = dst + r * dst_ld + c;
-    if constexpr (std::is_same_v<Dst, Src>) {
+    if constexpr (Async && std::is_same_v<Dst, Src>) {
       static_assert(sizeof(Dst) == 2, "cp.async tiles are of 16-bit elements");
       cp_async_16(to, from, valid);
     } else {

@@ -12,12 +12,14 @@
 
 namespace moelora::kernels {
 
-inline constexpr int kGroupRows = 8 * kRowTile;  ///< rows of one backward row group
+inline constexpr int kSubTile = 64;              ///< rows a backward block processes at a time
+inline constexpr int kGroupRows = 8 * kSubTile;  ///< rows of one backward row group (schedule granularity)
 inline constexpr int kBackwardThreads = 256;
+inline constexpr int kBackwardStages = 4;  ///< depth of the cp.async ring of dy / x chunks
 
 /// Columns of the slice a backward block owns, by rank tile (shared memory stays under ~100 KB).
 template <int NFrag>
-inline constexpr int kSliceCols = NFrag <= 2 ? 256 : (NFrag == 4 ? 128 : 64);
+inline constexpr int kSliceCols = NFrag <= 2 ? 256 : 64;
 
 /// Shared-memory carve-out: byte offsets of consecutive 128-byte aligned regions.
 struct SmemLayout {
@@ -64,9 +66,9 @@ struct BackwardDyLayout {
     SmemLayout s;
     b = s.take(kSlice * kLdN * 2);          // B slice [kSlice][kLdN]
     db = s.take(kSlice * (kN + 4) * 4);     // dB accumulator [kSlice][kN + 4] fp32
-    dy = s.take(2 * kRowTile * kLdC * 2);   // dy chunk ring [2][64][72]
-    h = s.take(kRowTile * kLdN * 2);        // h tile [64][kLdN]
-    u = s.take(kRowTile * (kN + 4) * 4);    // u stage [64][kN + 4] fp32
+    dy = s.take(kBackwardStages * kSubTile * kLdC * 2);  // dy chunk ring [stages][64][72]
+    h = s.take(kSubTile * kLdN * 2);        // h tile [64][kLdN]
+    u = s.take(kSubTile * (kN + 4) * 4);    // u stage [64][kN + 4] fp32
     bytes = s.used;
   }
 };
@@ -89,7 +91,7 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_dy_kernel(Back
   const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * L::kSlice;
   const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(L::kSlice), p.out - n0));
   const int chunks = (n_valid + kChunk - 1) / kChunk;
-  const int tiles = (group.rows + kRowTile - 1) / kRowTile;
+  const int tiles = (group.rows + kSubTile - 1) / kSubTile;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const IoT* dy = static_cast<const IoT*>(p.dy) + group.row0 * p.out + n0;
   const FT* h = static_cast<const FT*>(p.h) + group.row0 * p.rank;
@@ -98,32 +100,36 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_dy_kernel(Back
       bs, kLdN, static_cast<const FT*>(p.b) + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank,
       n_valid, p.rank);
   for (int i = static_cast<int>(threadIdx.x); i < L::kSlice * kUld; i += kBackwardThreads) db[i] = 0.0f;
-  const auto load_dy = [&](int it) {
+  constexpr int kStagesB = kBackwardStages;
+  const int iterations = tiles * chunks;
+  const auto load_dy = [&](int it) {  // chunk c of sub-tile t, into stage it % kStagesB
+    if (it >= iterations) return;
     const int t = it / chunks, c = it % chunks;
-    load_tile<kRowTile, kChunk, kBackwardThreads>(dys + (it % 2) * kRowTile * kLdC, kLdC,
-                                                  dy + static_cast<std::int64_t>(t) * kRowTile * p.out + c * kChunk,
-                                                  p.out, group.rows - t * kRowTile, n_valid - c * kChunk);
+    load_tile<kSubTile, kChunk, kBackwardThreads>(dys + (it % kStagesB) * kSubTile * kLdC, kLdC,
+                                                  dy + static_cast<std::int64_t>(t) * kSubTile * p.out + c * kChunk,
+                                                  p.out, group.rows - t * kSubTile, n_valid - c * kChunk);
   };
-  load_dy(0);
-  cp_async_commit();
+  for (int s = 0; s < kStagesB - 1; ++s) {  // the B slice travels with the first group
+    load_dy(s);
+    cp_async_commit();
+  }
 
   FragAcc u_acc[NFrag];
-  const int iterations = tiles * chunks;
   for (int it = 0; it < iterations; ++it) {
     const int t = it / chunks, c = it % chunks;
-    if (c == 0) {
-      load_tile<kRowTile, kN, kBackwardThreads>(hs, kLdN, h + static_cast<std::int64_t>(t) * kRowTile * p.rank, p.rank,
-                                                group.rows - t * kRowTile, p.rank);
+    cp_async_wait<kStagesB - 2>();
+    __syncthreads();  // chunk `it` has landed; iteration it − 1 is done everywhere
+    load_dy(it + kStagesB - 1);
+    cp_async_commit();
+    if (c == 0) {  // a new sub-tile: its h, and fresh u accumulators
+      load_tile<kSubTile, kN, kBackwardThreads, false>(hs, kLdN, h + static_cast<std::int64_t>(t) * kSubTile * p.rank,
+                                                       p.rank, group.rows - t * kSubTile, p.rank);
 #pragma unroll
       for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(u_acc[f], 0.0f);
+      __syncthreads();
     }
-    cp_async_commit();
-    if (it + 1 < iterations) load_dy(it + 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
 
-    const FT* dyt = dys + (it % 2) * kRowTile * kLdC;
+    const FT* dyt = dys + (it % kStagesB) * kSubTile * kLdC;
     if (warp < kWarps) {
       if (p.u) {  // u rows [16 warp, +16) += dy chunk · B chunk
 #pragma unroll
@@ -143,8 +149,8 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_dy_kernel(Back
           for (int f = 0; f < NFrag; ++f)
             nvcuda::wmma::store_matrix_sync(stage + f * 16, u_acc[f], kUld, nvcuda::wmma::mem_row_major);
           __syncwarp();
-          const std::int64_t row = group.row0 + static_cast<std::int64_t>(t) * kRowTile + warp * 16;
-          const int rows = min(16, group.rows - t * kRowTile - warp * 16);
+          const std::int64_t row = group.row0 + static_cast<std::int64_t>(t) * kSubTile + warp * 16;
+          const int rows = min(16, group.rows - t * kSubTile - warp * 16);
           for (int i = lane; i < 16 * kN / 4; i += 32) {
             const int r = i / (kN / 4), col = (i % (kN / 4)) * 4;
             if (r >= rows || col >= p.rank) continue;
@@ -163,7 +169,7 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_dy_kernel(Back
         FragAcc acc;
         nvcuda::wmma::load_matrix_sync(acc, acc_at, kUld, nvcuda::wmma::mem_row_major);
 #pragma unroll
-        for (int m = 0; m < kRowTile; m += 16) {
+        for (int m = 0; m < kSubTile; m += 16) {
           FragAT<FT> fa;
           nvcuda::wmma::load_matrix_sync(fa, dyt + m * kLdC + wn * 16, kLdC);
           FragB<FT> fb;
@@ -173,8 +179,8 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_dy_kernel(Back
         nvcuda::wmma::store_matrix_sync(acc_at, acc, kUld, nvcuda::wmma::mem_row_major);
       }
     }
-    __syncthreads();
   }
+  __syncthreads();
   if (p.grad_b)
     atomic_add_tile<L::kSlice, kN, kBackwardThreads>(
         p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank, db, kUld, n_valid, p.rank,
@@ -202,8 +208,8 @@ struct BackwardXLayout {
     SmemLayout s;
     a = s.take(kN * kLdS * 2);               // A slice [kN][kSlice + 8]
     da = s.take(kN * (kSlice + 4) * 4);      // dA accumulator [kN][kSlice + 4] fp32
-    x = s.take(2 * kRowTile * kLdC * 2);     // x chunk ring [2][64][72]
-    u = s.take(kRowTile * kLdN * 2);         // round(scale · u) tile [64][kLdN]
+    x = s.take(kBackwardStages * kSubTile * kLdC * 2);  // x chunk ring [stages][64][72]
+    u = s.take(kSubTile * kLdN * 2);         // round(scale · u) tile [64][kLdN]
     dx = s.take(kWarps * 16 * (kChunk + 4) * 4);  // per-warp dx stage [4][16][68] fp32
     bytes = s.used;
   }
@@ -228,7 +234,7 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_x_kernel(Backw
   const std::int64_t k0 = static_cast<std::int64_t>(blockIdx.y) * L::kSlice;
   const int k_valid = static_cast<int>(min(static_cast<std::int64_t>(L::kSlice), p.in - k0));
   const int chunks = (k_valid + kChunk - 1) / kChunk;
-  const int tiles = (group.rows + kRowTile - 1) / kRowTile;
+  const int tiles = (group.rows + kSubTile - 1) / kSubTile;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const IoT* x = static_cast<const IoT*>(p.x) + group.row0 * p.in + k0;
   IoT* dx = p.dx ? static_cast<IoT*>(p.dx) + group.row0 * p.in + k0 : nullptr;
@@ -237,34 +243,25 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_x_kernel(Backw
       as, kLdS, static_cast<const FT*>(p.a) + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in,
       p.rank, k_valid);
   for (int i = static_cast<int>(threadIdx.x); i < kN * kDaLd; i += kBackwardThreads) da[i] = 0.0f;
-  const auto load_x = [&](int it) {
-    if (!p.grad_a) return;
-    const int t = it / chunks, c = it % chunks;
-    load_tile<kRowTile, kChunk, kBackwardThreads>(xs + (it % 2) * kRowTile * kLdC, kLdC,
-                                                  x + static_cast<std::int64_t>(t) * kRowTile * p.in + c * kChunk, p.in,
-                                                  group.rows - t * kRowTile, k_valid - c * kChunk);
-  };
-  load_x(0);
-  cp_async_commit();
-
+  constexpr int kStagesB = kBackwardStages;
   const int iterations = tiles * chunks;
+  const auto load_x = [&](int it) {  // chunk c of sub-tile t, into stage it % kStagesB
+    if (!p.grad_a || it >= iterations) return;
+    const int t = it / chunks, c = it % chunks;
+    load_tile<kSubTile, kChunk, kBackwardThreads>(xs + (it % kStagesB) * kSubTile * kLdC, kLdC,
+                                                  x + static_cast<std::int64_t>(t) * kSubTile * p.in + c * kChunk, p.in,
+                                                  group.rows - t * kSubTile, k_valid - c * kChunk);
+  };
+  for (int s = 0; s < kStagesB - 1; ++s) {  // the A slice travels with the first group
+    load_x(s);
+    cp_async_commit();
+  }
+
   for (int it = 0; it < iterations; ++it) {
     const int t = it / chunks, c = it % chunks;
-    const int tile_rows = group.rows - t * kRowTile;
-    if (c == 0) {  // the tile's round(scale · u), zero past the tile and the rank
-      const float* u = p.u + (group.row0 + static_cast<std::int64_t>(t) * kRowTile) * p.rank;
-      for (int i = static_cast<int>(threadIdx.x); i < kRowTile * kN; i += kBackwardThreads) {
-        const int r = i / kN, j = i % kN;
-        us[r * kLdN + j] = from_float<FT>(r < tile_rows && j < p.rank ? p.scale * u[r * p.rank + j] : 0.0f);
-      }
-    }
-    cp_async_commit();
-    if (it + 1 < iterations) load_x(it + 1);
-    cp_async_commit();
-
     // dx rows [16 warp, +16), columns [c·64, +64): issue the loads before waiting
     Vec8<IoT> dx_old[kDxVectors];
-    const int dx_row0 = t * kRowTile + warp * 16;
+    const int dx_row0 = t * kSubTile + warp * 16;
     if (warp < kWarps && dx) {
 #pragma unroll
       for (int i = 0; i < kDxVectors; ++i) {
@@ -273,8 +270,19 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_x_kernel(Backw
           dx_old[i] = *reinterpret_cast<const Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col);
       }
     }
-    cp_async_wait<1>();
-    __syncthreads();
+    cp_async_wait<kStagesB - 2>();
+    __syncthreads();  // chunk `it` has landed; iteration it − 1 is done everywhere
+    load_x(it + kStagesB - 1);
+    cp_async_commit();
+    if (c == 0) {  // a new sub-tile: its round(scale · u), zero past the tile and the rank
+      const int tile_rows = group.rows - t * kSubTile;
+      const float* u = p.u + (group.row0 + static_cast<std::int64_t>(t) * kSubTile) * p.rank;
+      for (int i = static_cast<int>(threadIdx.x); i < kSubTile * kN; i += kBackwardThreads) {
+        const int r = i / kN, j = i % kN;
+        us[r * kLdN + j] = from_float<FT>(r < tile_rows && j < p.rank ? p.scale * u[r * p.rank + j] : 0.0f);
+      }
+      __syncthreads();
+    }
 
     if (warp < kWarps) {
       if (dx) {
@@ -310,14 +318,14 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_x_kernel(Backw
       }
     } else if (p.grad_a) {  // dA columns [c·64 + 16 (warp−4), +16) += round(scale·u)ᵀ · x chunk
       const int wn = warp - kWarps;
-      const FT* xt = xs + (it % 2) * kRowTile * kLdC;
+      const FT* xt = xs + (it % kStagesB) * kSubTile * kLdC;
 #pragma unroll
       for (int f = 0; f < NFrag; ++f) {
         float* acc_at = da + f * 16 * kDaLd + c * kChunk + wn * 16;
         FragAcc acc;
         nvcuda::wmma::load_matrix_sync(acc, acc_at, kDaLd, nvcuda::wmma::mem_row_major);
 #pragma unroll
-        for (int m = 0; m < kRowTile; m += 16) {
+        for (int m = 0; m < kSubTile; m += 16) {
           FragAT<FT> fa;
           nvcuda::wmma::load_matrix_sync(fa, us + m * kLdN + f * 16, kLdN);
           FragB<FT> fb;
@@ -327,8 +335,8 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_x_kernel(Backw
         nvcuda::wmma::store_matrix_sync(acc_at, acc, kDaLd, nvcuda::wmma::mem_row_major);
       }
     }
-    __syncthreads();
   }
+  __syncthreads();
   if (p.grad_a)
     atomic_add_tile<kN, L::kSlice, kBackwardThreads>(
         p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in, da, kDaLd, p.rank, k_valid, 1.0f);

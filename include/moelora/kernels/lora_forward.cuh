@@ -12,8 +12,10 @@
 
 namespace moelora::kernels {
 
-inline constexpr int kWarps = 4;
-inline constexpr int kThreads = kWarps * 32;  ///< threads of every tensor-core LoRA kernel
+inline constexpr int kWarps = 4;              ///< warps of a backward role (row-wise or gradient)
+inline constexpr int kForwardRows = 128;      ///< rows of a forward tile (schedule granularity)
+inline constexpr int kForwardWarps = kForwardRows / 16;
+inline constexpr int kForwardThreads = kForwardWarps * 32;
 inline constexpr int kChunk = 64;             ///< columns per pipelined K chunk
 inline constexpr int kPad = 8;                ///< shared-memory row padding, 16-bit elements
 inline constexpr int kStages = 3;             ///< cp.async pipeline depth
@@ -41,38 +43,37 @@ struct ShrinkParams {
   std::int32_t rank;
 };
 
-/// Shared memory of the shrink kernel: kStages × (x chunk [64][72] + A chunk [RankTile][72]),
-/// reused as the fp32 output stage [64][RankTile + 4].
+/// Shared memory of the shrink kernel: kStages × (x chunk [128][72] + A chunk [RankTile][72]),
+/// reused as the fp32 output stage [128][RankTile + 4].
 template <int NFrag>
 constexpr int shrink_smem_bytes() {
-  const int stages = kStages * (kRowTile + kRankTile<NFrag>) * (kChunk + kPad) * 2;
-  const int stage_out = kRowTile * (kRankTile<NFrag> + 4) * 4;
+  const int stages = kStages * (kForwardRows + kRankTile<NFrag>) * (kChunk + kPad) * 2;
+  const int stage_out = kForwardRows * (kRankTile<NFrag> + 4) * 4;
   return stages > stage_out ? stages : stage_out;
 }
 
-/// Grid (row-tile slots, ceil(r / RankTile)). Warp w owns rows [16w, 16w + 16) of its tile and all
-/// RankTile columns; K (= in) is streamed in 64-column chunks through a kStages-deep cp.async ring.
+/// Grid (128-row tile slots). Warp w owns rows [16w, 16w + 16) of its tile and all RankTile
+/// columns; K (= in) is streamed in 64-column chunks through a kStages-deep cp.async ring.
 template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kThreads) lora_shrink_kernel(ShrinkParams p) {
+__global__ void __launch_bounds__(kForwardThreads) lora_shrink_kernel(ShrinkParams p) {
   constexpr int kLd = kChunk + kPad;
   constexpr int kN = kRankTile<NFrag>;
   extern __shared__ __align__(128) unsigned char smem[];
-  FT* xs = reinterpret_cast<FT*>(smem);                // [kStages][kRowTile][kLd]
-  FT* as = xs + kStages * kRowTile * kLd;              // [kStages][kN][kLd]
+  FT* xs = reinterpret_cast<FT*>(smem);                // [kStages][kForwardRows][kLd]
+  FT* as = xs + kStages * kForwardRows * kLd;          // [kStages][kN][kLd]
 
-  const RowTile tile = locate_tile(p.schedule, blockIdx.x);
+  const RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
   if (tile.rows == 0) return;
-  const int n0 = static_cast<int>(blockIdx.y) * kN;
-  const int n_valid = min(kN, p.rank - n0);
   const IoT* x = static_cast<const IoT*>(p.x) + tile.row0 * p.in;
-  const FT* a = static_cast<const FT*>(p.a) + (static_cast<std::int64_t>(tile.expert) * p.rank + n0) * p.in;
+  const FT* a = static_cast<const FT*>(p.a) + static_cast<std::int64_t>(tile.expert) * p.rank * p.in;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const auto chunks = static_cast<int>((p.in + kChunk - 1) / kChunk);
 
   const auto load_chunk = [&](int chunk, int stage) {
     const std::int64_t k0 = static_cast<std::int64_t>(chunk) * kChunk;
-    load_tile<kRowTile, kChunk, kThreads>(xs + stage * kRowTile * kLd, kLd, x + k0, p.in, tile.rows, p.in - k0);
-    load_tile<kN, kChunk, kThreads>(as + stage * kN * kLd, kLd, a + k0, p.in, n_valid, p.in - k0);
+    load_tile<kForwardRows, kChunk, kForwardThreads>(xs + stage * kForwardRows * kLd, kLd, x + k0, p.in, tile.rows,
+                                                     p.in - k0);
+    load_tile<kN, kChunk, kForwardThreads>(as + stage * kN * kLd, kLd, a + k0, p.in, p.rank, p.in - k0);
   };
 
   FragAcc acc[NFrag];
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(ShrinkParams p) {
     __syncthreads();
     if (chunk + kStages - 1 < chunks) load_chunk(chunk + kStages - 1, (chunk + kStages - 1) % kStages);
     cp_async_commit();
-    const FT* xt = xs + (chunk % kStages) * kRowTile * kLd + warp * 16 * kLd;
+    const FT* xt = xs + (chunk % kStages) * kForwardRows * kLd + warp * 16 * kLd;
     const FT* at = as + (chunk % kStages) * kN * kLd;
 #pragma unroll
     for (int k = 0; k < kChunk; k += 16) {
@@ -107,15 +108,15 @@ __global__ void __launch_bounds__(kThreads) lora_shrink_kernel(ShrinkParams p) {
   __syncthreads();
 
   constexpr int kOutLd = kN + 4;
-  float* stage_out = reinterpret_cast<float*>(smem);  // [kRowTile][kOutLd]
+  float* stage_out = reinterpret_cast<float*>(smem);  // [kForwardRows][kOutLd]
 #pragma unroll
   for (int f = 0; f < NFrag; ++f)
     nvcuda::wmma::store_matrix_sync(stage_out + warp * 16 * kOutLd + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
   __syncthreads();
-  FT* h = static_cast<FT*>(p.h) + tile.row0 * p.rank + n0;
-  for (int i = static_cast<int>(threadIdx.x); i < kRowTile * kN; i += kThreads) {
+  FT* h = static_cast<FT*>(p.h) + tile.row0 * p.rank;
+  for (int i = static_cast<int>(threadIdx.x); i < kForwardRows * kN; i += kForwardThreads) {
     const int r = i / kN, c = i % kN;
-    if (r < tile.rows && c < n_valid) h[static_cast<std::int64_t>(r) * p.rank + c] = from_float<FT>(stage_out[r * kOutLd + c]);
+    if (r < tile.rows && c < p.rank) h[static_cast<std::int64_t>(r) * p.rank + c] = from_float<FT>(stage_out[r * kOutLd + c]);
   }
 }
 
@@ -131,47 +132,43 @@ struct ExpandParams {
 
 inline constexpr int kExpandCols = 128;  ///< output columns per expand block
 
-/// Shared memory of the expand kernel: h tile [64][RankTile+8] and B tile [128][RankTile+8],
-/// reused as the fp32 output stage [64][132].
+/// Shared memory of the expand kernel: h tile [128][RankTile+8] and B tile [128][RankTile+8],
+/// reused as the fp32 output stage [128][132].
 template <int NFrag>
 constexpr int expand_smem_bytes() {
-  const int tiles = (kRowTile + kExpandCols) * (kRankTile<NFrag> + kPad) * 2;
-  const int stage_out = kRowTile * (kExpandCols + 4) * 4;
+  const int tiles = (kForwardRows + kExpandCols) * (kRankTile<NFrag> + kPad) * 2;
+  const int stage_out = kForwardRows * (kExpandCols + 4) * 4;
   return tiles > stage_out ? tiles : stage_out;
 }
 
-/// Copies a `[Rows, kN]` slice of a row-major `[*, rank]` matrix into shared memory (row stride
-/// `kN + kPad`), zero beyond `rows` and beyond `rank`.
-template <int Rows, int NFrag, class FT>
-__device__ __forceinline__ void load_rank_tile(FT* dst, const FT* src, int rows, int rank) {
-  constexpr int kN = kRankTile<NFrag>;
-  constexpr int kLd = kN + kPad;
-  for (int i = static_cast<int>(threadIdx.x); i < Rows * kN; i += kThreads) {
-    const int r = i / kN, c = i % kN;
-    dst[r * kLd + c] = (r < rows && c < rank) ? src[static_cast<std::int64_t>(r) * rank + c] : from_float<FT>(0.0f);
-  }
-}
-
-/// Grid (row-tile slots, ceil(out / 128)); rank ≤ RankTile. Each thread first issues the loads of
-/// its 8 y vectors (warp w owns rows [16w, 16w + 16)), then the warp's tensor-core product lands in
-/// shared memory and is added to y in fp32 and rounded once.
+/// Grid (128-row tile slots, ceil(out / 128)); rank ≤ RankTile, a multiple of 8. Each thread first
+/// issues the loads of its 8 y vectors (warp w owns rows [16w, 16w + 16)), the h and B tiles arrive
+/// by cp.async, the warp's tensor-core product lands in shared memory and is added to y in fp32 and
+/// rounded once.
 template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kThreads) lora_expand_kernel(ExpandParams p) {
+__global__ void __launch_bounds__(kForwardThreads) lora_expand_kernel(ExpandParams p) {
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLd = kN + kPad;
   constexpr int kOutLd = kExpandCols + 4;
   constexpr int kVectorsPerRow = kExpandCols / 8;
   constexpr int kVectors = 16 * kVectorsPerRow / 32;  // per thread
   extern __shared__ __align__(128) unsigned char smem[];
-  FT* hs = reinterpret_cast<FT*>(smem);  // [kRowTile][kLd]
-  FT* bs = hs + kRowTile * kLd;          // [kExpandCols][kLd]
+  FT* hs = reinterpret_cast<FT*>(smem);  // [kForwardRows][kLd]
+  FT* bs = hs + kForwardRows * kLd;      // [kExpandCols][kLd]
 
-  const RowTile tile = locate_tile(p.schedule, blockIdx.x);
+  const RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
   if (tile.rows == 0) return;
   const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kExpandCols;
   const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(kExpandCols), p.out - n0));
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   IoT* y = static_cast<IoT*>(p.y) + tile.row0 * p.out + n0;
+
+  load_tile<kForwardRows, kN, kForwardThreads>(hs, kLd, static_cast<const FT*>(p.h) + tile.row0 * p.rank, p.rank,
+                                               tile.rows, p.rank);
+  load_tile<kExpandCols, kN, kForwardThreads>(
+      bs, kLd, static_cast<const FT*>(p.b) + (static_cast<std::int64_t>(tile.expert) * p.out + n0) * p.rank, p.rank,
+      n_valid, p.rank);
+  cp_async_commit();
 
   Vec8<IoT> y_old[kVectors];
 #pragma unroll
@@ -180,10 +177,7 @@ __global__ void __launch_bounds__(kThreads) lora_expand_kernel(ExpandParams p) {
     const int r = warp * 16 + v / kVectorsPerRow, c = (v % kVectorsPerRow) * 8;
     if (r < tile.rows && c < n_valid) y_old[i] = *reinterpret_cast<const Vec8<IoT>*>(y + r * p.out + c);
   }
-
-  load_rank_tile<kRowTile, NFrag>(hs, static_cast<const FT*>(p.h) + tile.row0 * p.rank, tile.rows, p.rank);
-  load_rank_tile<kExpandCols, NFrag>(
-      bs, static_cast<const FT*>(p.b) + (static_cast<std::int64_t>(tile.expert) * p.out + n0) * p.rank, n_valid, p.rank);
+  cp_async_wait<0>();
   __syncthreads();
 
   FragAcc acc[kExpandCols / 16];

@@ -18,7 +18,7 @@ inline constexpr int kScanThreads = 256;
 
 struct RowsAndTiles {
   std::int64_t rows;
-  std::int64_t tiles;   // row tiles of kRowTile rows
+  std::int64_t tiles;   // row tiles of TileRows rows
   std::int64_t groups;  // row groups of GroupRows rows
 };
 struct SumRowsAndTiles {
@@ -28,10 +28,10 @@ struct SumRowsAndTiles {
 };
 
 /// offsets `[E+1]` (int64), tile_offsets and group_offsets `[E+1]` (int32; schedules of row tiles of
-/// kRowTile rows and of row groups of GroupRows rows) from counts `[E]` (Index = int32 or int64). Invalid counts (a negative entry, or Σ ≠ rows) set `*status` and yield an empty schedule
+/// TileRows rows and of row groups of GroupRows rows) from counts `[E]` (Index = int32 or int64). Invalid counts (a negative entry, or Σ ≠ rows) set `*status` and yield an empty schedule
 /// (all offsets zero), so that no later kernel touches memory out of bounds. `*status` accumulates
 /// (bitwise or) until the caller resets it.
-template <class Index, int GroupRows>
+template <class Index, int TileRows, int GroupRows>
 __global__ void __launch_bounds__(kScanThreads)
     scan_counts_kernel(const Index* counts, std::int32_t experts, std::int64_t rows, std::int64_t* offsets,
                        std::int32_t* tile_offsets, std::int32_t* group_offsets, std::uint32_t* status) {
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kScanThreads)
     const std::int64_t count = e < experts ? static_cast<std::int64_t>(counts[e]) : 0;
     if (count < 0) negative = 1;
     const std::int64_t positive = count > 0 ? count : 0;
-    const RowsAndTiles item{count, (positive + kRowTile - 1) / kRowTile, (positive + GroupRows - 1) / GroupRows};
+    const RowsAndTiles item{count, (positive + TileRows - 1) / TileRows, (positive + GroupRows - 1) / GroupRows};
     RowsAndTiles prefix, total;
     Scan(temp).ExclusiveScan(item, prefix, RowsAndTiles{0, 0, 0}, SumRowsAndTiles{}, total);
     if (e < experts) {
