@@ -174,6 +174,16 @@ struct CudaBackend {
               static_cast<std::int32_t>(segments_.num_experts)};
     }
 
+    /// Multiprocessors of the current device (queried once).
+    int multiprocessors() {
+      if (multiprocessors_ == 0) {
+        int device = 0;
+        MOELORA_CUDA_CHECK(cudaGetDevice(&device));
+        MOELORA_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors_, cudaDevAttrMultiProcessorCount, device));
+      }
+      return multiprocessors_;
+    }
+
     /// An fp32 scratch of at least `count` elements, valid until the next call that asks for one.
     float* scratch(std::int64_t count) {
       scratch_.reserve(static_cast<std::size_t>(count) * sizeof(float));
@@ -196,6 +206,7 @@ struct CudaBackend {
 
    private:
     std::int64_t capacity_experts_ = 0;
+    int multiprocessors_ = 0;
     Buffer<CudaBackend> counts_, offsets_, tiles_, status_, scratch_;
     std::vector<std::int64_t> host_counts_, host_offsets_;
     ExpertSegments segments_;
@@ -213,13 +224,14 @@ struct CudaBackend {
           using FT = device_t<ft.value>;
           cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
             constexpr int kNFrag = decltype(nfrag)::value;
-            cuda_detail::launch(lora_shrink_kernel<IoT, FT, kNFrag>, dim3(tiles, 1), kForwardThreads,
-                                shrink_smem_bytes<kNFrag>(), stream,
-                                ShrinkParams{args.x, f.a, args.h, workspace.row_tiles(), s.in,
-                                             static_cast<std::int32_t>(f.rank)});
+            cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, false, FT>, dim3(tiles, 1), kForwardThreads,
+                                project_smem_bytes<kNFrag, false>(), stream,
+                                ProjectParams{args.x, f.a, args.h, workspace.row_tiles(), s.in, s.in,
+                                              static_cast<std::int32_t>(f.rank), false});
             const auto columns = static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols);
-            cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns), kForwardThreads,
-                                expand_smem_bytes<kNFrag>(), stream,
+            cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns, kForwardRows / kExpandRows),
+                                kExpandThreads,
+                                expand_smem_bytes<kNFrag, IoT>(), stream,
                                 ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
                                              static_cast<std::int32_t>(f.rank), f.scale});
           });
@@ -246,7 +258,12 @@ struct CudaBackend {
     const bool needs_u = args.grad_a || args.dx;
     float* u = needs_u ? workspace.scratch(s.rows * f.rank) : nullptr;
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.dy, args.dx}, {f.a, f.b, args.h})) {
+      const auto tiles = max_tiles(s.rows, s.experts, kForwardRows);
       const auto groups = static_cast<unsigned>(max_tiles(s.rows, s.experts, kGroupRows));
+      // Slices of `out` for the u projection: enough blocks for two per SM, none under 512 columns.
+      const std::int64_t slices = std::clamp<std::int64_t>((2 * workspace.multiprocessors() + tiles - 1) / tiles, 1,
+                                                           (s.out + 511) / 512);
+      const std::int64_t split = ((s.out + slices - 1) / slices + kChunk - 1) / kChunk * kChunk;
       cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
         if constexpr (ft.value != DType::fp32) {
           using IoT = device_t<io.value>;
@@ -254,13 +271,22 @@ struct CudaBackend {
           cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
             constexpr int kNFrag = decltype(nfrag)::value;
             constexpr int kSlice = kSliceCols<kNFrag>;
-            const auto out_slices = static_cast<unsigned>((s.out + kSlice - 1) / kSlice);
-            const bool atomic_u = out_slices > 1;
-            if (u && atomic_u) fill_zero(u, static_cast<std::size_t>(s.rows * f.rank) * sizeof(float), stream);
-            cuda_detail::launch(lora_backward_dy_kernel<IoT, FT, kNFrag>, dim3(groups, out_slices), kBackwardThreads,
-                                BackwardDyLayout<kNFrag>{}.bytes, stream,
-                                BackwardDyParams{args.dy, f.b, args.h, u, args.grad_b, workspace.row_groups(), s.out,
-                                                 static_cast<std::int32_t>(f.rank), f.scale, atomic_u});
+            if (needs_u) {
+              const auto u_slices = static_cast<unsigned>((s.out + split - 1) / split);
+              if (u_slices > 1) fill_zero(u, static_cast<std::size_t>(s.rows * f.rank) * sizeof(float), stream);
+              cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, float>,
+                                  dim3(static_cast<unsigned>(tiles), u_slices), kForwardThreads,
+                                  project_smem_bytes<kNFrag, true>(), stream,
+                                  ProjectParams{args.dy, f.b, u, workspace.row_tiles(), s.out, split,
+                                                static_cast<std::int32_t>(f.rank), u_slices > 1});
+            }
+            if (args.grad_b) {
+              const auto out_slices = static_cast<unsigned>((s.out + kSlice - 1) / kSlice);
+              cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(groups, out_slices), kGradBThreads,
+                                  GradBLayout<kNFrag>{}.bytes, stream,
+                                  GradBParams{args.dy, args.h, args.grad_b, workspace.row_groups(), s.out,
+                                              static_cast<std::int32_t>(f.rank), f.scale});
+            }
             if (!needs_u) return;
             const auto in_slices = static_cast<unsigned>((s.in + kSlice - 1) / kSlice);
             cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(groups, in_slices), kBackwardThreads,

@@ -92,7 +92,7 @@ struct alignas(sizeof(T) * 8) Vec8 {
 
 /// Loads a `[Rows, Cols]` tile (Cols a multiple of 8) of a row-major global matrix `src` (row stride
 /// `ld` elements) into shared memory `dst` (row stride `dst_ld`) as `Dst`, with `Threads` threads.
-/// Rows ≥ `rows` and columns ≥ `cols` (a multiple of 8) read as zero. Same type and `Async`:
+/// Rows ≥ `rows` and columns ≥ `cols` (a multiple of 8) read as zero. Same 16-bit type and `Async`:
 /// cp.async (the caller commits and waits); otherwise through registers, converted.
 template <int Rows, int Cols, int Threads, bool Async = true, class Dst, class Src>
 __device__ __forceinline__ void load_tile(Dst* dst, int dst_ld, const Src* src, std::int64_t ld, int rows,
@@ -109,8 +109,7 @@ __device__ __forceinline__ void load_tile(Dst* dst, int dst_ld, const Src* src, 
     const bool valid = r < rows && c < cols;
     const Src* from = valid ? src + r * ld + c : src;
     Dst* to = dst + r * dst_ld + c;
-    if constexpr (Async && std::is_same_v<Dst, Src>) {
-      static_assert(sizeof(Dst) == 2, "cp.async tiles are of 16-bit elements");
+    if constexpr (Async && std::is_same_v<Dst, Src> && sizeof(Dst) == 2) {
       cp_async_16(to, from, valid);
     } else {
       Vec8<Dst> out;

@@ -1,11 +1,11 @@
 /// \file
-/// \brief The fast LoRA backward on tensor cores, two kernels per adapter over row groups (up to
-/// kGroupRows rows of one expert):
-///   dy pass: `u += B_eᵀ dy_t` (fp32, [T, r]) and `dB_e += scale · Σ dy_t h_tᵀ`;
+/// \brief The fast LoRA backward on tensor cores, after the projection `u = B_eᵀ dy` (fp32, by
+/// lora_project_kernel), in two kernels over row groups (up to kGroupRows rows of one expert):
+///   dB pass: `dB_e += scale · Σ dy_t h_tᵀ`;
 ///   x pass:  `dx_t += A_eᵀ round(scale · u_t)` and `dA_e += Σ round(scale · u_t) x_tᵀ`.
-/// Each block of 8 warps owns one row group and one column slice: warps 0–3 produce the row-wise
-/// result (u or dx), warps 4–7 the factor gradient, which they accumulate over the whole group in
-/// shared memory and add to global memory once (fp32 vector atomics).
+/// A block owns one row group and one column slice and accumulates its factor-gradient slice over
+/// the whole group in shared memory; it then adds it to global memory once: a plain
+/// read-modify-write when the group is the expert's only one, fp32 vector atomics otherwise.
 #pragma once
 
 #include "moelora/kernels/lora_forward.cuh"
@@ -14,12 +14,11 @@ namespace moelora::kernels {
 
 inline constexpr int kSubTile = 64;              ///< rows a backward block processes at a time
 inline constexpr int kGroupRows = 8 * kSubTile;  ///< rows of one backward row group (schedule granularity)
-inline constexpr int kBackwardThreads = 256;
-inline constexpr int kBackwardStages = 4;  ///< depth of the cp.async ring of dy / x chunks
+inline constexpr int kBackwardStages = 3;        ///< depth of the cp.async ring of dy / x chunks
 
-/// Columns of the slice a backward block owns, by rank tile (shared memory stays under ~100 KB).
+/// Columns of the slice a backward block owns, by rank tile (two or more blocks fit an SM).
 template <int NFrag>
-inline constexpr int kSliceCols = NFrag <= 2 ? 256 : 64;
+inline constexpr int kSliceCols = NFrag <= 2 ? 256 : (NFrag == 4 ? 128 : 64);
 
 /// Shared-memory carve-out: byte offsets of consecutive 128-byte aligned regions.
 struct SmemLayout {
@@ -32,59 +31,69 @@ struct SmemLayout {
 };
 
 /// Adds the `[Rows, Cols]` fp32 tile `src` (row stride `src_ld`) times `scale` into the row-major
-/// global matrix `dst` (row stride `ld`), rows < `rows` and columns < `cols` (multiples of 4).
+/// global matrix `dst` (row stride `ld`), rows < `rows`, columns < `cols` (multiples of 4): with
+/// vector atomics when other blocks add to the same elements (`shared`), else read-modify-write.
 template <int Rows, int Cols, int Threads>
-__device__ __forceinline__ void atomic_add_tile(float* dst, std::int64_t ld, const float* src, int src_ld, int rows,
-                                                int cols, float scale) {
-  for (int i = static_cast<int>(threadIdx.x) % Threads; i < Rows * Cols / 4; i += Threads) {
+__device__ __forceinline__ void add_tile(float* dst, std::int64_t ld, const float* src, int src_ld, int rows, int cols,
+                                         float scale, bool shared) {
+  for (int i = static_cast<int>(threadIdx.x); i < Rows * Cols / 4; i += Threads) {
     const int r = i / (Cols / 4), c = (i % (Cols / 4)) * 4;
     if (r >= rows || c >= cols) continue;
     const float* s = src + r * src_ld + c;
-    atomicAdd(reinterpret_cast<float4*>(dst + r * ld + c), make_float4(scale * s[0], scale * s[1], scale * s[2], scale * s[3]));
+    const float4 v = make_float4(scale * s[0], scale * s[1], scale * s[2], scale * s[3]);
+    float4* to = reinterpret_cast<float4*>(dst + r * ld + c);
+    if (shared) {
+      atomicAdd(to, v);
+    } else {
+      const float4 old = *to;
+      *to = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
+    }
   }
 }
 
-struct BackwardDyParams {
+/// Whether other row groups share the group's expert (so its gradient slice needs atomics).
+__device__ __forceinline__ bool expert_is_shared(const TileSchedule& s, const RowTile& group) {
+  return s.offsets[group.expert + 1] - s.offsets[group.expert] != group.rows;
+}
+
+struct GradBParams {
   const void* dy;  // [T, out]
-  const void* b;   // [E, out, r]
   const void* h;   // [T, r]
-  float* u;        // [T, r] fp32, zeroed when several slices add into it; null: not needed
-  float* grad_b;   // [E, out, r] fp32; null: B frozen
+  float* grad_b;   // [E, out, r] fp32
   TileSchedule groups;
   std::int64_t out;
   std::int32_t rank;
   float scale;
-  bool atomic_u;   // several column slices: add u atomically
 };
 
+inline constexpr int kGradBThreads = kWarps * 32;
+
 template <int NFrag>
-struct BackwardDyLayout {
+struct GradBLayout {
   static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kSlice = kSliceCols<NFrag>;
   static constexpr int kLdC = kChunk + kPad;
-  int b, db, dy, h, u, bytes;
-  constexpr BackwardDyLayout() {
+  int db, dy, h, bytes;
+  constexpr GradBLayout() {
     SmemLayout s;
-    b = s.take(kSlice * kLdN * 2);          // B slice [kSlice][kLdN]
-    db = s.take(kSlice * (kN + 4) * 4);     // dB accumulator [kSlice][kN + 4] fp32
+    db = s.take(kSlice * (kN + 4) * 4);                  // dB accumulator [kSlice][kN + 4] fp32
     dy = s.take(kBackwardStages * kSubTile * kLdC * 2);  // dy chunk ring [stages][64][72]
-    h = s.take(kSubTile * kLdN * 2);        // h tile [64][kLdN]
-    u = s.take(kSubTile * (kN + 4) * 4);    // u stage [64][kN + 4] fp32
+    h = s.take(kSubTile * kLdN * 2);                     // h tile [64][kLdN]
     bytes = s.used;
   }
 };
 
-/// Grid (row-group slots, ceil(out / kSliceCols)).
+/// Grid (row-group slots, ceil(out / kSliceCols)). Warp w owns rows [16w, 16w + 16) of every
+/// 64-column chunk of the slice: dB rows += dy chunkᵀ · h.
 template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kBackwardThreads) lora_backward_dy_kernel(BackwardDyParams p) {
-  using L = BackwardDyLayout<NFrag>;
-  constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kUld = kN + 4;
+__global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams p) {
+  using L = GradBLayout<NFrag>;
+  constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kDbLd = kN + 4;
+  constexpr int kStagesB = kBackwardStages;
   constexpr L kLayout{};
   extern __shared__ __align__(128) unsigned char smem[];
-  FT* bs = reinterpret_cast<FT*>(smem + kLayout.b);
   float* db = reinterpret_cast<float*>(smem + kLayout.db);
   FT* dys = reinterpret_cast<FT*>(smem + kLayout.dy);
   FT* hs = reinterpret_cast<FT*>(smem + kLayout.h);
-  float* us = reinterpret_cast<float*>(smem + kLayout.u);
 
   const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.x);
   if (group.rows == 0) return;
@@ -92,99 +101,55 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_dy_kernel(Back
   const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(L::kSlice), p.out - n0));
   const int chunks = (n_valid + kChunk - 1) / kChunk;
   const int tiles = (group.rows + kSubTile - 1) / kSubTile;
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
   const IoT* dy = static_cast<const IoT*>(p.dy) + group.row0 * p.out + n0;
   const FT* h = static_cast<const FT*>(p.h) + group.row0 * p.rank;
 
-  load_tile<L::kSlice, kN, kBackwardThreads>(
-      bs, kLdN, static_cast<const FT*>(p.b) + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank,
-      n_valid, p.rank);
-  for (int i = static_cast<int>(threadIdx.x); i < L::kSlice * kUld; i += kBackwardThreads) db[i] = 0.0f;
-  constexpr int kStagesB = kBackwardStages;
+  for (int i = static_cast<int>(threadIdx.x); i < L::kSlice * kDbLd; i += kGradBThreads) db[i] = 0.0f;
   const int iterations = tiles * chunks;
   const auto load_dy = [&](int it) {  // chunk c of sub-tile t, into stage it % kStagesB
     if (it >= iterations) return;
     const int t = it / chunks, c = it % chunks;
-    load_tile<kSubTile, kChunk, kBackwardThreads>(dys + (it % kStagesB) * kSubTile * kLdC, kLdC,
-                                                  dy + static_cast<std::int64_t>(t) * kSubTile * p.out + c * kChunk,
-                                                  p.out, group.rows - t * kSubTile, n_valid - c * kChunk);
+    load_tile<kSubTile, kChunk, kGradBThreads>(dys + (it % kStagesB) * kSubTile * kLdC, kLdC,
+                                               dy + static_cast<std::int64_t>(t) * kSubTile * p.out + c * kChunk, p.out,
+                                               group.rows - t * kSubTile, n_valid - c * kChunk);
   };
-  for (int s = 0; s < kStagesB - 1; ++s) {  // the B slice travels with the first group
+  for (int s = 0; s < kStagesB - 1; ++s) {
     load_dy(s);
     cp_async_commit();
   }
-
-  FragAcc u_acc[NFrag];
   for (int it = 0; it < iterations; ++it) {
     const int t = it / chunks, c = it % chunks;
     cp_async_wait<kStagesB - 2>();
     __syncthreads();  // chunk `it` has landed; iteration it − 1 is done everywhere
     load_dy(it + kStagesB - 1);
     cp_async_commit();
-    if (c == 0) {  // a new sub-tile: its h, and fresh u accumulators
-      load_tile<kSubTile, kN, kBackwardThreads, false>(hs, kLdN, h + static_cast<std::int64_t>(t) * kSubTile * p.rank,
-                                                       p.rank, group.rows - t * kSubTile, p.rank);
-#pragma unroll
-      for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(u_acc[f], 0.0f);
+    if (c == 0) {  // a new sub-tile: its h
+      load_tile<kSubTile, kN, kGradBThreads, false>(hs, kLdN, h + static_cast<std::int64_t>(t) * kSubTile * p.rank,
+                                                    p.rank, group.rows - t * kSubTile, p.rank);
       __syncthreads();
     }
-
     const FT* dyt = dys + (it % kStagesB) * kSubTile * kLdC;
-    if (warp < kWarps) {
-      if (p.u) {  // u rows [16 warp, +16) += dy chunk · B chunk
 #pragma unroll
-        for (int k = 0; k < kChunk; k += 16) {
-          FragA<FT> fa;
-          nvcuda::wmma::load_matrix_sync(fa, dyt + warp * 16 * kLdC + k, kLdC);
+    for (int f = 0; f < NFrag; ++f) {
+      float* acc_at = db + (c * kChunk + warp * 16) * kDbLd + f * 16;
+      FragAcc acc;
+      nvcuda::wmma::load_matrix_sync(acc, acc_at, kDbLd, nvcuda::wmma::mem_row_major);
 #pragma unroll
-          for (int f = 0; f < NFrag; ++f) {
-            FragB<FT> fb;
-            nvcuda::wmma::load_matrix_sync(fb, bs + (c * kChunk + k) * kLdN + f * 16, kLdN);
-            nvcuda::wmma::mma_sync(u_acc[f], fa, fb, u_acc[f]);
-          }
-        }
-        if (c == chunks - 1) {
-          float* stage = us + warp * 16 * kUld;
-#pragma unroll
-          for (int f = 0; f < NFrag; ++f)
-            nvcuda::wmma::store_matrix_sync(stage + f * 16, u_acc[f], kUld, nvcuda::wmma::mem_row_major);
-          __syncwarp();
-          const std::int64_t row = group.row0 + static_cast<std::int64_t>(t) * kSubTile + warp * 16;
-          const int rows = min(16, group.rows - t * kSubTile - warp * 16);
-          for (int i = lane; i < 16 * kN / 4; i += 32) {
-            const int r = i / (kN / 4), col = (i % (kN / 4)) * 4;
-            if (r >= rows || col >= p.rank) continue;
-            const float4 v = *reinterpret_cast<const float4*>(stage + r * kUld + col);
-            float4* to = reinterpret_cast<float4*>(p.u + (row + r) * p.rank + col);
-            if (p.atomic_u) atomicAdd(to, v);
-            else *to = v;
-          }
-        }
+      for (int m = 0; m < kSubTile; m += 16) {
+        FragAT<FT> fa;
+        nvcuda::wmma::load_matrix_sync(fa, dyt + m * kLdC + warp * 16, kLdC);
+        FragB<FT> fb;
+        nvcuda::wmma::load_matrix_sync(fb, hs + m * kLdN + f * 16, kLdN);
+        nvcuda::wmma::mma_sync(acc, fa, fb, acc);
       }
-    } else if (p.grad_b) {  // dB rows [c·64 + 16 (warp−4), +16) += dy chunkᵀ · h
-      const int wn = warp - kWarps;
-#pragma unroll
-      for (int f = 0; f < NFrag; ++f) {
-        float* acc_at = db + (c * kChunk + wn * 16) * kUld + f * 16;
-        FragAcc acc;
-        nvcuda::wmma::load_matrix_sync(acc, acc_at, kUld, nvcuda::wmma::mem_row_major);
-#pragma unroll
-        for (int m = 0; m < kSubTile; m += 16) {
-          FragAT<FT> fa;
-          nvcuda::wmma::load_matrix_sync(fa, dyt + m * kLdC + wn * 16, kLdC);
-          FragB<FT> fb;
-          nvcuda::wmma::load_matrix_sync(fb, hs + m * kLdN + f * 16, kLdN);
-          nvcuda::wmma::mma_sync(acc, fa, fb, acc);
-        }
-        nvcuda::wmma::store_matrix_sync(acc_at, acc, kUld, nvcuda::wmma::mem_row_major);
-      }
+      nvcuda::wmma::store_matrix_sync(acc_at, acc, kDbLd, nvcuda::wmma::mem_row_major);
     }
   }
   __syncthreads();
-  if (p.grad_b)
-    atomic_add_tile<L::kSlice, kN, kBackwardThreads>(
-        p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank, db, kUld, n_valid, p.rank,
-        p.scale);
+  add_tile<L::kSlice, kN, kGradBThreads>(p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank,
+                                         p.rank, db, kDbLd, n_valid, p.rank, p.scale,
+                                         expert_is_shared(p.groups, group));
 }
 
 struct BackwardXParams {
@@ -215,9 +180,11 @@ struct BackwardXLayout {
   }
 };
 
+inline constexpr int kBackwardThreads = 2 * kWarps * 32;  ///< warps 0–3: dx; warps 4–7: dA
+
 /// Grid (row-group slots, ceil(in / kSliceCols)).
 template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kBackwardThreads) lora_backward_x_kernel(BackwardXParams p) {
+__global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(BackwardXParams p) {
   using L = BackwardXLayout<NFrag>;
   constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kLdS = L::kLdS, kDaLd = L::kSlice + 4;
   constexpr int kDxLd = kChunk + 4;
@@ -338,8 +305,8 @@ __global__ void __launch_bounds__(kBackwardThreads) lora_backward_x_kernel(Backw
   }
   __syncthreads();
   if (p.grad_a)
-    atomic_add_tile<kN, L::kSlice, kBackwardThreads>(
-        p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in, da, kDaLd, p.rank, k_valid, 1.0f);
+    add_tile<kN, L::kSlice, kBackwardThreads>(p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0,
+                                              p.in, da, kDaLd, p.rank, k_valid, 1.0f, expert_is_shared(p.groups, group));
 }
 
 }  // namespace moelora::kernels

@@ -1,6 +1,7 @@
 /// \file
 /// \brief The fast LoRA forward on tensor cores (WMMA, fp32 accumulation), two kernels per adapter:
-/// shrink `h = round(A_e x)` `[T, r]`, then expand `y += scale · B_e h` `[T, out]`.
+/// the projection `h = round(A_e x)` `[T, r]` (shrink), then expand `y += scale · B_e h` `[T, out]`.
+/// The projection kernel also serves the backward's `u = B_eᵀ dy`.
 ///
 /// Requirements of this path (the host adapter checks them and falls back to the generic kernels
 /// otherwise): 16-bit factors, `in % 8 == 0`, `out % 8 == 0`, 16-byte aligned tensors.
@@ -34,46 +35,60 @@ template <class T>
 using FragBT = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
 using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
-struct ShrinkParams {
-  const void* x;  // [T, in]
-  const void* a;  // [E, r, in]
-  void* h;        // [T, r]
+/// A grouped projection onto the rank: `out[t, j] = Σ_k in[t, k] · F_e(k, j)` over K columns, with
+/// F_e either A_e `[r, K]` (rank-major; the forward shrink, K = in) or B_e `[K, r]` (K-major; the
+/// backward's `u = B_eᵀ dy`, K = out).
+struct ProjectParams {
+  const void* in;      // [T, K], io dtype
+  const void* factor;  // [E, r, K] (rank-major) or [E, K, r] (K-major), factor dtype
+  void* out;           // [T, r]: the factor dtype (rounded) or fp32
   TileSchedule schedule;
-  std::int64_t in;
+  std::int64_t k;      // K
+  std::int64_t split;  // K columns per grid.y slice (a multiple of kChunk)
   std::int32_t rank;
+  bool accumulate;     // fp32 out only: add atomically (several slices)
 };
 
-/// Shared memory of the shrink kernel: kStages × (x chunk [128][72] + A chunk [RankTile][72]),
-/// reused as the fp32 output stage [128][RankTile + 4].
-template <int NFrag>
-constexpr int shrink_smem_bytes() {
-  const int stages = kStages * (kForwardRows + kRankTile<NFrag>) * (kChunk + kPad) * 2;
+/// Shared memory of the projection kernel: kStages × (in chunk [128][72] + factor chunk), reused
+/// as the fp32 output stage [128][RankTile + 4].
+template <int NFrag, bool FactorKMajor>
+constexpr int project_smem_bytes() {
+  constexpr int factor_chunk = FactorKMajor ? kChunk * (kRankTile<NFrag> + kPad) : kRankTile<NFrag> * (kChunk + kPad);
+  const int stages = kStages * (kForwardRows * (kChunk + kPad) + factor_chunk) * 2;
   const int stage_out = kForwardRows * (kRankTile<NFrag> + 4) * 4;
   return stages > stage_out ? stages : stage_out;
 }
 
-/// Grid (128-row tile slots). Warp w owns rows [16w, 16w + 16) of its tile and all RankTile
-/// columns; K (= in) is streamed in 64-column chunks through a kStages-deep cp.async ring.
-template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kForwardThreads) lora_shrink_kernel(ShrinkParams p) {
+/// Grid (128-row tile slots, K slices). Warp w owns rows [16w, 16w + 16) of its tile and all
+/// RankTile columns; K is streamed in 64-column chunks through a kStages-deep cp.async ring.
+template <class IoT, class FT, int NFrag, bool FactorKMajor, class OutT>
+__global__ void __launch_bounds__(kForwardThreads) lora_project_kernel(ProjectParams p) {
   constexpr int kLd = kChunk + kPad;
   constexpr int kN = kRankTile<NFrag>;
+  constexpr int kLdN = kN + kPad;
+  constexpr int kFactorChunk = FactorKMajor ? kChunk * kLdN : kN * kLd;
   extern __shared__ __align__(128) unsigned char smem[];
-  FT* xs = reinterpret_cast<FT*>(smem);                // [kStages][kForwardRows][kLd]
-  FT* as = xs + kStages * kForwardRows * kLd;          // [kStages][kN][kLd]
+  FT* xs = reinterpret_cast<FT*>(smem);        // [kStages][kForwardRows][kLd]
+  FT* fs = xs + kStages * kForwardRows * kLd;  // [kStages][kFactorChunk]
 
   const RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
   if (tile.rows == 0) return;
-  const IoT* x = static_cast<const IoT*>(p.x) + tile.row0 * p.in;
-  const FT* a = static_cast<const FT*>(p.a) + static_cast<std::int64_t>(tile.expert) * p.rank * p.in;
+  const std::int64_t k_begin = static_cast<std::int64_t>(blockIdx.y) * p.split;
+  const std::int64_t k_end = min(p.k, k_begin + p.split);
+  const IoT* in = static_cast<const IoT*>(p.in) + tile.row0 * p.k;
+  const FT* factor = static_cast<const FT*>(p.factor) + static_cast<std::int64_t>(tile.expert) * p.rank * p.k;
   const int warp = static_cast<int>(threadIdx.x) / 32;
-  const auto chunks = static_cast<int>((p.in + kChunk - 1) / kChunk);
+  const auto chunks = static_cast<int>((k_end - k_begin + kChunk - 1) / kChunk);
 
   const auto load_chunk = [&](int chunk, int stage) {
-    const std::int64_t k0 = static_cast<std::int64_t>(chunk) * kChunk;
-    load_tile<kForwardRows, kChunk, kForwardThreads>(xs + stage * kForwardRows * kLd, kLd, x + k0, p.in, tile.rows,
-                                                     p.in - k0);
-    load_tile<kN, kChunk, kForwardThreads>(as + stage * kN * kLd, kLd, a + k0, p.in, p.rank, p.in - k0);
+    const std::int64_t k0 = k_begin + static_cast<std::int64_t>(chunk) * kChunk;
+    load_tile<kForwardRows, kChunk, kForwardThreads>(xs + stage * kForwardRows * kLd, kLd, in + k0, p.k, tile.rows,
+                                                     k_end - k0);
+    if constexpr (FactorKMajor)
+      load_tile<kChunk, kN, kForwardThreads>(fs + stage * kFactorChunk, kLdN, factor + k0 * p.rank, p.rank,
+                                             static_cast<int>(min(static_cast<std::int64_t>(kChunk), k_end - k0)), p.rank);
+    else
+      load_tile<kN, kChunk, kForwardThreads>(fs + stage * kFactorChunk, kLd, factor + k0, p.k, p.rank, k_end - k0);
   };
 
   FragAcc acc[NFrag];
@@ -91,16 +106,22 @@ __global__ void __launch_bounds__(kForwardThreads) lora_shrink_kernel(ShrinkPara
     if (chunk + kStages - 1 < chunks) load_chunk(chunk + kStages - 1, (chunk + kStages - 1) % kStages);
     cp_async_commit();
     const FT* xt = xs + (chunk % kStages) * kForwardRows * kLd + warp * 16 * kLd;
-    const FT* at = as + (chunk % kStages) * kN * kLd;
+    const FT* ft = fs + (chunk % kStages) * kFactorChunk;
 #pragma unroll
     for (int k = 0; k < kChunk; k += 16) {
       FragA<FT> fa;
       nvcuda::wmma::load_matrix_sync(fa, xt + k, kLd);
 #pragma unroll
       for (int f = 0; f < NFrag; ++f) {
-        FragBT<FT> fb;
-        nvcuda::wmma::load_matrix_sync(fb, at + f * 16 * kLd + k, kLd);
-        nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+        if constexpr (FactorKMajor) {
+          FragB<FT> fb;
+          nvcuda::wmma::load_matrix_sync(fb, ft + k * kLdN + f * 16, kLdN);
+          nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+        } else {
+          FragBT<FT> fb;
+          nvcuda::wmma::load_matrix_sync(fb, ft + f * 16 * kLd + k, kLd);
+          nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+        }
       }
     }
   }
@@ -113,10 +134,17 @@ __global__ void __launch_bounds__(kForwardThreads) lora_shrink_kernel(ShrinkPara
   for (int f = 0; f < NFrag; ++f)
     nvcuda::wmma::store_matrix_sync(stage_out + warp * 16 * kOutLd + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
   __syncthreads();
-  FT* h = static_cast<FT*>(p.h) + tile.row0 * p.rank;
+  OutT* out = static_cast<OutT*>(p.out) + tile.row0 * p.rank;
   for (int i = static_cast<int>(threadIdx.x); i < kForwardRows * kN; i += kForwardThreads) {
     const int r = i / kN, c = i % kN;
-    if (r < tile.rows && c < p.rank) h[static_cast<std::int64_t>(r) * p.rank + c] = from_float<FT>(stage_out[r * kOutLd + c]);
+    if (r >= tile.rows || c >= p.rank) continue;
+    OutT* to = out + static_cast<std::int64_t>(r) * p.rank + c;
+    if constexpr (std::is_same_v<OutT, float>) {
+      if (p.accumulate) atomicAdd(to, stage_out[r * kOutLd + c]);
+      else *to = stage_out[r * kOutLd + c];
+    } else {
+      *to = from_float<OutT>(stage_out[r * kOutLd + c]);
+    }
   }
 }
 
@@ -131,86 +159,92 @@ struct ExpandParams {
 };
 
 inline constexpr int kExpandCols = 128;  ///< output columns per expand block
+inline constexpr int kExpandRows = 64;   ///< rows per expand block: half a forward tile (grid.z)
+inline constexpr int kExpandWarps = kExpandRows / 16;
+inline constexpr int kExpandThreads = kExpandWarps * 32;
+inline constexpr int kExpandHalf = kExpandCols / 2;  ///< columns a warp stages at a time
 
-/// Shared memory of the expand kernel: h tile [128][RankTile+8] and B tile [128][RankTile+8],
-/// reused as the fp32 output stage [128][132].
-template <int NFrag>
+/// Shared memory of the expand kernel: y tile [64][136], h tile [64][RankTile+8], B tile
+/// [128][RankTile+8] and a per-warp fp32 stage [4][16][68].
+template <int NFrag, class IoT>
 constexpr int expand_smem_bytes() {
-  const int tiles = (kForwardRows + kExpandCols) * (kRankTile<NFrag> + kPad) * 2;
-  const int stage_out = kForwardRows * (kExpandCols + 4) * 4;
-  return tiles > stage_out ? tiles : stage_out;
+  const int y_tile = kExpandRows * (kExpandCols + kPad) * static_cast<int>(sizeof(IoT));
+  const int factors = (kExpandRows + kExpandCols) * (kRankTile<NFrag> + kPad) * 2;
+  const int stage = kExpandRows * (kExpandHalf + 4) * 4;
+  return y_tile + factors + stage;
 }
 
-/// Grid (128-row tile slots, ceil(out / 128)); rank ≤ RankTile, a multiple of 8. Each thread first
-/// issues the loads of its 8 y vectors (warp w owns rows [16w, 16w + 16)), the h and B tiles arrive
-/// by cp.async, the warp's tensor-core product lands in shared memory and is added to y in fp32 and
-/// rounded once.
+/// Grid (128-row tile slots, ceil(out / 128), 2 halves of the tile's rows); rank ≤ RankTile, a
+/// multiple of 8. The y, h and B tiles arrive together by cp.async (16-bit y; fp32 y through
+/// registers); warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, into
+/// its fp32 stage, adds the y tile in fp32 and rounds once.
 template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kForwardThreads) lora_expand_kernel(ExpandParams p) {
+__global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandParams p) {
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLd = kN + kPad;
-  constexpr int kOutLd = kExpandCols + 4;
-  constexpr int kVectorsPerRow = kExpandCols / 8;
-  constexpr int kVectors = 16 * kVectorsPerRow / 32;  // per thread
+  constexpr int kYLd = kExpandCols + kPad;
+  constexpr int kOutLd = kExpandHalf + 4;
+  constexpr int kVectorsPerRow = kExpandHalf / 8;
+  constexpr int kVectors = 16 * kVectorsPerRow / 32;  // per lane and half
   extern __shared__ __align__(128) unsigned char smem[];
-  FT* hs = reinterpret_cast<FT*>(smem);  // [kForwardRows][kLd]
-  FT* bs = hs + kForwardRows * kLd;      // [kExpandCols][kLd]
+  IoT* ys = reinterpret_cast<IoT*>(smem);                                           // [kExpandRows][kYLd]
+  FT* hs = reinterpret_cast<FT*>(smem + kExpandRows * kYLd * sizeof(IoT));         // [kExpandRows][kLd]
+  FT* bs = hs + kExpandRows * kLd;                                                  // [kExpandCols][kLd]
+  float* stage = reinterpret_cast<float*>(bs + kExpandCols * kLd);                  // [warps][16][kOutLd]
 
-  const RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
-  if (tile.rows == 0) return;
+  RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
+  tile.row0 += static_cast<std::int64_t>(blockIdx.z) * kExpandRows;
+  tile.rows -= static_cast<std::int32_t>(blockIdx.z) * kExpandRows;
+  if (tile.rows <= 0) return;
   const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kExpandCols;
   const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(kExpandCols), p.out - n0));
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   IoT* y = static_cast<IoT*>(p.y) + tile.row0 * p.out + n0;
 
-  load_tile<kForwardRows, kN, kForwardThreads>(hs, kLd, static_cast<const FT*>(p.h) + tile.row0 * p.rank, p.rank,
-                                               tile.rows, p.rank);
-  load_tile<kExpandCols, kN, kForwardThreads>(
+  load_tile<kExpandRows, kExpandCols, kExpandThreads>(ys, kYLd, static_cast<const IoT*>(y), p.out, tile.rows, n_valid);
+  load_tile<kExpandRows, kN, kExpandThreads>(hs, kLd, static_cast<const FT*>(p.h) + tile.row0 * p.rank, p.rank,
+                                             tile.rows, p.rank);
+  load_tile<kExpandCols, kN, kExpandThreads>(
       bs, kLd, static_cast<const FT*>(p.b) + (static_cast<std::int64_t>(tile.expert) * p.out + n0) * p.rank, p.rank,
       n_valid, p.rank);
   cp_async_commit();
-
-  Vec8<IoT> y_old[kVectors];
-#pragma unroll
-  for (int i = 0; i < kVectors; ++i) {
-    const int v = i * 32 + lane;
-    const int r = warp * 16 + v / kVectorsPerRow, c = (v % kVectorsPerRow) * 8;
-    if (r < tile.rows && c < n_valid) y_old[i] = *reinterpret_cast<const Vec8<IoT>*>(y + r * p.out + c);
-  }
   cp_async_wait<0>();
   __syncthreads();
 
-  FragAcc acc[kExpandCols / 16];
+  float* my_stage = stage + warp * 16 * kOutLd;
 #pragma unroll
-  for (int f = 0; f < kExpandCols / 16; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+  for (int half = 0; half < 2; ++half) {
+    FragAcc acc[kExpandHalf / 16];
 #pragma unroll
-  for (int k = 0; k < kN; k += 16) {
-    FragA<FT> fa;
-    nvcuda::wmma::load_matrix_sync(fa, hs + warp * 16 * kLd + k, kLd);
+    for (int f = 0; f < kExpandHalf / 16; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
 #pragma unroll
-    for (int f = 0; f < kExpandCols / 16; ++f) {
-      FragBT<FT> fb;
-      nvcuda::wmma::load_matrix_sync(fb, bs + f * 16 * kLd + k, kLd);
-      nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+    for (int k = 0; k < kN; k += 16) {
+      FragA<FT> fa;
+      nvcuda::wmma::load_matrix_sync(fa, hs + warp * 16 * kLd + k, kLd);
+#pragma unroll
+      for (int f = 0; f < kExpandHalf / 16; ++f) {
+        FragBT<FT> fb;
+        nvcuda::wmma::load_matrix_sync(fb, bs + (half * kExpandHalf + f * 16) * kLd + k, kLd);
+        nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+      }
     }
-  }
-  __syncthreads();  // the output stage overwrites hs and bs
-
-  float* stage_out = reinterpret_cast<float*>(smem) + warp * 16 * kOutLd;
 #pragma unroll
-  for (int f = 0; f < kExpandCols / 16; ++f)
-    nvcuda::wmma::store_matrix_sync(stage_out + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
-  __syncwarp();
+    for (int f = 0; f < kExpandHalf / 16; ++f)
+      nvcuda::wmma::store_matrix_sync(my_stage + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
+    __syncwarp();
 #pragma unroll
-  for (int i = 0; i < kVectors; ++i) {
-    const int v = i * 32 + lane;
-    const int r = v / kVectorsPerRow, c = (v % kVectorsPerRow) * 8;
-    if (warp * 16 + r >= tile.rows || c >= n_valid) continue;
-    Vec8<IoT> y_new;
+    for (int i = 0; i < kVectors; ++i) {
+      const int v = i * 32 + lane;
+      const int r = v / kVectorsPerRow, c = (v % kVectorsPerRow) * 8, col = half * kExpandHalf + c;
+      if (warp * 16 + r >= tile.rows || col >= n_valid) continue;
+      const Vec8<IoT> y_old = *reinterpret_cast<const Vec8<IoT>*>(ys + (warp * 16 + r) * kYLd + col);
+      Vec8<IoT> y_new;
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      y_new.v[j] = from_float<IoT>(to_float(y_old[i].v[j]) + p.scale * stage_out[r * kOutLd + c + j]);
-    *reinterpret_cast<Vec8<IoT>*>(y + (warp * 16 + r) * p.out + c) = y_new;
+      for (int j = 0; j < 8; ++j)
+        y_new.v[j] = from_float<IoT>(to_float(y_old.v[j]) + p.scale * my_stage[r * kOutLd + c + j]);
+      *reinterpret_cast<Vec8<IoT>*>(y + (warp * 16 + r) * p.out + col) = y_new;
+    }
+    __syncwarp();  // the stage is rewritten by the next half
   }
 }
 
