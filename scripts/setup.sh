@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what building moelora needs on Debian (only the packages that are missing), then
+# configures the Meson build directory given as $1 (default: build). The CUDA parts are built
+# when nvcc is on PATH (or in /usr/local/cuda/bin).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build_dir="${1:-build}"
+
+packages=(meson ninja-build g++ pkg-config libopenblas-dev doctest-dev libcli11-dev nlohmann-json3-dev liblapacke-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  sudo_cmd=""
+  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
+if [[ ! -f "$build_dir/build.ninja" ]]; then
+  meson setup "$build_dir" --buildtype=debugoptimized >/dev/null
+fi
