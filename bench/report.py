@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Merge the moelora C++ benchmark JSON with torch_anchors.py JSON into Markdown.
 
-Records are joined on (shape, rank, counts). One Markdown table is printed
-with, per row: the base forward, our LoRA delta forward against its byte floor
-and against the PyTorch grouped-GEMM and Python-loop deltas, and the whole
-layer's training step (forward + backward, base included) of ours against
-PyTorch, plus the LoRA overhead over our base layer. A short summary follows.
+Records are joined on (shape, rank, counts). Two Markdown tables are printed:
+the forward (our LoRA delta against its byte floor and against the PyTorch
+grouped-GEMM and Python-loop deltas) and forward + backward (the LoRA branch
+alone, and the whole layer with its base, ours against PyTorch). A short
+summary follows.
 
 Usage:
   python3 bench/report.py --ours ours.json --torch torch.json [--date YYYY-MM-DD]
@@ -19,11 +19,19 @@ import sys
 
 DASH = "—"
 
-COLUMNS = [
-    "shape", "r", "counts", "base fwd", "ours LoRA fwd", "floor", "% of floor",
-    "gmm LoRA fwd", "loop LoRA fwd", "ours vs gmm fwd", "base f+b", "ours f+b",
-    "gmm f+b", "loop f+b", "ours vs gmm f+b", "LoRA overhead",
+FORWARD_COLUMNS = [
+    "shape", "r", "counts", "base fwd", "torch base fwd", "ours LoRA fwd", "floor", "% of floor",
+    "gmm LoRA fwd", "loop LoRA fwd", "ours vs gmm fwd",
 ]
+TRAINING_COLUMNS = [
+    "shape", "r", "counts", "ours LoRA f+b", "gmm LoRA f+b", "ours vs gmm (LoRA)", "base f+b",
+    "torch base f+b", "ours layer f+b", "gmm layer f+b", "loop layer f+b", "ours vs gmm (layer)",
+]
+
+
+def header(columns):
+    return ["| " + " | ".join(columns) + " |",
+            "|" + "|".join("---" if c in ("shape", "counts") else "---:" for c in columns) + "|"]
 
 
 def load(path):
@@ -76,45 +84,55 @@ def build(ours, torch_doc, date):
         f"**torch {torch_doc.get('torch', '?')}:** {torch_doc.get('device', '?')}, "
         f"copy {f_gbps(torch_doc.get('copy_GBps'))}",
         "",
-        "Times in ms. LoRA fwd columns are the LoRA delta alone, added in place to an "
-        "existing base output (ours, torch grouped_mm, torch per-expert loop). "
-        "f+b columns are the whole layer's training step (base fwd + LoRA fwd + "
-        "backward), base included; base columns are from our run. "
-        "Ratios > 1× mean ours is faster.",
+        "Times in ms; ratios > 1× mean ours is faster.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" if c in ("shape", "counts") else "---:" for c in COLUMNS) + "|",
-    ]
+        "**Forward.** LoRA fwd is the LoRA delta alone, added in place to an existing base output "
+        "(ours from device counts; torch: two `torch._grouped_mm`, or the per-expert loop). "
+        "Floor: the delta's minimum bytes over our measured copy bandwidth.",
+        "",
+    ] + header(FORWARD_COLUMNS)
 
-    floor_pcts, fb_ratios = [], []  # (value, row label) for the summary
+    training = [
+        "",
+        "**Forward + backward.** LoRA f+b is the LoRA branch alone (forward and backward: dA, dB, "
+        "dx); for torch, the grouped_mm layer minus torch's base. Layer f+b is the whole training "
+        "step, base included (ours: the cuBLAS reference base; torch: `torch._grouped_mm`).",
+        "",
+    ] + header(TRAINING_COLUMNS)
+
+    floor_pcts, fb_ratios, branch_ratios = [], [], []  # (value, row label) for the summary
     for k in keys:
         o, t = ours_recs.get(k), torch_recs.get(k)
         label = f"{k[0]} r={k[1]} {k[2]}"
         lora_fwd = num(o, "lora_fwd_ms")
         floor = num(o, "floor_fwd_ms")
         lora_fb = num(o, "lora_fwdbwd_ms")
-        base_fb = num(o, "base_fwdbwd_ms")
+        branch_fb = num(o, "branch_fwdbwd_ms")
         gmm_fwd = num(t, "gmm_fwd_ms")
         gmm_fb = num(t, "gmm_fwdbwd_ms")
+        torch_base_fb = num(t, "base_fwdbwd_ms")
+        gmm_branch = None if gmm_fb is None or torch_base_fb is None else gmm_fb - torch_base_fb
 
         pct_floor = None if floor is None or lora_fwd is None else 100.0 * floor / lora_fwd
         fwd_x = ratio(gmm_fwd, lora_fwd)
         fb_x = ratio(gmm_fb, lora_fb)
-        overhead = None if lora_fb is None or base_fb is None else \
-            100.0 * (lora_fb - base_fb) / base_fb
+        branch_x = ratio(gmm_branch, branch_fb)
         if pct_floor is not None:
             floor_pcts.append((pct_floor, label))
         if fb_x is not None:
             fb_ratios.append((fb_x, label))
+        if branch_x is not None:
+            branch_ratios.append((branch_x, label))
 
-        cells = [
-            k[0], str(k[1]), k[2],
-            f_ms(num(o, "base_fwd_ms")), f_ms(lora_fwd), f_ms(floor), f_pct(pct_floor),
-            f_ms(gmm_fwd), f_ms(num(t, "loop_fwd_ms")), f_x(fwd_x),
-            f_ms(base_fb), f_ms(lora_fb), f_ms(gmm_fb), f_ms(num(t, "loop_fwdbwd_ms")),
-            f_x(fb_x), f_pct(overhead),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([
+            k[0], str(k[1]), k[2], f_ms(num(o, "base_fwd_ms")), f_ms(num(t, "base_fwd_ms")), f_ms(lora_fwd),
+            f_ms(floor), f_pct(pct_floor), f_ms(gmm_fwd), f_ms(num(t, "loop_fwd_ms")), f_x(fwd_x),
+        ]) + " |")
+        training.append("| " + " | ".join([
+            k[0], str(k[1]), k[2], f_ms(branch_fb), f_ms(gmm_branch), f_x(branch_x), f_ms(num(o, "base_fwdbwd_ms")),
+            f_ms(torch_base_fb), f_ms(lora_fb), f_ms(gmm_fb), f_ms(num(t, "loop_fwdbwd_ms")), f_x(fb_x),
+        ]) + " |")
+    lines += training
 
     lines.append("")
     lines.append(f"**Summary** ({len(keys)} rows)")
@@ -125,13 +143,14 @@ def build(ours, torch_doc, date):
                      f"max {hi[0]:.1f}% ({hi[1]})")
     else:
         lines.append("- % of floor (LoRA fwd): no data")
-    if fb_ratios:
-        wins = sum(1 for v, _ in fb_ratios if v >= 1.0)
-        worst = min(fb_ratios)
-        lines.append(f"- ours f+b at least as fast as torch gmm f+b: {wins} of "
-                     f"{len(fb_ratios)} rows with both values; worst ratio {worst[0]:.2f}× ({worst[1]})")
-    else:
-        lines.append("- ours f+b vs torch gmm f+b: no data")
+    for name, values in (("LoRA branch f+b", branch_ratios), ("whole layer f+b", fb_ratios)):
+        if values:
+            wins = sum(1 for v, _ in values if v >= 1.0)
+            worst = min(values)
+            lines.append(f"- {name}: ours at least as fast as torch grouped_mm in {wins} of {len(values)} rows; "
+                         f"worst ratio {worst[0]:.2f}× ({worst[1]})")
+        else:
+            lines.append(f"- {name}: no data")
     missing = [f"{k[0]} r={k[1]} {k[2]}" for k in keys
                if k not in ours_recs or k not in torch_recs]
     if missing:

@@ -227,7 +227,7 @@ struct CudaBackend {
             cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, false, FT>, dim3(tiles, 1), kForwardThreads,
                                 project_smem_bytes<kNFrag, false>(), stream,
                                 ProjectParams{args.x, f.a, args.h, workspace.row_tiles(), s.in, s.in,
-                                              static_cast<std::int32_t>(f.rank), false});
+                                              static_cast<std::int32_t>(f.rank), 1.0f});
             const auto columns = static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols);
             cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns, kForwardRows / kExpandRows),
                                 kExpandThreads,
@@ -256,7 +256,9 @@ struct CudaBackend {
     const LoraShape& s = args.shape;
     const FactorsRef& f = args.factors;
     const bool needs_u = args.grad_a || args.dx;
-    float* u = needs_u ? workspace.scratch(s.rows * f.rank) : nullptr;
+    // The fp32 scratch holds u [T, r] (the generic path; the tensor-core path keeps the rounded u
+    // at its start) and, behind it, the fp32 sums of a projection computed in slices.
+    float* u = needs_u ? workspace.scratch(2 * s.rows * f.rank) : nullptr;
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.dy, args.dx}, {f.a, f.b, args.h})) {
       const auto tiles = max_tiles(s.rows, s.experts, kForwardRows);
       const auto groups = static_cast<unsigned>(max_tiles(s.rows, s.experts, kGroupRows));
@@ -270,29 +272,41 @@ struct CudaBackend {
           using FT = device_t<ft.value>;
           cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
             constexpr int kNFrag = decltype(nfrag)::value;
-            constexpr int kSlice = kSliceCols<kNFrag>;
+            FT* u_rounded = nullptr;  // round(scale · B_eᵀ dy) [T, r]
             if (needs_u) {
               const auto u_slices = static_cast<unsigned>((s.out + split - 1) / split);
-              if (u_slices > 1) fill_zero(u, static_cast<std::size_t>(s.rows * f.rank) * sizeof(float), stream);
-              cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, float>,
-                                  dim3(static_cast<unsigned>(tiles), u_slices), kForwardThreads,
-                                  project_smem_bytes<kNFrag, true>(), stream,
-                                  ProjectParams{args.dy, f.b, u, workspace.row_tiles(), s.out, split,
-                                                static_cast<std::int32_t>(f.rank), u_slices > 1});
+              const std::int64_t count = s.rows * f.rank;
+              u_rounded = reinterpret_cast<FT*>(u);
+              if (u_slices == 1) {
+                cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, FT>, dim3(static_cast<unsigned>(tiles)),
+                                    kForwardThreads, project_smem_bytes<kNFrag, true>(), stream,
+                                    ProjectParams{args.dy, f.b, u_rounded, workspace.row_tiles(), s.out, split,
+                                                  static_cast<std::int32_t>(f.rank), f.scale});
+              } else {  // fp32 sums behind the rounded u in the scratch, then rounded
+                float* sums = u + count;
+                fill_zero(sums, static_cast<std::size_t>(count) * sizeof(float), stream);
+                cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, float>,
+                                    dim3(static_cast<unsigned>(tiles), u_slices), kForwardThreads,
+                                    project_smem_bytes<kNFrag, true>(), stream,
+                                    ProjectParams{args.dy, f.b, sums, workspace.row_tiles(), s.out, split,
+                                                  static_cast<std::int32_t>(f.rank), 1.0f});
+                cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(count), 256, 0, stream,
+                                    static_cast<const float*>(sums), u_rounded, count, f.scale);
+              }
             }
             if (args.grad_b) {
-              const auto out_slices = static_cast<unsigned>((s.out + kSlice - 1) / kSlice);
-              cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(groups, out_slices), kGradBThreads,
+              const auto out_slices = static_cast<unsigned>((s.out + kChunk - 1) / kChunk);
+              cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
                                   GradBLayout<kNFrag>{}.bytes, stream,
                                   GradBParams{args.dy, args.h, args.grad_b, workspace.row_groups(), s.out,
                                               static_cast<std::int32_t>(f.rank), f.scale});
             }
             if (!needs_u) return;
-            const auto in_slices = static_cast<unsigned>((s.in + kSlice - 1) / kSlice);
-            cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(groups, in_slices), kBackwardThreads,
+            const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
+            cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(in_slices, groups), kBackwardThreads,
                                 BackwardXLayout<kNFrag>{}.bytes, stream,
-                                BackwardXParams{args.x, f.a, u, args.dx, args.grad_a, workspace.row_groups(), s.in,
-                                                static_cast<std::int32_t>(f.rank), f.scale});
+                                BackwardXParams{args.x, f.a, u_rounded, args.dx, args.grad_a, workspace.row_groups(),
+                                                s.in, static_cast<std::int32_t>(f.rank)});
           });
         }
       });

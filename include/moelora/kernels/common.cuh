@@ -90,26 +90,29 @@ struct alignas(sizeof(T) * 8) Vec8 {
   T v[8];
 };
 
-/// Loads a `[Rows, Cols]` tile (Cols a multiple of 8) of a row-major global matrix `src` (row stride
-/// `ld` elements) into shared memory `dst` (row stride `dst_ld`) as `Dst`, with `Threads` threads.
-/// Rows ≥ `rows` and columns ≥ `cols` (a multiple of 8) read as zero. Same 16-bit type and `Async`:
-/// cp.async (the caller commits and waits); otherwise through registers, converted.
+/// Loads a `[Rows, Cols]` tile of a row-major global matrix `src` (row stride `ld` elements) into
+/// shared memory `dst` (row stride `dst_ld`) as `Dst`, with `Threads` threads. Rows ≥ `rows` and
+/// columns ≥ `cols` read as zero. Same type and `Async`: 16-byte cp.async copies (the caller
+/// commits and waits; `cols` a multiple of 16 bytes' worth); otherwise 8 elements at a time
+/// through registers, converted (`cols` a multiple of 8).
 template <int Rows, int Cols, int Threads, bool Async = true, class Dst, class Src>
 __device__ __forceinline__ void load_tile(Dst* dst, int dst_ld, const Src* src, std::int64_t ld, int rows,
                                           std::int64_t cols) {
-  constexpr int kChunksPerRow = Cols / 8;
+  constexpr bool kCopy = Async && std::is_same_v<Dst, Src>;
+  constexpr int kVector = kCopy ? 16 / static_cast<int>(sizeof(Dst)) : 8;
+  constexpr int kChunksPerRow = Cols / kVector;
   constexpr int kChunks = Rows * kChunksPerRow;
-  static_assert(Cols % 8 == 0, "tile columns must be a multiple of 8");
+  static_assert(Cols % kVector == 0, "tile columns must be a whole number of vectors");
 #pragma unroll
   for (int i = 0; i < (kChunks + Threads - 1) / Threads; ++i) {
     const int chunk = i * Threads + static_cast<int>(threadIdx.x);
     if (kChunks % Threads != 0 && chunk >= kChunks) break;
     const int r = chunk / kChunksPerRow;
-    const int c = (chunk % kChunksPerRow) * 8;
+    const int c = (chunk % kChunksPerRow) * kVector;
     const bool valid = r < rows && c < cols;
     const Src* from = valid ? src + r * ld + c : src;
     Dst* to = dst + r * dst_ld + c;
-    if constexpr (Async && std::is_same_v<Dst, Src> && sizeof(Dst) == 2) {
+    if constexpr (kCopy) {
       cp_async_16(to, from, valid);
     } else {
       Vec8<Dst> out;

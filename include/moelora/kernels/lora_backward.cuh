@@ -1,11 +1,12 @@
 /// \file
-/// \brief The fast LoRA backward on tensor cores, after the projection `u = B_eᵀ dy` (fp32, by
-/// lora_project_kernel), in two kernels over row groups (up to kGroupRows rows of one expert):
+/// \brief The fast LoRA backward on tensor cores, after the projection `u = round(scale · B_eᵀ dy)`
+/// (lora_project_kernel, in the factor dtype), in two kernels over row groups (up to kGroupRows rows of one expert) and
+/// 64-column slices:
 ///   dB pass: `dB_e += scale · Σ dy_t h_tᵀ`;
-///   x pass:  `dx_t += A_eᵀ round(scale · u_t)` and `dA_e += Σ round(scale · u_t) x_tᵀ`.
-/// A block owns one row group and one column slice and accumulates its factor-gradient slice over
-/// the whole group in shared memory; it then adds it to global memory once: a plain
-/// read-modify-write when the group is the expert's only one, fp32 vector atomics otherwise.
+///   x pass:  `dx_t += A_eᵀ u_t` and `dA_e += Σ u_t x_tᵀ`.
+/// A block keeps its factor-gradient slice in registers while it streams the group's rows through
+/// a cp.async ring, then adds it to global memory once: a plain read-modify-write when the group is
+/// its expert's only one, fp32 vector atomics otherwise.
 #pragma once
 
 #include "moelora/kernels/lora_forward.cuh"
@@ -14,11 +15,7 @@ namespace moelora::kernels {
 
 inline constexpr int kSubTile = 64;              ///< rows a backward block processes at a time
 inline constexpr int kGroupRows = 8 * kSubTile;  ///< rows of one backward row group (schedule granularity)
-inline constexpr int kBackwardStages = 3;        ///< depth of the cp.async ring of dy / x chunks
-
-/// Columns of the slice a backward block owns, by rank tile (two or more blocks fit an SM).
-template <int NFrag>
-inline constexpr int kSliceCols = NFrag <= 2 ? 256 : (NFrag == 4 ? 128 : 64);
+inline constexpr int kBackwardStages = 4;        ///< depth of the cp.async ring of row tiles
 
 /// Shared-memory carve-out: byte offsets of consecutive 128-byte aligned regions.
 struct SmemLayout {
@@ -56,6 +53,8 @@ __device__ __forceinline__ bool expert_is_shared(const TileSchedule& s, const Ro
   return s.offsets[group.expert + 1] - s.offsets[group.expert] != group.rows;
 }
 
+// ---- dB ------------------------------------------------------------------------------------------
+
 struct GradBParams {
   const void* dy;  // [T, out]
   const void* h;   // [T, r]
@@ -70,243 +69,238 @@ inline constexpr int kGradBThreads = kWarps * 32;
 
 template <int NFrag>
 struct GradBLayout {
-  static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kSlice = kSliceCols<NFrag>;
-  static constexpr int kLdC = kChunk + kPad;
-  int db, dy, h, bytes;
+  static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kLdC = kChunk + kPad;
+  static constexpr int kDy = kSubTile * kLdC, kH = kSubTile * kLdN;  // elements per stage
+  int ring, bytes;
   constexpr GradBLayout() {
     SmemLayout s;
-    db = s.take(kSlice * (kN + 4) * 4);                  // dB accumulator [kSlice][kN + 4] fp32
-    dy = s.take(kBackwardStages * kSubTile * kLdC * 2);  // dy chunk ring [stages][64][72]
-    h = s.take(kSubTile * kLdN * 2);                     // h tile [64][kLdN]
-    bytes = s.used;
+    ring = s.take(kBackwardStages * (kDy + kH) * 2);  // [stages] × (dy tile [64][72], h tile [64][kLdN])
+    const int stage_out = kChunk * (kN + 4) * 4;      // dB slice [64][kN + 4] fp32, after the ring
+    bytes = s.used > stage_out ? s.used : stage_out;
   }
 };
 
-/// Grid (row-group slots, ceil(out / kSliceCols)). Warp w owns rows [16w, 16w + 16) of every
-/// 64-column chunk of the slice: dB rows += dy chunkᵀ · h.
+/// Grid (ceil(out / 64), row-group slots): the slices of one group run together and share its h
+/// rows in L2. Warp w owns dB rows [n0 + 16w, +16) of the block's slice
+/// (all rank columns, in registers) and adds dy tileᵀ · h tile for every sub-tile of the group.
 template <class IoT, class FT, int NFrag>
 __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams p) {
   using L = GradBLayout<NFrag>;
-  constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kDbLd = kN + 4;
-  constexpr int kStagesB = kBackwardStages;
+  constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kOutLd = kN + 4;
   constexpr L kLayout{};
   extern __shared__ __align__(128) unsigned char smem[];
-  float* db = reinterpret_cast<float*>(smem + kLayout.db);
-  FT* dys = reinterpret_cast<FT*>(smem + kLayout.dy);
-  FT* hs = reinterpret_cast<FT*>(smem + kLayout.h);
+  FT* ring = reinterpret_cast<FT*>(smem + kLayout.ring);
 
-  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.x);
+  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.y);
   if (group.rows == 0) return;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * L::kSlice;
-  const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(L::kSlice), p.out - n0));
-  const int chunks = (n_valid + kChunk - 1) / kChunk;
+  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kChunk;
+  const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(kChunk), p.out - n0));
   const int tiles = (group.rows + kSubTile - 1) / kSubTile;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const IoT* dy = static_cast<const IoT*>(p.dy) + group.row0 * p.out + n0;
   const FT* h = static_cast<const FT*>(p.h) + group.row0 * p.rank;
 
-  for (int i = static_cast<int>(threadIdx.x); i < L::kSlice * kDbLd; i += kGradBThreads) db[i] = 0.0f;
-  const int iterations = tiles * chunks;
-  const auto load_dy = [&](int it) {  // chunk c of sub-tile t, into stage it % kStagesB
-    if (it >= iterations) return;
-    const int t = it / chunks, c = it % chunks;
-    load_tile<kSubTile, kChunk, kGradBThreads>(dys + (it % kStagesB) * kSubTile * kLdC, kLdC,
-                                               dy + static_cast<std::int64_t>(t) * kSubTile * p.out + c * kChunk, p.out,
-                                               group.rows - t * kSubTile, n_valid - c * kChunk);
+  const auto load = [&](int t) {  // sub-tile t's dy slice and h rows, into stage t % kBackwardStages
+    if (t >= tiles) return;
+    FT* stage = ring + (t % kBackwardStages) * (L::kDy + L::kH);
+    const int rows = group.rows - t * kSubTile;
+    load_tile<kSubTile, kChunk, kGradBThreads>(stage, kLdC, dy + static_cast<std::int64_t>(t) * kSubTile * p.out,
+                                               p.out, rows, n_valid);
+    load_tile<kSubTile, kN, kGradBThreads>(stage + L::kDy, kLdN, h + static_cast<std::int64_t>(t) * kSubTile * p.rank,
+                                           p.rank, rows, p.rank);
   };
-  for (int s = 0; s < kStagesB - 1; ++s) {
-    load_dy(s);
+  for (int s = 0; s < kBackwardStages - 1; ++s) {
+    load(s);
     cp_async_commit();
   }
-  for (int it = 0; it < iterations; ++it) {
-    const int t = it / chunks, c = it % chunks;
-    cp_async_wait<kStagesB - 2>();
-    __syncthreads();  // chunk `it` has landed; iteration it − 1 is done everywhere
-    load_dy(it + kStagesB - 1);
+  FragAcc acc[NFrag];
+#pragma unroll
+  for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+  for (int t = 0; t < tiles; ++t) {
+    cp_async_wait<kBackwardStages - 2>();
+    __syncthreads();  // sub-tile t has landed; sub-tile t − 1 is done everywhere
+    load(t + kBackwardStages - 1);
     cp_async_commit();
-    if (c == 0) {  // a new sub-tile: its h
-      load_tile<kSubTile, kN, kGradBThreads, false>(hs, kLdN, h + static_cast<std::int64_t>(t) * kSubTile * p.rank,
-                                                    p.rank, group.rows - t * kSubTile, p.rank);
-      __syncthreads();
-    }
-    const FT* dyt = dys + (it % kStagesB) * kSubTile * kLdC;
+    const FT* dys = ring + (t % kBackwardStages) * (L::kDy + L::kH);
+    const FT* hs = dys + L::kDy;
 #pragma unroll
-    for (int f = 0; f < NFrag; ++f) {
-      float* acc_at = db + (c * kChunk + warp * 16) * kDbLd + f * 16;
-      FragAcc acc;
-      nvcuda::wmma::load_matrix_sync(acc, acc_at, kDbLd, nvcuda::wmma::mem_row_major);
+    for (int m = 0; m < kSubTile; m += 16) {
+      FragAT<FT> fa;  // dyᵀ rows [16w, +16), rows m.. of the sub-tile
+      nvcuda::wmma::load_matrix_sync(fa, dys + m * kLdC + warp * 16, kLdC);
 #pragma unroll
-      for (int m = 0; m < kSubTile; m += 16) {
-        FragAT<FT> fa;
-        nvcuda::wmma::load_matrix_sync(fa, dyt + m * kLdC + warp * 16, kLdC);
+      for (int f = 0; f < NFrag; ++f) {
         FragB<FT> fb;
         nvcuda::wmma::load_matrix_sync(fb, hs + m * kLdN + f * 16, kLdN);
-        nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+        nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
       }
-      nvcuda::wmma::store_matrix_sync(acc_at, acc, kDbLd, nvcuda::wmma::mem_row_major);
     }
   }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring becomes the output stage
+  float* stage_out = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int f = 0; f < NFrag; ++f)
+    nvcuda::wmma::store_matrix_sync(stage_out + warp * 16 * kOutLd + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
   __syncthreads();
-  add_tile<L::kSlice, kN, kGradBThreads>(p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank,
-                                         p.rank, db, kDbLd, n_valid, p.rank, p.scale,
-                                         expert_is_shared(p.groups, group));
+  add_tile<kChunk, kN, kGradBThreads>(p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank,
+                                      p.rank, stage_out, kOutLd, n_valid, p.rank, p.scale,
+                                      expert_is_shared(p.groups, group));
 }
+
+// ---- dx and dA -----------------------------------------------------------------------------------
 
 struct BackwardXParams {
   const void* x;   // [T, in]
   const void* a;   // [E, r, in]
-  const float* u;  // [T, r] fp32, B_eᵀ dy_t without the scale
+  const void* u;   // [T, r] round(scale · B_eᵀ dy_t), factor dtype
   void* dx;        // [T, in]; null: not needed
   float* grad_a;   // [E, r, in] fp32; null: A frozen
   TileSchedule groups;
   std::int64_t in;
   std::int32_t rank;
-  float scale;
-};
-
-template <int NFrag>
-struct BackwardXLayout {
-  static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kSlice = kSliceCols<NFrag>;
-  static constexpr int kLdC = kChunk + kPad, kLdS = kSlice + kPad;
-  int a, da, x, u, dx, bytes;
-  constexpr BackwardXLayout() {
-    SmemLayout s;
-    a = s.take(kN * kLdS * 2);               // A slice [kN][kSlice + 8]
-    da = s.take(kN * (kSlice + 4) * 4);      // dA accumulator [kN][kSlice + 4] fp32
-    x = s.take(kBackwardStages * kSubTile * kLdC * 2);  // x chunk ring [stages][64][72]
-    u = s.take(kSubTile * kLdN * 2);         // round(scale · u) tile [64][kLdN]
-    dx = s.take(kWarps * 16 * (kChunk + 4) * 4);  // per-warp dx stage [4][16][68] fp32
-    bytes = s.used;
-  }
 };
 
 inline constexpr int kBackwardThreads = 2 * kWarps * 32;  ///< warps 0–3: dx; warps 4–7: dA
 
-/// Grid (row-group slots, ceil(in / kSliceCols)).
+
+template <int NFrag>
+struct BackwardXLayout {
+  static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kLdC = kChunk + kPad;
+  static constexpr int kX = kSubTile * kLdC, kU = kSubTile * kLdN;  // elements per stage
+  int a, ring, dx, bytes;
+  constexpr BackwardXLayout() {
+    SmemLayout s;
+    a = s.take(kN * kLdC * 2);                                // A slice [kN][72]
+    ring = s.take(kBackwardStages * (kX + kU) * 2);           // [stages] × (x tile [64][72], u tile [64][kLdN])
+    dx = s.take(kWarps * 16 * (kChunk + 4) * 4);              // per-warp fp32 stage [4][16][68]
+    const int da_stage = kN * (kChunk + 4) * 4;               // dA slice [kN][68] fp32, after the ring
+    bytes = s.used > da_stage ? s.used : da_stage;
+  }
+};
+
+/// Grid (ceil(in / 64), row-group slots): the slices of one group run together and share its u
+/// rows in L2. Per sub-tile of the group: warps 0–3 add u · A slice to their 16 dx rows; warps 4–7
+/// accumulate dA columns [k0 + 16 (w − 4), +16) (all rank rows, in registers) += uᵀ · x tile.
 template <class IoT, class FT, int NFrag>
 __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(BackwardXParams p) {
   using L = BackwardXLayout<NFrag>;
-  constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kLdS = L::kLdS, kDaLd = L::kSlice + 4;
-  constexpr int kDxLd = kChunk + 4;
+  constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kStageLd = kChunk + 4;
   constexpr int kDxVectors = 16 * (kChunk / 8) / 32;  // per lane
   constexpr L kLayout{};
   extern __shared__ __align__(128) unsigned char smem[];
   FT* as = reinterpret_cast<FT*>(smem + kLayout.a);
-  float* da = reinterpret_cast<float*>(smem + kLayout.da);
-  FT* xs = reinterpret_cast<FT*>(smem + kLayout.x);
-  FT* us = reinterpret_cast<FT*>(smem + kLayout.u);
+  FT* ring = reinterpret_cast<FT*>(smem + kLayout.ring);
+  float* stage = reinterpret_cast<float*>(smem + kLayout.dx);
 
-  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.x);
+  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.y);
   if (group.rows == 0) return;
-  const std::int64_t k0 = static_cast<std::int64_t>(blockIdx.y) * L::kSlice;
-  const int k_valid = static_cast<int>(min(static_cast<std::int64_t>(L::kSlice), p.in - k0));
-  const int chunks = (k_valid + kChunk - 1) / kChunk;
+  const std::int64_t k0 = static_cast<std::int64_t>(blockIdx.x) * kChunk;
+  const int k_valid = static_cast<int>(min(static_cast<std::int64_t>(kChunk), p.in - k0));
   const int tiles = (group.rows + kSubTile - 1) / kSubTile;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const IoT* x = static_cast<const IoT*>(p.x) + group.row0 * p.in + k0;
   IoT* dx = p.dx ? static_cast<IoT*>(p.dx) + group.row0 * p.in + k0 : nullptr;
+  const FT* u = static_cast<const FT*>(p.u) + group.row0 * p.rank;
 
-  load_tile<kN, L::kSlice, kBackwardThreads>(
-      as, kLdS, static_cast<const FT*>(p.a) + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in,
+  load_tile<kN, kChunk, kBackwardThreads>(
+      as, kLdC, static_cast<const FT*>(p.a) + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in,
       p.rank, k_valid);
-  for (int i = static_cast<int>(threadIdx.x); i < kN * kDaLd; i += kBackwardThreads) da[i] = 0.0f;
-  constexpr int kStagesB = kBackwardStages;
-  const int iterations = tiles * chunks;
-  const auto load_x = [&](int it) {  // chunk c of sub-tile t, into stage it % kStagesB
-    if (!p.grad_a || it >= iterations) return;
-    const int t = it / chunks, c = it % chunks;
-    load_tile<kSubTile, kChunk, kBackwardThreads>(xs + (it % kStagesB) * kSubTile * kLdC, kLdC,
-                                                  x + static_cast<std::int64_t>(t) * kSubTile * p.in + c * kChunk, p.in,
-                                                  group.rows - t * kSubTile, k_valid - c * kChunk);
+  const auto load = [&](int t) {  // sub-tile t's x slice and u rows, into stage t % kBackwardStages
+    if (t >= tiles) return;
+    FT* slot = ring + (t % kBackwardStages) * (L::kX + L::kU);
+    const int rows = group.rows - t * kSubTile;
+    if (p.grad_a)
+      load_tile<kSubTile, kChunk, kBackwardThreads>(slot, kLdC, x + static_cast<std::int64_t>(t) * kSubTile * p.in,
+                                                    p.in, rows, k_valid);
+    load_tile<kSubTile, kN, kBackwardThreads>(slot + L::kX, kLdN, u + static_cast<std::int64_t>(t) * kSubTile * p.rank,
+                                              p.rank, rows, p.rank);
   };
-  for (int s = 0; s < kStagesB - 1; ++s) {  // the A slice travels with the first group
-    load_x(s);
+  for (int s = 0; s < kBackwardStages - 1; ++s) {  // the A slice travels with the first group
+    load(s);
     cp_async_commit();
   }
 
-  for (int it = 0; it < iterations; ++it) {
-    const int t = it / chunks, c = it % chunks;
-    // dx rows [16 warp, +16), columns [c·64, +64): issue the loads before waiting
+  FragAcc da[NFrag];
+#pragma unroll
+  for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(da[f], 0.0f);
+  for (int t = 0; t < tiles; ++t) {
+    // dx rows [16 warp, +16) of the sub-tile: issue the loads before waiting
     Vec8<IoT> dx_old[kDxVectors];
     const int dx_row0 = t * kSubTile + warp * 16;
     if (warp < kWarps && dx) {
 #pragma unroll
       for (int i = 0; i < kDxVectors; ++i) {
-        const int v = i * 32 + lane, r = v / (kChunk / 8), col = c * kChunk + (v % (kChunk / 8)) * 8;
+        const int v = i * 32 + lane, r = v / (kChunk / 8), col = (v % (kChunk / 8)) * 8;
         if (dx_row0 + r < group.rows && col < k_valid)
           dx_old[i] = *reinterpret_cast<const Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col);
       }
     }
-    cp_async_wait<kStagesB - 2>();
-    __syncthreads();  // chunk `it` has landed; iteration it − 1 is done everywhere
-    load_x(it + kStagesB - 1);
+    cp_async_wait<kBackwardStages - 2>();
+    __syncthreads();  // sub-tile t has landed; sub-tile t − 1 is done everywhere
+    load(t + kBackwardStages - 1);
     cp_async_commit();
-    if (c == 0) {  // a new sub-tile: its round(scale · u), zero past the tile and the rank
-      const int tile_rows = group.rows - t * kSubTile;
-      const float* u = p.u + (group.row0 + static_cast<std::int64_t>(t) * kSubTile) * p.rank;
-      for (int i = static_cast<int>(threadIdx.x); i < kSubTile * kN; i += kBackwardThreads) {
-        const int r = i / kN, j = i % kN;
-        us[r * kLdN + j] = from_float<FT>(r < tile_rows && j < p.rank ? p.scale * u[r * p.rank + j] : 0.0f);
-      }
-      __syncthreads();
-    }
+    const FT* xs = ring + (t % kBackwardStages) * (L::kX + L::kU);
+    const FT* us = xs + L::kX;
 
     if (warp < kWarps) {
-      if (dx) {
-        FragAcc acc[kChunk / 16];
+      if (!dx) continue;
+      FragAcc acc[kChunk / 16];
 #pragma unroll
-        for (int f = 0; f < kChunk / 16; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+      for (int f = 0; f < kChunk / 16; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
 #pragma unroll
-        for (int k = 0; k < kN; k += 16) {
-          FragA<FT> fa;
-          nvcuda::wmma::load_matrix_sync(fa, us + warp * 16 * kLdN + k, kLdN);
+      for (int k = 0; k < kN; k += 16) {
+        FragA<FT> fa;
+        nvcuda::wmma::load_matrix_sync(fa, us + warp * 16 * kLdN + k, kLdN);
 #pragma unroll
-          for (int f = 0; f < kChunk / 16; ++f) {
-            FragB<FT> fb;
-            nvcuda::wmma::load_matrix_sync(fb, as + k * kLdS + c * kChunk + f * 16, kLdS);
-            nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
-          }
-        }
-        float* stage = reinterpret_cast<float*>(smem + kLayout.dx) + warp * 16 * kDxLd;
-#pragma unroll
-        for (int f = 0; f < kChunk / 16; ++f)
-          nvcuda::wmma::store_matrix_sync(stage + f * 16, acc[f], kDxLd, nvcuda::wmma::mem_row_major);
-        __syncwarp();
-#pragma unroll
-        for (int i = 0; i < kDxVectors; ++i) {
-          const int v = i * 32 + lane, r = v / (kChunk / 8), cc = (v % (kChunk / 8)) * 8;
-          const int col = c * kChunk + cc;
-          if (dx_row0 + r >= group.rows || col >= k_valid) continue;
-          Vec8<IoT> out;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) out.v[j] = from_float<IoT>(to_float(dx_old[i].v[j]) + stage[r * kDxLd + cc + j]);
-          *reinterpret_cast<Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col) = out;
+        for (int f = 0; f < kChunk / 16; ++f) {
+          FragB<FT> fb;
+          nvcuda::wmma::load_matrix_sync(fb, as + k * kLdC + f * 16, kLdC);
+          nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
         }
       }
-    } else if (p.grad_a) {  // dA columns [c·64 + 16 (warp−4), +16) += round(scale·u)ᵀ · x chunk
+      float* my_stage = stage + warp * 16 * kStageLd;
+#pragma unroll
+      for (int f = 0; f < kChunk / 16; ++f)
+        nvcuda::wmma::store_matrix_sync(my_stage + f * 16, acc[f], kStageLd, nvcuda::wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll
+      for (int i = 0; i < kDxVectors; ++i) {
+        const int v = i * 32 + lane, r = v / (kChunk / 8), col = (v % (kChunk / 8)) * 8;
+        if (dx_row0 + r >= group.rows || col >= k_valid) continue;
+        Vec8<IoT> out;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) out.v[j] = from_float<IoT>(to_float(dx_old[i].v[j]) + my_stage[r * kStageLd + col + j]);
+        *reinterpret_cast<Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col) = out;
+      }
+    } else if (p.grad_a) {
       const int wn = warp - kWarps;
-      const FT* xt = xs + (it % kStagesB) * kSubTile * kLdC;
 #pragma unroll
-      for (int f = 0; f < NFrag; ++f) {
-        float* acc_at = da + f * 16 * kDaLd + c * kChunk + wn * 16;
-        FragAcc acc;
-        nvcuda::wmma::load_matrix_sync(acc, acc_at, kDaLd, nvcuda::wmma::mem_row_major);
+      for (int m = 0; m < kSubTile; m += 16) {
+        FragB<FT> fb;  // x rows m.., columns [16 wn, +16)
+        nvcuda::wmma::load_matrix_sync(fb, xs + m * kLdC + wn * 16, kLdC);
 #pragma unroll
-        for (int m = 0; m < kSubTile; m += 16) {
-          FragAT<FT> fa;
+        for (int f = 0; f < NFrag; ++f) {
+          FragAT<FT> fa;  // uᵀ rows [16 f, +16)
           nvcuda::wmma::load_matrix_sync(fa, us + m * kLdN + f * 16, kLdN);
-          FragB<FT> fb;
-          nvcuda::wmma::load_matrix_sync(fb, xt + m * kLdC + wn * 16, kLdC);
-          nvcuda::wmma::mma_sync(acc, fa, fb, acc);
+          nvcuda::wmma::mma_sync(da[f], fa, fb, da[f]);
         }
-        nvcuda::wmma::store_matrix_sync(acc_at, acc, kDaLd, nvcuda::wmma::mem_row_major);
       }
     }
   }
+  if (!p.grad_a) return;
+  cp_async_wait<0>();
+  __syncthreads();  // the ring becomes dA's stage [kN][68]
+  float* da_stage = reinterpret_cast<float*>(ring);
+  if (warp >= kWarps) {
+#pragma unroll
+    for (int f = 0; f < NFrag; ++f)
+      nvcuda::wmma::store_matrix_sync(da_stage + f * 16 * kStageLd + (warp - kWarps) * 16, da[f], kStageLd,
+                                      nvcuda::wmma::mem_row_major);
+  }
   __syncthreads();
-  if (p.grad_a)
-    add_tile<kN, L::kSlice, kBackwardThreads>(p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0,
-                                              p.in, da, kDaLd, p.rank, k_valid, 1.0f, expert_is_shared(p.groups, group));
+  add_tile<kN, kChunk, kBackwardThreads>(p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0,
+                                         p.in, da_stage, kStageLd, p.rank, k_valid, 1.0f,
+                                         expert_is_shared(p.groups, group));
 }
 
 }  // namespace moelora::kernels

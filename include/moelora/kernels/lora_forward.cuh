@@ -35,18 +35,20 @@ template <class T>
 using FragBT = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
 using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
-/// A grouped projection onto the rank: `out[t, j] = Σ_k in[t, k] · F_e(k, j)` over K columns, with
-/// F_e either A_e `[r, K]` (rank-major; the forward shrink, K = in) or B_e `[K, r]` (K-major; the
-/// backward's `u = B_eᵀ dy`, K = out).
+/// A grouped projection onto the rank: `out[t, j] = round(scale · Σ_k in[t, k] · F_e(k, j))` over K
+/// columns, with F_e either A_e `[r, K]` (rank-major; the forward shrink, K = in, scale 1) or B_e
+/// `[K, r]` (K-major; the backward's `u = round(scale · B_eᵀ dy)`, K = out). With several K slices
+/// (grid.y > 1) the fp32 sums are added atomically into fp32 `out` instead, and rounded afterwards
+/// by `round_scaled_kernel`.
 struct ProjectParams {
   const void* in;      // [T, K], io dtype
   const void* factor;  // [E, r, K] (rank-major) or [E, K, r] (K-major), factor dtype
-  void* out;           // [T, r]: the factor dtype (rounded) or fp32
+  void* out;           // [T, r]: round(scale · Σ) in the factor dtype, or the fp32 Σ added atomically
   TileSchedule schedule;
   std::int64_t k;      // K
   std::int64_t split;  // K columns per grid.y slice (a multiple of kChunk)
   std::int32_t rank;
-  bool accumulate;     // fp32 out only: add atomically (several slices)
+  float scale;         // factor-dtype out only
 };
 
 /// Shared memory of the projection kernel: kStages × (in chunk [128][72] + factor chunk), reused
@@ -139,13 +141,17 @@ __global__ void __launch_bounds__(kForwardThreads) lora_project_kernel(ProjectPa
     const int r = i / kN, c = i % kN;
     if (r >= tile.rows || c >= p.rank) continue;
     OutT* to = out + static_cast<std::int64_t>(r) * p.rank + c;
-    if constexpr (std::is_same_v<OutT, float>) {
-      if (p.accumulate) atomicAdd(to, stage_out[r * kOutLd + c]);
-      else *to = stage_out[r * kOutLd + c];
-    } else {
-      *to = from_float<OutT>(stage_out[r * kOutLd + c]);
-    }
+    if constexpr (std::is_same_v<OutT, float>) atomicAdd(to, stage_out[r * kOutLd + c]);
+    else *to = from_float<OutT>(p.scale * stage_out[r * kOutLd + c]);
   }
+}
+
+/// out[i] = round(scale · in[i]) in the factor dtype: finishes a projection computed in K slices.
+template <class FT>
+__global__ void round_scaled_kernel(const float* in, FT* out, std::int64_t count, float scale) {
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    out[i] = from_float<FT>(scale * in[i]);
 }
 
 struct ExpandParams {
