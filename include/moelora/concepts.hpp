@@ -10,6 +10,7 @@
 #include "moelora/core/lora_args.hpp"
 #include "moelora/core/segments.hpp"
 #include "moelora/core/tensor.hpp"
+#include "moelora/optim/adamw_math.hpp"
 
 namespace moelora {
 
@@ -17,7 +18,8 @@ namespace moelora {
 template <class B>
 concept Backend = requires(void* p, const void* cp, std::size_t n, typename B::stream_type stream,
                            typename B::Workspace& workspace, const ExpertCounts& counts,
-                           const LoraForwardArgs& fwd, const LoraBackwardArgs& bwd, const KaimingInitArgs& init) {
+                           const LoraForwardArgs& fwd, const LoraBackwardArgs& bwd, const KaimingInitArgs& init,
+                           const AdamWArgs& adamw) {
   typename B::stream_type;
   { B::memory } -> std::convertible_to<Memory>;
   { B::allocate(n) } -> std::same_as<void*>;
@@ -31,6 +33,8 @@ concept Backend = requires(void* p, const void* cp, std::size_t n, typename B::s
   B::lora_forward(fwd, workspace, stream);
   B::lora_backward(bwd, workspace, stream);
   B::kaiming_init(init, stream);
+  B::adamw_step(adamw, stream);
+  workspace.reserve(std::int64_t{}, std::int64_t{}, std::int64_t{});
 };
 
 /// A frozen grouped linear layer: per-expert weights W `[E, out, in]` applied to rows grouped by

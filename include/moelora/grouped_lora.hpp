@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <list>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -24,9 +25,11 @@
 namespace moelora {
 
 /// One adapter as the caller sees it: its settings and views of its factors and gradients (in the
-/// backend's memory). The views stay valid until the adapter is removed.
+/// backend's memory). The views stay valid until the adapter is removed (gradient views: until it
+/// is frozen).
 struct AdapterView {
   std::string_view name;
+  std::uint64_t id;  ///< unique per adapter instance of the layer (a re-added name gets a new id)
   const ResolvedAdapterConfig& config;
   TensorRef a;       ///< `[E, r, in]`, factor dtype
   TensorRef b;       ///< `[E, out, r]`, factor dtype
@@ -74,18 +77,20 @@ class GroupedLoRA {
   void add_adapter(std::string name, const AdapterConfig& config, stream_type stream) {
     MOELORA_REQUIRE(!name.empty(), ErrorCode::invalid_argument, "an adapter name must not be empty");
     MOELORA_REQUIRE(find(name) == nullptr, ErrorCode::duplicate_adapter, "adapter \"", name, "\" already exists");
-    const ResolvedAdapterConfig resolved = resolve(config, constraints());
-    Slot slot{std::move(name), resolved, Buffer<backend_type>(factor_bytes(resolved, Factor::a)),
+    ResolvedAdapterConfig resolved = resolve(config, constraints());
+    if (!config.seed) resolved.seed = name_seed(name);
+    Slot slot{std::move(name), next_id_, resolved, Buffer<backend_type>(factor_bytes(resolved, Factor::a)),
               Buffer<backend_type>(factor_bytes(resolved, Factor::b)), {}, {}, {}, false};
     if (resolved.trainable) allocate_grads(slot, stream);
     initialize(slot, stream);
     slots_.push_back(std::move(slot));
+    ++next_id_;
   }
 
   /// Removes adapter `name` with its factors, gradients and saved activations.
   void remove_adapter(std::string_view name) {
-    const Slot& slot = get(name);
-    slots_.erase(slots_.begin() + (&slot - slots_.data()));
+    get(name);  // throws for an unknown name
+    slots_.remove_if([&](const Slot& s) { return s.name == name; });
   }
 
   [[nodiscard]] bool has_adapter(std::string_view name) const { return find(name) != nullptr; }
@@ -124,12 +129,18 @@ class GroupedLoRA {
     }
   }
 
-  /// Sizes the saved activations of every adapter for calls of up to `rows` rows, so that later
-  /// forwards of at most that size allocate nothing.
+  /// Sizes the saved activations of every adapter and the backend's workspace for calls of up to
+  /// `rows` rows, so that later calls of at most that size (with the adapters present now) allocate
+  /// nothing.
   void reserve(std::int64_t rows) {
     MOELORA_REQUIRE(rows >= 0, ErrorCode::invalid_argument, "reserve(rows) needs rows >= 0, got ", rows);
     reserved_rows_ = std::max(reserved_rows_, rows);
-    for (Slot& slot : slots_) slot.saved_h.reserve(saved_bytes(slot, reserved_rows_));
+    std::int64_t max_rank = 0;
+    for (Slot& slot : slots_) {
+      slot.saved_h.reserve(saved_bytes(slot, reserved_rows_));
+      max_rank = std::max(max_rank, slot.config.rank);
+    }
+    workspace_.reserve(reserved_rows_, num_experts(), max_rank);
   }
 
   // ---- compute --------------------------------------------------------------------------------
@@ -195,6 +206,7 @@ class GroupedLoRA {
 
   struct Slot {
     std::string name;
+    std::uint64_t id;
     ResolvedAdapterConfig config;
     Buffer<backend_type> a, b;            // factors
     Buffer<backend_type> grad_a, grad_b;  // fp32 gradients, empty while frozen
@@ -242,6 +254,7 @@ class GroupedLoRA {
       return TensorRef{buffer.data(), DType::fp32, factor_shape(slot.config, f)};
     };
     return {slot.name,
+            slot.id,
             slot.config,
             {slot.a.data(), slot.config.dtype, factor_shape(slot.config, Factor::a)},
             {slot.b.data(), slot.config.dtype, factor_shape(slot.config, Factor::b)},
@@ -254,6 +267,14 @@ class GroupedLoRA {
   }
   static FactorsRef factors(const Slot& slot) {
     return {slot.a.data(), slot.b.data(), slot.config.dtype, slot.config.rank, slot.config.scale};
+  }
+
+  /// The initialiser seed of an adapter whose config names none: FNV-1a of its name, so adapters
+  /// of the same shape start different, and the same on every backend.
+  static std::uint64_t name_seed(std::string_view name) {
+    std::uint64_t hash = 0xcbf29ce484222325ull;
+    for (const char c : name) hash = (hash ^ static_cast<unsigned char>(c)) * 0x100000001b3ull;
+    return hash;
   }
 
   [[nodiscard]] const Slot* find(std::string_view name) const {
@@ -296,7 +317,8 @@ class GroupedLoRA {
   }
 
   Base base_;
-  std::vector<Slot> slots_;
+  std::list<Slot> slots_;  // stable addresses: AdapterView refers into it
+  std::uint64_t next_id_ = 0;
   typename backend_type::Workspace workspace_;
   std::int64_t reserved_rows_ = 0;
   std::int64_t saved_rows_ = -1;

@@ -254,6 +254,31 @@ TEST_CASE_TEMPLATE_DEFINE("several adapters, enable/disable, scale changes resto
   CHECK(relative_error(p.forward().values, ref.forward(p.x, {r2})) < tol);
 }
 
+TEST_CASE_TEMPLATE_DEFINE("adapter identity: seeds from names, stable views, optimizer state per instance", H,
+                          identity) {
+  Problem<H> p(3, 32, 24, 64, DType::bf16);
+  p.layer->add_adapter("first", adapter_config(8), p.h.stream());
+  const AdapterView first = p.layer->adapter("first");
+  p.layer->add_adapter("second", adapter_config(8), p.h.stream());
+  CHECK(first.name == "first");  // views survive other adapters coming and going
+  CHECK(first.config.rank == 8);
+  const HostTensor a1 = p.h.download(first.a);
+  CHECK(p.h.download(p.layer->adapter("second").a).values != a1.values);  // different names, different A
+
+  AdamW<typename H::Layer> optimizer({1e-2f});
+  p.h.write(first.grad_a, random_tensor(p.rng, DType::fp32, first.grad_a.shape));
+  optimizer.step(*p.layer, p.h.stream());
+  optimizer.step(*p.layer, p.h.stream());
+  CHECK(optimizer.steps("first") == 2);
+  const std::uint64_t old_id = first.id;
+  p.layer->remove_adapter("first");
+  p.layer->add_adapter("first", adapter_config(8), p.h.stream());
+  CHECK(p.layer->adapter("first").id != old_id);
+  CHECK(p.h.download(p.layer->adapter("first").a).values == a1.values);  // same name, same seed, same A
+  optimizer.step(*p.layer, p.h.stream());
+  CHECK(optimizer.steps("first") == 1);  // a new instance starts a new state
+}
+
 TEST_CASE_TEMPLATE_DEFINE("frozen factors get no gradient; the base never changes", H, frozen) {
   Problem<H> p(4, 64, 32, 128, DType::bf16);
   auto [a, b] = p.add_random("ad", adapter_config(16));
@@ -358,6 +383,7 @@ TEST_CASE_TEMPLATE_DEFINE("AdamW trains the adapters towards a teacher", H, trai
   TEST_CASE_TEMPLATE_INVOKE(against_reference, H);                   \
   TEST_CASE_TEMPLATE_INVOKE(edge_cases, H);                          \
   TEST_CASE_TEMPLATE_INVOKE(adapters, H);                            \
+  TEST_CASE_TEMPLATE_INVOKE(identity, H);                            \
   TEST_CASE_TEMPLATE_INVOKE(frozen, H);                              \
   TEST_CASE_TEMPLATE_INVOKE(bad_input, H);                           \
   TEST_CASE_TEMPLATE_INVOKE(training, H)

@@ -43,7 +43,8 @@ struct AdapterConfig {
   std::optional<std::string> lora_dtype;  ///< factor dtype spelling; unset = the base's dtype
   std::optional<InitMethod> init;         ///< unset = the layer's default (policy::DefaultInit)
   bool trainable = true;                  ///< false freezes the factors: no dA, dB are computed
-  std::uint64_t seed = 0;                 ///< seeds the initialiser (same factors on every backend)
+  std::optional<std::uint64_t> seed;      ///< seeds the initialiser (same factors on every backend);
+                                          ///< unset: derived from the adapter's name
 };
 
 /// An AdapterConfig after validation: the dtype resolved and its spelling normalised.
@@ -88,7 +89,7 @@ inline ResolvedAdapterConfig resolve(const AdapterConfig& config, const ConfigCo
   MOELORA_REQUIRE(!constraints.init_pinned || init == constraints.default_init, ErrorCode::invalid_argument,
                   "init method ", init_method_name(init), " conflicts with ", init_method_name(constraints.default_init),
                   " pinned by the layer's PinnedInit policy");
-  return {config.rank, scale, config.enabled, dtype, init, config.trainable, config.seed};
+  return {config.rank, scale, config.enabled, dtype, init, config.trainable, config.seed.value_or(0)};
 }
 
 /// The canonical short spelling of a config's `lora_dtype` ("bfloat16" → "bf16"); unset stays unset.

@@ -20,11 +20,11 @@ enum class ErrorCode {
   unsupported,        ///< a valid request this build or backend cannot serve
   cuda,               ///< a CUDA runtime call failed
   cublas,             ///< a cuBLAS call failed
-  io,                 ///< a file could not be read or written
 };
 
 /// Every error the library reports: an exception carrying an ErrorCode and a message that names
-/// the offending argument and value. A throwing call leaves the layer and its adapters unchanged.
+/// the offending argument and value. A call rejected by validation (every code but cuda and cublas)
+/// leaves the layer and its adapters unchanged.
 class Error : public std::runtime_error {
  public:
   Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}

@@ -22,6 +22,8 @@ struct Shape {
 
   Shape() = default;
   Shape(std::initializer_list<std::int64_t> dims) {
+    MOELORA_REQUIRE(dims.size() <= extents.size(), ErrorCode::invalid_argument, "a Shape has at most 3 dimensions, got ",
+                    dims.size());
     for (auto d : dims) extents[static_cast<std::size_t>(rank++)] = d;
   }
   [[nodiscard]] std::int64_t operator[](int i) const { return extents[static_cast<std::size_t>(i)]; }

@@ -113,8 +113,8 @@ struct CudaBackend {
   static void synchronize(cudaStream_t stream) { MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream)); }
 
   /// Per-layer device scratch: counts, offsets, the two tile schedules, the count status word and
-  /// the fp32 `u` buffer of the backward pass. Grows when a call needs more (an allocation only
-  /// then); `GroupedLoRA::reserve` pre-sizes it.
+  /// the backward's `u` scratch. Grows when a call needs more (an allocation only then);
+  /// `GroupedLoRA::reserve` pre-sizes it.
   class Workspace {
    public:
     /// Scans `counts` on `stream` into offsets and schedules. Host counts (already validated) are
@@ -123,12 +123,7 @@ struct CudaBackend {
     /// empty schedule, so that no kernel reads or writes out of bounds.
     const ExpertSegments& prepare_segments(const ExpertCounts& counts, std::int64_t rows, cudaStream_t stream) {
       const std::int64_t experts = counts.size;
-      if (experts + 1 > capacity_experts_) {
-        capacity_experts_ = experts + 1;
-        counts_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
-        offsets_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
-        tiles_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
-      }
+      reserve_experts(experts);
       if (!status_.data()) {
         status_ = Buffer<CudaBackend>(sizeof(std::uint32_t));
         fill_zero(status_.data(), status_.bytes(), stream);
@@ -174,6 +169,13 @@ struct CudaBackend {
               static_cast<std::int32_t>(segments_.num_experts)};
     }
 
+    /// Sizes the scratch for calls of up to `rows` rows over `experts` experts with ranks up to
+    /// `max_rank`.
+    void reserve(std::int64_t rows, std::int64_t experts, std::int64_t max_rank) {
+      reserve_experts(experts);
+      scratch(2 * rows * max_rank);
+    }
+
     /// Multiprocessors of the current device (queried once).
     int multiprocessors() {
       if (multiprocessors_ == 0) {
@@ -205,6 +207,14 @@ struct CudaBackend {
     }
 
    private:
+    void reserve_experts(std::int64_t experts) {
+      if (experts + 1 <= capacity_experts_) return;
+      capacity_experts_ = experts + 1;
+      counts_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
+      offsets_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
+      tiles_ = Buffer<CudaBackend>(static_cast<std::size_t>(capacity_experts_) * 8);
+    }
+
     std::int64_t capacity_experts_ = 0;
     int multiprocessors_ = 0;
     Buffer<CudaBackend> counts_, offsets_, tiles_, status_, scratch_;
@@ -262,6 +272,8 @@ struct CudaBackend {
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.dy, args.dx}, {f.a, f.b, args.h})) {
       const auto tiles = max_tiles(s.rows, s.experts, kForwardRows);
       const auto groups = static_cast<unsigned>(max_tiles(s.rows, s.experts, kGroupRows));
+      MOELORA_REQUIRE(groups <= 65535, ErrorCode::unsupported, "the CUDA backward handles up to 65535 row groups of ",
+                      kGroupRows, " rows; this call has ", s.rows, " rows over ", s.experts, " experts");
       // Slices of `out` for the u projection: enough blocks for two per SM, none under 512 columns.
       const std::int64_t slices = std::clamp<std::int64_t>((2 * workspace.multiprocessors() + tiles - 1) / tiles, 1,
                                                            (s.out + 511) / 512);

@@ -63,6 +63,11 @@ struct HostBackend {
     }
     [[nodiscard]] const ExpertSegments& segments() const { return segments_; }
 
+    /// Sizes the offsets for `experts` experts (the host backend needs no other scratch).
+    void reserve(std::int64_t /*rows*/, std::int64_t experts, std::int64_t /*max_rank*/) {
+      offsets_.reserve(static_cast<std::size_t>(experts) + 1);
+    }
+
    private:
     std::vector<std::int64_t> offsets_;
     ExpertSegments segments_;

@@ -4,7 +4,8 @@
 /// The projection kernel also serves the backward's `u = B_eᵀ dy`.
 ///
 /// Requirements of this path (the host adapter checks them and falls back to the generic kernels
-/// otherwise): 16-bit factors, `in % 8 == 0`, `out % 8 == 0`, 16-byte aligned tensors.
+/// otherwise): 16-bit factors, rank ≤ 128 and a multiple of 8, `in % 8 == 0`, `out % 8 == 0`,
+/// 16-byte aligned tensors (32-byte for fp32 activations).
 #pragma once
 
 #include <mma.h>
@@ -181,8 +182,7 @@ constexpr int expand_smem_bytes() {
 }
 
 /// Grid (128-row tile slots, ceil(out / 128), 2 halves of the tile's rows); rank ≤ RankTile, a
-/// multiple of 8. The y, h and B tiles arrive together by cp.async (16-bit y; fp32 y through
-/// registers); warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, into
+/// multiple of 8. The y, h and B tiles arrive together by cp.async; warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, into
 /// its fp32 stage, adds the y tile in fp32 and rounds once.
 template <class IoT, class FT, int NFrag>
 __global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandParams p) {

@@ -76,13 +76,11 @@ class AdamW {
   struct State {
     Moments a, b;
     std::int64_t steps = 0;
-    const void* a_data = nullptr;  // identifies the adapter instance the state belongs to
-    const void* b_data = nullptr;
+    std::uint64_t adapter_id = 0;  // the adapter instance the state belongs to
 
     State() = default;
-    State(const AdapterView& view, stream_type stream)
-        : a(view.a, stream), b(view.b, stream), a_data(view.a.data), b_data(view.b.data) {}
-    [[nodiscard]] bool stale(const AdapterView& view) const { return a_data != view.a.data || b_data != view.b.data; }
+    State(const AdapterView& view, stream_type stream) : a(view.a, stream), b(view.b, stream), adapter_id(view.id) {}
+    [[nodiscard]] bool stale(const AdapterView& view) const { return adapter_id != view.id; }
   };
 
   AdamWConfig config_;
