@@ -114,7 +114,7 @@ def try_time(label, fn, iters, warmup=WARMUP, before=None):
 def copy_bandwidth_gbps(iters):
     """Device-to-device copy of a 2 GiB bf16 tensor; counts read + write bytes."""
     n = (2 << 30) // 2  # bf16 elements in 2 GiB
-    src = torch.randn(n, dtype=torch.bfloat16_t, device="cuda")
+    src = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), iters)
     nbytes = src.numel() * src.element_size()
@@ -138,7 +138,7 @@ def lora_gmm(x, A, B, offs):
 def bench_shape(name, E, d_in, d_out, T, ranks, count_kinds, iters):
     """Yields one record per (counts, rank) for one layer shape."""
     dev = "cuda"
-    bf16 = torch.bfloat16_t
+    bf16 = torch.bfloat16
     loop_iters = min(iters, LOOP_MAX_ITERS_LARGE_E) if E >= LARGE_E else iters
     loop_warmup = 1 if E >= LARGE_E else WARMUP
     if loop_iters != iters:
@@ -207,10 +207,15 @@ def bench_shape(name, E, d_in, d_out, T, ranks, count_kinds, iters):
                 out = out.add(lora_gmm(x, A, B, offs), alpha=SCALE)
                 out.backward(dy)
 
+            def gmm_branch_fwdbwd_step():  # the LoRA branch alone: delta, then dA, dB, dx
+                (lora_gmm(x, A, B, offs) * SCALE).backward(dy)
+
             loop_fwdbwd = try_time("loop_fwdbwd", loop_fwdbwd_step, loop_iters,
                                    warmup=loop_warmup, before=clear_grads)
             gmm_fwdbwd = try_time("gmm_fwdbwd", gmm_fwdbwd_step, iters,
                                   before=clear_grads)
+            gmm_branch_fwdbwd = try_time("gmm_branch_fwdbwd", gmm_branch_fwdbwd_step, iters,
+                                         before=clear_grads)
             clear_grads()
 
             rec = {
@@ -222,6 +227,7 @@ def bench_shape(name, E, d_in, d_out, T, ranks, count_kinds, iters):
                 "base_fwdbwd_ms": base_fwdbwd,
                 "loop_fwdbwd_ms": loop_fwdbwd,
                 "gmm_fwdbwd_ms": gmm_fwdbwd,
+                "gmm_branch_fwdbwd_ms": gmm_branch_fwdbwd,
                 "iters": iters,
                 "loop_fwdbwd_iters": loop_iters,
             }

@@ -316,7 +316,7 @@ struct CudaBackend {
             if (!needs_u) return;
             const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
             cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(in_slices, groups), kBackwardThreads,
-                                BackwardXLayout<kNFrag>{}.bytes, stream,
+                                BackwardXLayout<kNFrag, IoT>{}.bytes, stream,
                                 BackwardXParams{args.x, f.a, u_rounded, args.dx, args.grad_a, workspace.row_groups(),
                                                 s.in, static_cast<std::int32_t>(f.rank)});
           });

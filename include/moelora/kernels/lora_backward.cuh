@@ -163,33 +163,39 @@ struct BackwardXParams {
 inline constexpr int kBackwardThreads = 2 * kWarps * 32;  ///< warps 0–3: dx; warps 4–7: dA
 
 
-template <int NFrag>
+/// Ring depth of the x pass (three tiles a stage).
+inline constexpr int kXStages = 3;
+
+template <int NFrag, class IoT>
 struct BackwardXLayout {
   static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kLdC = kChunk + kPad;
-  static constexpr int kX = kSubTile * kLdC, kU = kSubTile * kLdN;  // elements per stage
+  static constexpr int kXBytes = kSubTile * kLdC * 2, kUBytes = kSubTile * kLdN * 2;
+  static constexpr int kDxBytes = kSubTile * kLdC * static_cast<int>(sizeof(IoT));
+  static constexpr int kStageBytes = kXBytes + kUBytes + kDxBytes;
   int a, ring, dx, bytes;
   constexpr BackwardXLayout() {
     SmemLayout s;
-    a = s.take(kN * kLdC * 2);                                // A slice [kN][72]
-    ring = s.take(kBackwardStages * (kX + kU) * 2);           // [stages] × (x tile [64][72], u tile [64][kLdN])
-    dx = s.take(kWarps * 16 * (kChunk + 4) * 4);              // per-warp fp32 stage [4][16][68]
-    const int da_stage = kN * (kChunk + 4) * 4;               // dA slice [kN][68] fp32, after the ring
+    a = s.take(kN * kLdC * 2);                         // A slice [kN][72]
+    ring = s.take(kXStages * kStageBytes);             // [stages] × (x [64][72], u [64][kLdN], dx [64][72])
+    dx = s.take(kWarps * 16 * (kChunk + 4) * 4);       // per-warp fp32 stage [4][16][68]
+    const int da_stage = kN * (kChunk + 4) * 4;        // dA slice [kN][68] fp32, after the ring
     bytes = s.used > da_stage ? s.used : da_stage;
   }
 };
 
 /// Grid (ceil(in / 64), row-group slots): the slices of one group run together and share its u
-/// rows in L2. Per sub-tile of the group: warps 0–3 add u · A slice to their 16 dx rows; warps 4–7
-/// accumulate dA columns [k0 + 16 (w − 4), +16) (all rank rows, in registers) += uᵀ · x tile.
+/// rows in L2. Per sub-tile of the group, whose x, u and dx tiles arrive through a cp.async ring:
+/// warps 0–3 add u · A slice to their 16 dx rows; warps 4–7 accumulate dA columns
+/// [k0 + 16 (w − 4), +16) (all rank rows, in registers) += uᵀ · x tile.
 template <class IoT, class FT, int NFrag>
 __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(BackwardXParams p) {
-  using L = BackwardXLayout<NFrag>;
+  using L = BackwardXLayout<NFrag, IoT>;
   constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kStageLd = kChunk + 4;
   constexpr int kDxVectors = 16 * (kChunk / 8) / 32;  // per lane
   constexpr L kLayout{};
   extern __shared__ __align__(128) unsigned char smem[];
   FT* as = reinterpret_cast<FT*>(smem + kLayout.a);
-  FT* ring = reinterpret_cast<FT*>(smem + kLayout.ring);
+  unsigned char* ring = smem + kLayout.ring;
   float* stage = reinterpret_cast<float*>(smem + kLayout.dx);
 
   const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.y);
@@ -201,21 +207,24 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   const IoT* x = static_cast<const IoT*>(p.x) + group.row0 * p.in + k0;
   IoT* dx = p.dx ? static_cast<IoT*>(p.dx) + group.row0 * p.in + k0 : nullptr;
   const FT* u = static_cast<const FT*>(p.u) + group.row0 * p.rank;
+  const auto x_tile = [&](int t) { return reinterpret_cast<FT*>(ring + (t % kXStages) * L::kStageBytes); };
+  const auto u_tile = [&](int t) { return reinterpret_cast<FT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes); };
+  const auto dx_tile = [&](int t) {
+    return reinterpret_cast<IoT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes + L::kUBytes);
+  };
 
   load_tile<kN, kChunk, kBackwardThreads>(
       as, kLdC, static_cast<const FT*>(p.a) + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in,
       p.rank, k_valid);
-  const auto load = [&](int t) {  // sub-tile t's x slice and u rows, into stage t % kBackwardStages
+  const auto load = [&](int t) {  // sub-tile t's x slice, u rows and dx slice
     if (t >= tiles) return;
-    FT* slot = ring + (t % kBackwardStages) * (L::kX + L::kU);
     const int rows = group.rows - t * kSubTile;
-    if (p.grad_a)
-      load_tile<kSubTile, kChunk, kBackwardThreads>(slot, kLdC, x + static_cast<std::int64_t>(t) * kSubTile * p.in,
-                                                    p.in, rows, k_valid);
-    load_tile<kSubTile, kN, kBackwardThreads>(slot + L::kX, kLdN, u + static_cast<std::int64_t>(t) * kSubTile * p.rank,
-                                              p.rank, rows, p.rank);
+    const std::int64_t row0 = static_cast<std::int64_t>(t) * kSubTile;
+    if (p.grad_a) load_tile<kSubTile, kChunk, kBackwardThreads>(x_tile(t), kLdC, x + row0 * p.in, p.in, rows, k_valid);
+    load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t), kLdN, u + row0 * p.rank, p.rank, rows, p.rank);
+    if (dx) load_tile<kSubTile, kChunk, kBackwardThreads>(dx_tile(t), kLdC, dx + row0 * p.in, p.in, rows, k_valid);
   };
-  for (int s = 0; s < kBackwardStages - 1; ++s) {  // the A slice travels with the first group
+  for (int s = 0; s < kXStages - 1; ++s) {  // the A slice travels with the first group
     load(s);
     cp_async_commit();
   }
@@ -224,23 +233,12 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
 #pragma unroll
   for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(da[f], 0.0f);
   for (int t = 0; t < tiles; ++t) {
-    // dx rows [16 warp, +16) of the sub-tile: issue the loads before waiting
-    Vec8<IoT> dx_old[kDxVectors];
-    const int dx_row0 = t * kSubTile + warp * 16;
-    if (warp < kWarps && dx) {
-#pragma unroll
-      for (int i = 0; i < kDxVectors; ++i) {
-        const int v = i * 32 + lane, r = v / (kChunk / 8), col = (v % (kChunk / 8)) * 8;
-        if (dx_row0 + r < group.rows && col < k_valid)
-          dx_old[i] = *reinterpret_cast<const Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col);
-      }
-    }
-    cp_async_wait<kBackwardStages - 2>();
+    cp_async_wait<kXStages - 2>();
     __syncthreads();  // sub-tile t has landed; sub-tile t − 1 is done everywhere
-    load(t + kBackwardStages - 1);
+    load(t + kXStages - 1);
     cp_async_commit();
-    const FT* xs = ring + (t % kBackwardStages) * (L::kX + L::kU);
-    const FT* us = xs + L::kX;
+    const FT* xs = x_tile(t);
+    const FT* us = u_tile(t);
 
     if (warp < kWarps) {
       if (!dx) continue;
@@ -263,13 +261,16 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
       for (int f = 0; f < kChunk / 16; ++f)
         nvcuda::wmma::store_matrix_sync(my_stage + f * 16, acc[f], kStageLd, nvcuda::wmma::mem_row_major);
       __syncwarp();
+      const IoT* dx_old = dx_tile(t) + warp * 16 * kLdC;
+      const int dx_row0 = t * kSubTile + warp * 16;
 #pragma unroll
       for (int i = 0; i < kDxVectors; ++i) {
         const int v = i * 32 + lane, r = v / (kChunk / 8), col = (v % (kChunk / 8)) * 8;
         if (dx_row0 + r >= group.rows || col >= k_valid) continue;
+        const Vec8<IoT> old = *reinterpret_cast<const Vec8<IoT>*>(dx_old + r * kLdC + col);
         Vec8<IoT> out;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) out.v[j] = from_float<IoT>(to_float(dx_old[i].v[j]) + my_stage[r * kStageLd + col + j]);
+        for (int j = 0; j < 8; ++j) out.v[j] = from_float<IoT>(to_float(old.v[j]) + my_stage[r * kStageLd + col + j]);
         *reinterpret_cast<Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col) = out;
       }
     } else if (p.grad_a) {
