@@ -241,7 +241,7 @@ struct CudaBackend {
             const auto columns = static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols);
             cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns, kForwardRows / kExpandRows),
                                 kExpandThreads,
-                                expand_smem_bytes<kNFrag, IoT>(), stream,
+                                expand_smem_bytes<kNFrag>(), stream,
                                 ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
                                              static_cast<std::int32_t>(f.rank), f.scale});
           });

@@ -171,30 +171,28 @@ inline constexpr int kExpandWarps = kExpandRows / 16;
 inline constexpr int kExpandThreads = kExpandWarps * 32;
 inline constexpr int kExpandHalf = kExpandCols / 2;  ///< columns a warp stages at a time
 
-/// Shared memory of the expand kernel: y tile [64][136], h tile [64][RankTile+8], B tile
-/// [128][RankTile+8] and a per-warp fp32 stage [4][16][68].
-template <int NFrag, class IoT>
+/// Shared memory of the expand kernel: h tile [64][RankTile+8], B tile [128][RankTile+8] and a
+/// per-warp fp32 stage [4][16][68].
+template <int NFrag>
 constexpr int expand_smem_bytes() {
-  const int y_tile = kExpandRows * (kExpandCols + kPad) * static_cast<int>(sizeof(IoT));
   const int factors = (kExpandRows + kExpandCols) * (kRankTile<NFrag> + kPad) * 2;
   const int stage = kExpandRows * (kExpandHalf + 4) * 4;
-  return y_tile + factors + stage;
+  return factors + stage;
 }
 
 /// Grid (128-row tile slots, ceil(out / 128), 2 halves of the tile's rows); rank ≤ RankTile, a
-/// multiple of 8. The y, h and B tiles arrive together by cp.async; warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, into
+/// multiple of 8. Each lane first issues the loads of its 8 y vectors (into registers), then the h
+/// and B tiles arrive by cp.async; warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, into
 /// its fp32 stage, adds the y tile in fp32 and rounds once.
 template <class IoT, class FT, int NFrag>
 __global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandParams p) {
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLd = kN + kPad;
-  constexpr int kYLd = kExpandCols + kPad;
   constexpr int kOutLd = kExpandHalf + 4;
   constexpr int kVectorsPerRow = kExpandHalf / 8;
   constexpr int kVectors = 16 * kVectorsPerRow / 32;  // per lane and half
   extern __shared__ __align__(128) unsigned char smem[];
-  IoT* ys = reinterpret_cast<IoT*>(smem);                                           // [kExpandRows][kYLd]
-  FT* hs = reinterpret_cast<FT*>(smem + kExpandRows * kYLd * sizeof(IoT));         // [kExpandRows][kLd]
+  FT* hs = reinterpret_cast<FT*>(smem);                                             // [kExpandRows][kLd]
   FT* bs = hs + kExpandRows * kLd;                                                  // [kExpandCols][kLd]
   float* stage = reinterpret_cast<float*>(bs + kExpandCols * kLd);                  // [warps][16][kOutLd]
 
@@ -207,7 +205,16 @@ __global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandPa
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   IoT* y = static_cast<IoT*>(p.y) + tile.row0 * p.out + n0;
 
-  load_tile<kExpandRows, kExpandCols, kExpandThreads>(ys, kYLd, static_cast<const IoT*>(y), p.out, tile.rows, n_valid);
+  Vec8<IoT> y_old[2][kVectors];  // rows [16 warp, +16), both column halves
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+#pragma unroll
+    for (int i = 0; i < kVectors; ++i) {
+      const int v = i * 32 + lane;
+      const int r = v / kVectorsPerRow, col = half * kExpandHalf + (v % kVectorsPerRow) * 8;
+      if (warp * 16 + r < tile.rows && col < n_valid)
+        y_old[half][i] = *reinterpret_cast<const Vec8<IoT>*>(y + (warp * 16 + r) * p.out + col);
+    }
   load_tile<kExpandRows, kN, kExpandThreads>(hs, kLd, static_cast<const FT*>(p.h) + tile.row0 * p.rank, p.rank,
                                              tile.rows, p.rank);
   load_tile<kExpandCols, kN, kExpandThreads>(
@@ -243,11 +250,10 @@ __global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandPa
       const int v = i * 32 + lane;
       const int r = v / kVectorsPerRow, c = (v % kVectorsPerRow) * 8, col = half * kExpandHalf + c;
       if (warp * 16 + r >= tile.rows || col >= n_valid) continue;
-      const Vec8<IoT> y_old = *reinterpret_cast<const Vec8<IoT>*>(ys + (warp * 16 + r) * kYLd + col);
       Vec8<IoT> y_new;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
-        y_new.v[j] = from_float<IoT>(to_float(y_old.v[j]) + p.scale * my_stage[r * kOutLd + c + j]);
+        y_new.v[j] = from_float<IoT>(to_float(y_old[half][i].v[j]) + p.scale * my_stage[r * kOutLd + c + j]);
       *reinterpret_cast<Vec8<IoT>*>(y + (warp * 16 + r) * p.out + col) = y_new;
     }
     __syncwarp();  // the stage is rewritten by the next half
