@@ -234,7 +234,8 @@ struct CudaBackend {
           using FT = device_t<ft.value>;
           cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
             constexpr int kNFrag = decltype(nfrag)::value;
-            cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, false, FT>, dim3(tiles, 1), kForwardThreads,
+            cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, false, FT>,
+                                dim3(tiles, 1, kForwardRows / kProjectRows<kNFrag>), kProjectThreads<kNFrag>,
                                 project_smem_bytes<kNFrag, false>(), stream,
                                 ProjectParams{args.x, f.a, args.h, workspace.row_tiles(), s.in, s.in,
                                               static_cast<std::int32_t>(f.rank), 1.0f});
@@ -290,15 +291,17 @@ struct CudaBackend {
               const std::int64_t count = s.rows * f.rank;
               u_rounded = reinterpret_cast<FT*>(u);
               if (u_slices == 1) {
-                cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, FT>, dim3(static_cast<unsigned>(tiles)),
-                                    kForwardThreads, project_smem_bytes<kNFrag, true>(), stream,
+                cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, FT>,
+                                    dim3(static_cast<unsigned>(tiles), 1, kForwardRows / kProjectRows<kNFrag>),
+                                    kProjectThreads<kNFrag>, project_smem_bytes<kNFrag, true>(), stream,
                                     ProjectParams{args.dy, f.b, u_rounded, workspace.row_tiles(), s.out, split,
                                                   static_cast<std::int32_t>(f.rank), f.scale});
               } else {  // fp32 sums behind the rounded u in the scratch, then rounded
                 float* sums = u + count;
                 fill_zero(sums, static_cast<std::size_t>(count) * sizeof(float), stream);
                 cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, float>,
-                                    dim3(static_cast<unsigned>(tiles), u_slices), kForwardThreads,
+                                    dim3(static_cast<unsigned>(tiles), u_slices, kForwardRows / kProjectRows<kNFrag>),
+                                    kProjectThreads<kNFrag>,
                                     project_smem_bytes<kNFrag, true>(), stream,
                                     ProjectParams{args.dy, f.b, sums, workspace.row_tiles(), s.out, split,
                                                   static_cast<std::int32_t>(f.rank), 1.0f});

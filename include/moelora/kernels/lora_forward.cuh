@@ -16,8 +16,6 @@ namespace moelora::kernels {
 
 inline constexpr int kWarps = 4;              ///< warps of a backward role (row-wise or gradient)
 inline constexpr int kForwardRows = 128;      ///< rows of a forward tile (schedule granularity)
-inline constexpr int kForwardWarps = kForwardRows / 16;
-inline constexpr int kForwardThreads = kForwardWarps * 32;
 inline constexpr int kChunk = 64;             ///< columns per pipelined K chunk
 inline constexpr int kPad = 8;                ///< shared-memory row padding, 16-bit elements
 inline constexpr int kStages = 3;             ///< cp.async pipeline depth
@@ -52,30 +50,42 @@ struct ProjectParams {
   float scale;         // factor-dtype out only
 };
 
-/// Shared memory of the projection kernel: kStages × (in chunk [128][72] + factor chunk), reused
-/// as the fp32 output stage [128][RankTile + 4].
+/// Rows per projection block: a whole forward tile for large ranks (the factor chunk is re-read
+/// per block, so more rows amortise it), else half a tile (more, smaller blocks per SM).
+template <int NFrag>
+inline constexpr int kProjectRows = NFrag >= 4 ? kForwardRows : kForwardRows / 2;
+template <int NFrag>
+inline constexpr int kProjectThreads = kProjectRows<NFrag> / 16 * 32;
+
+/// Shared memory of the projection kernel: kStages × (in chunk [rows][72] + factor chunk), reused
+/// as the fp32 output stage [rows][RankTile + 4].
 template <int NFrag, bool FactorKMajor>
 constexpr int project_smem_bytes() {
   constexpr int factor_chunk = FactorKMajor ? kChunk * (kRankTile<NFrag> + kPad) : kRankTile<NFrag> * (kChunk + kPad);
-  const int stages = kStages * (kForwardRows * (kChunk + kPad) + factor_chunk) * 2;
-  const int stage_out = kForwardRows * (kRankTile<NFrag> + 4) * 4;
+  const int stages = kStages * (kProjectRows<NFrag> * (kChunk + kPad) + factor_chunk) * 2;
+  const int stage_out = kProjectRows<NFrag> * (kRankTile<NFrag> + 4) * 4;
   return stages > stage_out ? stages : stage_out;
 }
 
-/// Grid (128-row tile slots, K slices). Warp w owns rows [16w, 16w + 16) of its tile and all
-/// RankTile columns; K is streamed in 64-column chunks through a kStages-deep cp.async ring.
+/// Grid (128-row tile slots, K slices, kForwardRows / kProjectRows parts of the tile's rows). Warp
+/// w owns rows [16w, 16w + 16) of its part and all RankTile columns; K is streamed in 64-column
+/// chunks through a kStages-deep cp.async ring.
 template <class IoT, class FT, int NFrag, bool FactorKMajor, class OutT>
-__global__ void __launch_bounds__(kForwardThreads) lora_project_kernel(ProjectParams p) {
+__global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(ProjectParams p) {
+  constexpr int kRows = kProjectRows<NFrag>;
+  constexpr int kBlockThreads = kProjectThreads<NFrag>;
   constexpr int kLd = kChunk + kPad;
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLdN = kN + kPad;
   constexpr int kFactorChunk = FactorKMajor ? kChunk * kLdN : kN * kLd;
   extern __shared__ __align__(128) unsigned char smem[];
-  FT* xs = reinterpret_cast<FT*>(smem);        // [kStages][kForwardRows][kLd]
-  FT* fs = xs + kStages * kForwardRows * kLd;  // [kStages][kFactorChunk]
+  FT* xs = reinterpret_cast<FT*>(smem);        // [kStages][kRows][kLd]
+  FT* fs = xs + kStages * kRows * kLd;  // [kStages][kFactorChunk]
 
-  const RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
-  if (tile.rows == 0) return;
+  RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
+  tile.row0 += static_cast<std::int64_t>(blockIdx.z) * kRows;
+  tile.rows -= static_cast<std::int32_t>(blockIdx.z) * kRows;
+  if (tile.rows <= 0) return;
   const std::int64_t k_begin = static_cast<std::int64_t>(blockIdx.y) * p.split;
   const std::int64_t k_end = min(p.k, k_begin + p.split);
   const IoT* in = static_cast<const IoT*>(p.in) + tile.row0 * p.k;
@@ -85,13 +95,13 @@ __global__ void __launch_bounds__(kForwardThreads) lora_project_kernel(ProjectPa
 
   const auto load_chunk = [&](int chunk, int stage) {
     const std::int64_t k0 = k_begin + static_cast<std::int64_t>(chunk) * kChunk;
-    load_tile<kForwardRows, kChunk, kForwardThreads>(xs + stage * kForwardRows * kLd, kLd, in + k0, p.k, tile.rows,
+    load_tile<kRows, kChunk, kBlockThreads>(xs + stage * kRows * kLd, kLd, in + k0, p.k, tile.rows,
                                                      k_end - k0);
     if constexpr (FactorKMajor)
-      load_tile<kChunk, kN, kForwardThreads>(fs + stage * kFactorChunk, kLdN, factor + k0 * p.rank, p.rank,
+      load_tile<kChunk, kN, kBlockThreads>(fs + stage * kFactorChunk, kLdN, factor + k0 * p.rank, p.rank,
                                              static_cast<int>(min(static_cast<std::int64_t>(kChunk), k_end - k0)), p.rank);
     else
-      load_tile<kN, kChunk, kForwardThreads>(fs + stage * kFactorChunk, kLd, factor + k0, p.k, p.rank, k_end - k0);
+      load_tile<kN, kChunk, kBlockThreads>(fs + stage * kFactorChunk, kLd, factor + k0, p.k, p.rank, k_end - k0);
   };
 
   FragAcc acc[NFrag];
@@ -108,7 +118,7 @@ __global__ void __launch_bounds__(kForwardThreads) lora_project_kernel(ProjectPa
     __syncthreads();
     if (chunk + kStages - 1 < chunks) load_chunk(chunk + kStages - 1, (chunk + kStages - 1) % kStages);
     cp_async_commit();
-    const FT* xt = xs + (chunk % kStages) * kForwardRows * kLd + warp * 16 * kLd;
+    const FT* xt = xs + (chunk % kStages) * kRows * kLd + warp * 16 * kLd;
     const FT* ft = fs + (chunk % kStages) * kFactorChunk;
 #pragma unroll
     for (int k = 0; k < kChunk; k += 16) {
@@ -132,13 +142,13 @@ __global__ void __launch_bounds__(kForwardThreads) lora_project_kernel(ProjectPa
   __syncthreads();
 
   constexpr int kOutLd = kN + 4;
-  float* stage_out = reinterpret_cast<float*>(smem);  // [kForwardRows][kOutLd]
+  float* stage_out = reinterpret_cast<float*>(smem);  // [kRows][kOutLd]
 #pragma unroll
   for (int f = 0; f < NFrag; ++f)
     nvcuda::wmma::store_matrix_sync(stage_out + warp * 16 * kOutLd + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
   __syncthreads();
   OutT* out = static_cast<OutT*>(p.out) + tile.row0 * p.rank;
-  for (int i = static_cast<int>(threadIdx.x); i < kForwardRows * kN; i += kForwardThreads) {
+  for (int i = static_cast<int>(threadIdx.x); i < kRows * kN; i += kBlockThreads) {
     const int r = i / kN, c = i % kN;
     if (r >= tile.rows || c >= p.rank) continue;
     OutT* to = out + static_cast<std::int64_t>(r) * p.rank + c;
