@@ -14,7 +14,7 @@
 namespace moelora::kernels {
 
 inline constexpr int kSubTile = 64;              ///< rows a backward block processes at a time
-inline constexpr int kGroupRows = 8 * kSubTile;  ///< rows of one backward row group (schedule granularity)
+inline constexpr int kGroupRows = 16 * kSubTile;  ///< rows of one backward row group (schedule granularity)
 inline constexpr int kBackwardStages = 4;        ///< depth of the cp.async ring of row tiles
 
 /// Shared-memory carve-out: byte offsets of consecutive 128-byte aligned regions.
