@@ -168,8 +168,8 @@ int main(int argc, char** argv) {
   app.add_option("--ranks", ranks, "comma-separated ranks");
   app.add_option("--counts", count_kinds, "comma-separated count kinds: uniform, zipf");
   app.add_option("--iters", iters, "timed iterations per measurement (median)");
-  app.add_option("--gemm", gemm, "base GEMM strategy: auto, grouped, per_expert")
-      ->check(CLI::IsMember({"auto", "grouped", "per_expert"}));
+  app.add_option("--gemm", gemm, "base GEMM strategy: auto, per_expert, grouped")
+      ->check(CLI::IsMember({"auto", "per_expert", "grouped"}));
   CLI11_PARSE(app, argc, argv);
   const GemmStrategy strategy = gemm == "grouped"      ? GemmStrategy::grouped
                                 : gemm == "per_expert" ? GemmStrategy::per_expert

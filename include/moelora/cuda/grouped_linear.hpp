@@ -22,10 +22,15 @@ namespace moelora {
 
 /// How the CUDA base issues its per-expert GEMMs.
 enum class GemmStrategy : std::uint8_t {
-  automatic,   ///< per_expert when the experts are few (≤ 32), else grouped
+  automatic,   ///< per_expert for experts of at least kPerExpertMinWeights weights, else grouped
+  per_expert,  ///< one cublasGemmEx per non-empty expert
   grouped,     ///< one cublasGemmGroupedBatchedEx over the non-empty experts
-  per_expert,  ///< one cublasGemmEx per non-empty expert (best for few, large experts)
 };
+
+/// Weights per expert (in · out) from which one GEMM per expert beats cuBLAS 13.0's grouped call on
+/// an H100 (whose grouped kernel is an sm80 one): measured on the shapes of bench/RESULTS.md, where
+/// qwen3 (1.6M, 3.1M) favoured grouped and nemotron3 (5.0M) and larger favoured per_expert.
+inline constexpr std::int64_t kPerExpertMinWeights = std::int64_t{4} << 20;
 
 template <>
 class GroupedLinear<CudaBackend> : public GroupedWeights<CudaBackend> {
@@ -37,9 +42,10 @@ class GroupedLinear<CudaBackend> : public GroupedWeights<CudaBackend> {
       : GroupedWeights(experts, in, out, dtype), handle_(handle), strategy_(strategy) {
     MOELORA_REQUIRE(handle != nullptr, ErrorCode::invalid_argument, "GroupedLinear needs a cuBLAS handle");
     if (strategy_ == GemmStrategy::automatic)
-      strategy_ = experts <= 32 ? GemmStrategy::per_expert : GemmStrategy::grouped;
+      strategy_ = in * out >= kPerExpertMinWeights ? GemmStrategy::per_expert : GemmStrategy::grouped;
   }
 
+  /// The strategy in use (never `automatic`).
   [[nodiscard]] GemmStrategy strategy() const { return strategy_; }
 
   /// y_t = W_e x_t: column-major y_eᵀ [out, n] = W_e (stored [in, out] column-major, transposed) · x_eᵀ.
