@@ -49,6 +49,19 @@ void dispatch_rank_tile(std::int64_t rank, F&& f) {
   else f(std::integral_constant<int, 8>{});
 }
 
+/// Calls `f(IoT, FT, NFrag)` (device element types as `std::type_identity`, NFrag as an
+/// integral constant) for the tensor-core kernels: 16-bit factors, rank ≤ 128.
+template <class F>
+void dispatch_tensor_core(DType io, DType factor, std::int64_t rank, F&& f) {
+  dispatch_io_and_factor(io, factor, [&]([[maybe_unused]] auto io_tag, auto factor_tag) {
+    if constexpr (factor_tag.value != DType::fp32)
+      dispatch_rank_tile(rank, [&](auto nfrag) {
+        f(std::type_identity<kernels::device_t<io_tag.value>>{}, std::type_identity<kernels::device_t<factor_tag.value>>{},
+          nfrag);
+      });
+  });
+}
+
 inline bool aligned(const void* p, std::size_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
 
 /// Whether the tensor-core kernels serve this problem (else the generic kernels do).
@@ -228,25 +241,20 @@ struct CudaBackend {
     const FactorsRef& f = args.factors;
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.y}, {f.a, f.b, args.h})) {
       const auto tiles = static_cast<unsigned>(max_tiles(s.rows, s.experts, kForwardRows));
-      cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
-        if constexpr (ft.value != DType::fp32) {
-          using IoT = device_t<io.value>;
-          using FT = device_t<ft.value>;
-          cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
-            constexpr int kNFrag = decltype(nfrag)::value;
-            cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, false, FT>,
-                                dim3(tiles, 1, kForwardRows / kProjectRows<kNFrag>), kProjectThreads<kNFrag>,
-                                project_smem_bytes<kNFrag, false>(), stream,
-                                ProjectParams{args.x, f.a, args.h, workspace.row_tiles(), s.in, s.in,
-                                              static_cast<std::int32_t>(f.rank), 1.0f});
-            const auto columns = static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols);
-            cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns, kForwardRows / kExpandRows),
-                                kExpandThreads,
-                                expand_smem_bytes<kNFrag>(), stream,
-                                ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
-                                             static_cast<std::int32_t>(f.rank), f.scale});
-          });
-        }
+      cuda_detail::dispatch_tensor_core(s.io_dtype, f.dtype, f.rank, [&](auto io, auto ft, auto nfrag) {
+        using IoT = typename decltype(io)::type;
+        using FT = typename decltype(ft)::type;
+        constexpr int kNFrag = decltype(nfrag)::value;
+        cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, false, FT>,
+                            dim3(tiles, 1, kForwardRows / kProjectRows<kNFrag>), kProjectThreads<kNFrag>,
+                            project_smem_bytes<kNFrag, false>(), stream,
+                            ProjectParams{args.x, f.a, args.h, workspace.row_tiles(), s.in, s.in,
+                                          static_cast<std::int32_t>(f.rank), 1.0f});
+        const auto columns = static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols);
+        cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns, kForwardRows / kExpandRows),
+                            kExpandThreads, expand_smem_bytes<kNFrag>(), stream,
+                            ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
+                                         static_cast<std::int32_t>(f.rank), f.scale});
       });
       return;
     }
@@ -279,56 +287,52 @@ struct CudaBackend {
       const std::int64_t slices = std::clamp<std::int64_t>((2 * workspace.multiprocessors() + tiles - 1) / tiles, 1,
                                                            (s.out + 511) / 512);
       const std::int64_t split = ((s.out + slices - 1) / slices + kChunk - 1) / kChunk * kChunk;
-      cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
-        if constexpr (ft.value != DType::fp32) {
-          using IoT = device_t<io.value>;
-          using FT = device_t<ft.value>;
-          cuda_detail::dispatch_rank_tile(f.rank, [&](auto nfrag) {
-            constexpr int kNFrag = decltype(nfrag)::value;
-            FT* u_rounded = nullptr;  // round(scale · B_eᵀ dy) [T, r]
-            if (needs_u) {
-              const auto u_slices = static_cast<unsigned>((s.out + split - 1) / split);
-              const std::int64_t count = s.rows * f.rank;
-              u_rounded = reinterpret_cast<FT*>(u);
-              if (u_slices == 1) {
-                cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, FT>,
-                                    dim3(static_cast<unsigned>(tiles), 1, kForwardRows / kProjectRows<kNFrag>),
-                                    kProjectThreads<kNFrag>, project_smem_bytes<kNFrag, true>(), stream,
-                                    ProjectParams{args.dy, f.b, u_rounded, workspace.row_tiles(), s.out, split,
-                                                  static_cast<std::int32_t>(f.rank), f.scale});
-              } else {  // fp32 sums behind the rounded u in the scratch, then rounded
-                float* sums = u + count;
-                fill_zero(sums, static_cast<std::size_t>(count) * sizeof(float), stream);
-                cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, float>,
-                                    dim3(static_cast<unsigned>(tiles), u_slices, kForwardRows / kProjectRows<kNFrag>),
-                                    kProjectThreads<kNFrag>,
-                                    project_smem_bytes<kNFrag, true>(), stream,
-                                    ProjectParams{args.dy, f.b, sums, workspace.row_tiles(), s.out, split,
-                                                  static_cast<std::int32_t>(f.rank), 1.0f});
-                cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(count), 256, 0, stream,
-                                    static_cast<const float*>(sums), u_rounded, count, f.scale);
-              }
-            }
-            if (args.grad_b) {
-              const auto out_slices = static_cast<unsigned>((s.out + kChunk - 1) / kChunk);
-              cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
-                                  GradBLayout<kNFrag>{}.bytes, stream,
-                                  GradBParams{args.dy, args.h, args.grad_b, workspace.row_groups(), s.out,
+      cuda_detail::dispatch_tensor_core(s.io_dtype, f.dtype, f.rank, [&](auto io, auto ft, auto nfrag) {
+        using IoT = typename decltype(io)::type;
+        using FT = typename decltype(ft)::type;
+        constexpr int kNFrag = decltype(nfrag)::value;
+        FT* u_rounded = nullptr;  // round(scale · B_eᵀ dy) [T, r]
+        if (needs_u) {
+          const auto u_slices = static_cast<unsigned>((s.out + split - 1) / split);
+          const std::int64_t count = s.rows * f.rank;
+          u_rounded = reinterpret_cast<FT*>(u);
+          if (u_slices == 1) {
+            cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, FT>,
+                                dim3(static_cast<unsigned>(tiles), 1, kForwardRows / kProjectRows<kNFrag>),
+                                kProjectThreads<kNFrag>, project_smem_bytes<kNFrag, true>(), stream,
+                                ProjectParams{args.dy, f.b, u_rounded, workspace.row_tiles(), s.out, split,
                                               static_cast<std::int32_t>(f.rank), f.scale});
-            }
-            if (!needs_u) return;
-            const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
-            cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(in_slices, groups), kBackwardThreads,
-                                BackwardXLayout<kNFrag, IoT>{}.bytes, stream,
-                                BackwardXParams{args.x, f.a, u_rounded, args.dx, args.grad_a, workspace.row_groups(),
-                                                s.in, static_cast<std::int32_t>(f.rank)});
-          });
+          } else {  // fp32 sums behind the rounded u in the scratch, then rounded
+            float* sums = u + count;
+            fill_zero(sums, static_cast<std::size_t>(count) * sizeof(float), stream);
+            cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, float>,
+                                dim3(static_cast<unsigned>(tiles), u_slices, kForwardRows / kProjectRows<kNFrag>),
+                                kProjectThreads<kNFrag>, project_smem_bytes<kNFrag, true>(), stream,
+                                ProjectParams{args.dy, f.b, sums, workspace.row_tiles(), s.out, split,
+                                              static_cast<std::int32_t>(f.rank), 1.0f});
+            cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(count), 256, 0, stream,
+                                static_cast<const float*>(sums), u_rounded, count, f.scale);
+          }
         }
+        if (args.grad_b) {
+          const auto out_slices = static_cast<unsigned>((s.out + kChunk - 1) / kChunk);
+          cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
+                              GradBLayout<kNFrag>{}.bytes, stream,
+                              GradBParams{args.dy, args.h, args.grad_b, workspace.row_groups(), s.out,
+                                          static_cast<std::int32_t>(f.rank), f.scale});
+        }
+        if (!needs_u) return;
+        const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
+        cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(in_slices, groups), kBackwardThreads,
+                            BackwardXLayout<kNFrag, IoT>{}.bytes, stream,
+                            BackwardXParams{args.x, f.a, u_rounded, args.dx, args.grad_a, workspace.row_groups(),
+                                            s.in, static_cast<std::int32_t>(f.rank)});
       });
       return;
     }
     GenericParams p = generic_params(s, f, workspace);
-    p.x = args.x, p.h = const_cast<void*>(args.h) /* read only */, p.dy = args.dy, p.u = u, p.dx = args.dx, p.grad_a = args.grad_a, p.grad_b = args.grad_b;
+    p.x = args.x, p.dy = args.dy, p.u = u, p.dx = args.dx, p.grad_a = args.grad_a, p.grad_b = args.grad_b;
+    p.h = const_cast<void*>(args.h);  // read only in the backward kernels
     cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
       using IoT = device_t<io.value>;
       using FT = device_t<ft.value>;
