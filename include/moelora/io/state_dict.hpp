@@ -1,0 +1,159 @@
+/// \file
+/// \brief Adapter state dicts: every adapter's factors and settings in one safetensors file.
+///
+/// Keys: `{prefix}lora_a_{adapter}.weight` `[E, r, in]` and `{prefix}lora_b_{adapter}.weight`
+/// `[E, out, r]`, in the adapter's dtype (BF16, F16 or F32). Metadata: `format` = `pt`, and
+/// `moelora.layer` / `moelora.adapters`, JSON strings with the layer's sizes and each adapter's
+/// settings (rank, scale, dtype, init, enabled, trainable, seed). Loading is strict: the layer must
+/// hold exactly the file's adapters with the same shapes and dtypes; every mismatch is listed in one
+/// ErrorCode::invalid_argument, and then nothing in the layer has changed.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "moelora/core/config.hpp"
+#include "moelora/core/dtype.hpp"
+#include "moelora/core/error.hpp"
+#include "moelora/grouped_lora.hpp"
+#include "moelora/io/safetensors.hpp"
+
+namespace moelora::io {
+
+/// The safetensors dtype of a factor dtype.
+constexpr StDType st_dtype_of(DType d) {
+  return d == DType::bf16 ? StDType::BF16 : (d == DType::fp16 ? StDType::F16 : StDType::F32);
+}
+
+/// The state-dict key of factor `which` ('a' or 'b') of adapter `name`.
+inline std::string factor_key(std::string_view prefix, char which, std::string_view name) {
+  return std::string(prefix) + "lora_" + which + "_" + std::string(name) + ".weight";
+}
+
+/// Writes every adapter of `layer` to `path` (atomically), reading the factors on `stream`.
+template <class Layer>
+void save_adapters(Layer& layer, const std::filesystem::path& path, std::string_view prefix,
+                   typename Layer::stream_type stream) {
+  using Backend = typename Layer::backend_type;
+  std::vector<std::vector<std::byte>> storage;
+  std::vector<TensorBytes> tensors;
+  nlohmann::ordered_json adapters = nlohmann::ordered_json::array();
+  for (const std::string& name : layer.adapter_names()) {
+    const AdapterView view = layer.adapter(name);
+    for (const auto& [which, factor] : {std::pair{'a', view.a}, std::pair{'b', view.b}}) {
+      storage.emplace_back(factor.bytes());
+      Backend::copy_to_host(storage.back().data(), factor.data, factor.bytes(), stream);
+      tensors.push_back({factor_key(prefix, which, name), st_dtype_of(factor.dtype),
+                         {factor.shape[0], factor.shape[1], factor.shape[2]}, storage.back()});
+    }
+    const ResolvedAdapterConfig& c = view.config;
+    adapters.push_back({{"name", name},
+                        {"rank", c.rank},
+                        {"scale", c.scale},
+                        {"dtype", dtype_name(c.dtype)},
+                        {"init", init_method_name(c.init)},
+                        {"enabled", c.enabled},
+                        {"trainable", c.trainable},
+                        {"seed", c.seed}});
+  }
+  const nlohmann::ordered_json sizes = {
+      {"experts", layer.num_experts()}, {"in", layer.in_features()}, {"out", layer.out_features()}};
+  write_safetensors(path, tensors,
+                    {{"format", "pt"}, {"moelora.layer", sizes.dump()}, {"moelora.adapters", adapters.dump()}});
+}
+
+/// Loads `path` into `layer`'s adapters (factors and settings), strictly; see the file comment.
+template <class Layer>
+void load_adapters(Layer& layer, const std::filesystem::path& path, std::string_view prefix,
+                   typename Layer::stream_type stream) {
+  using Backend = typename Layer::backend_type;
+  const SafetensorsFile file(path);
+  std::vector<std::string> problems;
+  nlohmann::json settings = nlohmann::json::array();
+  const auto meta = file.metadata().find("moelora.adapters");
+  if (meta == file.metadata().end()) {
+    problems.push_back("no moelora.adapters metadata");
+  } else {
+    try {
+      settings = nlohmann::json::parse(meta->second);
+    } catch (const nlohmann::json::exception&) {
+      problems.push_back("moelora.adapters metadata is not JSON");
+    }
+  }
+
+  struct Pending {
+    std::string name;
+    const TensorBytes* a;
+    const TensorBytes* b;
+    double scale;
+    bool enabled, trainable;
+  };
+  std::vector<Pending> pending;
+  std::vector<std::string> expected_keys;
+  const auto find = [&](const std::string& key) -> const TensorBytes* {
+    for (const TensorBytes& t : file.tensors())
+      if (t.name == key) return &t;
+    return nullptr;
+  };
+  for (const std::string& name : layer.adapter_names()) {
+    const AdapterView view = layer.adapter(name);
+    const TensorBytes* factors[2] = {nullptr, nullptr};
+    for (int i = 0; i < 2; ++i) {
+      const TensorRef& want = i == 0 ? view.a : view.b;
+      const std::string key = factor_key(prefix, i == 0 ? 'a' : 'b', name);
+      expected_keys.push_back(key);
+      const TensorBytes* got = find(key);
+      if (!got) {
+        problems.push_back("missing " + key);
+        continue;
+      }
+      const std::vector<std::int64_t> shape{want.shape[0], want.shape[1], want.shape[2]};
+      if (got->shape != shape || got->dtype != st_dtype_of(want.dtype)) {
+        std::ostringstream why;
+        why << key << " is " << st_dtype_name(got->dtype) << " [";
+        for (std::size_t d = 0; d < got->shape.size(); ++d) why << (d ? ", " : "") << got->shape[d];
+        why << "] but the layer needs " << st_dtype_name(st_dtype_of(want.dtype)) << " " << want.shape;
+        problems.push_back(why.str());
+        continue;
+      }
+      factors[i] = got;
+    }
+    const auto entry = std::find_if(settings.begin(), settings.end(),
+                                    [&](const nlohmann::json& s) { return s.value("name", "") == name; });
+    if (entry == settings.end()) {
+      problems.push_back("no settings for adapter \"" + name + "\"");
+    } else if (factors[0] && factors[1]) {
+      pending.push_back({name, factors[0], factors[1], entry->value("scale", 1.0), entry->value("enabled", true),
+                         entry->value("trainable", true)});
+    }
+  }
+  for (const TensorBytes& t : file.tensors())
+    if (std::find(expected_keys.begin(), expected_keys.end(), t.name) == expected_keys.end())
+      problems.push_back("unexpected " + t.name);
+  for (const Pending& p : pending)
+    if (!(std::isfinite(p.scale) && p.scale > 0.0))
+      problems.push_back("adapter \"" + p.name + "\" has the invalid scale " + std::to_string(p.scale));
+
+  if (!problems.empty()) {
+    std::string message;
+    for (const std::string& p : problems) message += (message.empty() ? "" : "; ") + p;
+    detail::raise(ErrorCode::invalid_argument, "cannot load ", path.string(), ": ", message);
+  }
+  for (const Pending& p : pending) {
+    const AdapterView view = layer.adapter(p.name);
+    Backend::copy_from_host(view.a.data, p.a->bytes.data(), p.a->bytes.size(), stream);
+    Backend::copy_from_host(view.b.data, p.b->bytes.data(), p.b->bytes.size(), stream);
+    layer.set_scale(p.name, p.scale);
+    layer.set_enabled(p.name, p.enabled);
+    layer.set_trainable(p.name, p.trainable, stream);
+  }
+}
+
+}  // namespace moelora::io
