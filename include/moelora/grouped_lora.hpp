@@ -202,7 +202,7 @@ class GroupedLoRA {
   [[nodiscard]] typename backend_type::Workspace& workspace() { return workspace_; }
 
  private:
-  enum class Factor { a, b };
+  using Factor = policy::Factor;
 
   struct Slot {
     std::string name;

@@ -29,7 +29,6 @@ struct CudaResources {
 struct CudaHarness : CudaResources, HarnessBase<CudaHarness, CudaBackend> {
   using Base = GroupedLinear<CudaBackend>;
   using Layer = GroupedLoRA<Base>;
-  static constexpr const char* kName = "cuda";
 
   Base make_base(const HostTensor& w) {
     Base base(handle, w.shape[0], w.shape[2], w.shape[1], w.dtype);

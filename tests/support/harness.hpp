@@ -60,7 +60,6 @@ struct HarnessBase {
 struct HostHarness : HarnessBase<HostHarness, HostBackend> {
   using Base = GroupedLinear<HostBackend>;
   using Layer = GroupedLoRA<Base>;
-  static constexpr const char* kName = "host";
   HostStream stream_{};
 
   Base make_base(const HostTensor& w) {

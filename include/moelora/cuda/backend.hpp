@@ -97,7 +97,6 @@ inline dim3 elementwise_grid(std::int64_t count) {
 struct CudaBackend {
   using stream_type = cudaStream_t;
   static constexpr Memory memory = Memory::device;
-  static constexpr std::string_view name = "cuda";
 
   static void* allocate(std::size_t bytes) {
     void* p = nullptr;

@@ -77,53 +77,55 @@ class GroupedLinear<CudaBackend> : public GroupedWeights<CudaBackend> {
     const auto* w = static_cast<const std::byte*>(weight().data);
     const auto* x = static_cast<const std::byte*>(in);
     auto* y = static_cast<std::byte*>(out);
-    ops_.clear(), ms_.clear(), ns_.clear(), ks_.clear(), ldas_.clear(), ldbs_.clear(), ldcs_.clear();
-    pointers_.clear();
-    std::vector<const void*> a_ptrs, b_ptrs;
-    std::vector<void*> c_ptrs;
-    for (std::int64_t e = 0; e < experts; ++e) {
-      const std::int64_t n = offsets[e + 1] - offsets[e];
-      if (n == 0) continue;
-      ops_.push_back(op_w);
-      ms_.push_back(static_cast<int>(m));
-      ns_.push_back(static_cast<int>(n));
-      ks_.push_back(static_cast<int>(k));
-      ldas_.push_back(static_cast<int>(in_features()));
-      ldbs_.push_back(static_cast<int>(k));
-      ldcs_.push_back(static_cast<int>(m));
-      a_ptrs.push_back(w + static_cast<std::size_t>(e * out_features() * in_features()) * elem);
-      b_ptrs.push_back(x + static_cast<std::size_t>(offsets[e] * k) * elem);
-      c_ptrs.push_back(y + static_cast<std::size_t>(offsets[e] * m) * elem);
-    }
-    const auto groups = static_cast<int>(ms_.size());
-    if (groups == 0) return;
+    const auto weight_of = [&](std::int64_t e) { return w + static_cast<std::size_t>(e * out_features() * in_features()) * elem; };
+    const auto input_of = [&](std::int64_t e) { return x + static_cast<std::size_t>(offsets[e] * k) * elem; };
+    const auto output_of = [&](std::int64_t e) { return y + static_cast<std::size_t>(offsets[e] * m) * elem; };
+    const cudaDataType_t type = cuda_type(dtype());
+    const auto lda = static_cast<int>(in_features());
     MOELORA_CUBLAS_CHECK(cublasSetStream(handle_, stream));
+
     if (strategy_ == GemmStrategy::per_expert) {
       const float one = 1.0f, zero = 0.0f;
-      for (int g = 0; g < groups; ++g)
-        MOELORA_CUBLAS_CHECK(cublasGemmEx(handle_, op_w, CUBLAS_OP_N, ms_[g], ns_[g], ks_[g], &one, a_ptrs[g],
-                                          cuda_type(dtype()), ldas_[g], b_ptrs[g], cuda_type(dtype()), ldbs_[g], &zero,
-                                          c_ptrs[g], cuda_type(dtype()), ldcs_[g], CUBLAS_COMPUTE_32F,
+      for (std::int64_t e = 0; e < experts; ++e) {
+        const auto n = static_cast<int>(offsets[e + 1] - offsets[e]);
+        if (n == 0) continue;
+        MOELORA_CUBLAS_CHECK(cublasGemmEx(handle_, op_w, CUBLAS_OP_N, static_cast<int>(m), n, static_cast<int>(k), &one,
+                                          weight_of(e), type, lda, input_of(e), type, static_cast<int>(k), &zero,
+                                          output_of(e), type, static_cast<int>(m), CUBLAS_COMPUTE_32F,
                                           CUBLAS_GEMM_DEFAULT));
+      }
       return;
     }
-    // Device pointer arrays [A | B | C], uploaded from pageable staging (safe to reuse on return).
-    pointers_.insert(pointers_.end(), a_ptrs.begin(), a_ptrs.end());
-    pointers_.insert(pointers_.end(), b_ptrs.begin(), b_ptrs.end());
-    pointers_.insert(pointers_.end(), c_ptrs.begin(), c_ptrs.end());
+
+    ns_.clear();
+    for (std::int64_t e = 0; e < experts; ++e)
+      if (offsets[e + 1] > offsets[e]) ns_.push_back(static_cast<int>(offsets[e + 1] - offsets[e]));
+    const auto groups = static_cast<int>(ns_.size());
+    if (groups == 0) return;
+    // Device pointer arrays [A | B | C] over the non-empty experts, uploaded from pageable staging
+    // (safe to reuse on return).
+    pointers_.resize(3 * static_cast<std::size_t>(groups));
+    for (std::int64_t e = 0, g = 0; e < experts; ++e) {
+      if (offsets[e + 1] == offsets[e]) continue;
+      pointers_[static_cast<std::size_t>(g)] = weight_of(e);
+      pointers_[static_cast<std::size_t>(groups + g)] = input_of(e);
+      pointers_[static_cast<std::size_t>(2 * groups + g)] = output_of(e);
+      ++g;
+    }
     device_pointers_.reserve(pointers_.size() * sizeof(void*));
     MOELORA_CUDA_CHECK(cudaMemcpyAsync(device_pointers_.data(), pointers_.data(), pointers_.size() * sizeof(void*),
                                        cudaMemcpyHostToDevice, stream));
     const auto* device = device_pointers_.as<const void*>();
-    alphas_.assign(static_cast<std::size_t>(groups), 1.0f);
-    betas_.assign(static_cast<std::size_t>(groups), 0.0f);
-    group_sizes_.assign(static_cast<std::size_t>(groups), 1);
-    no_transpose_.assign(static_cast<std::size_t>(groups), CUBLAS_OP_N);
+    const auto per_group = [&](auto& values, auto value) { values.assign(static_cast<std::size_t>(groups), value); };
+    per_group(ops_, op_w), per_group(no_transpose_, CUBLAS_OP_N);
+    per_group(ms_, static_cast<int>(m)), per_group(ks_, static_cast<int>(k)), per_group(ldas_, lda);
+    per_group(ldbs_, static_cast<int>(k)), per_group(ldcs_, static_cast<int>(m)), per_group(group_sizes_, 1);
+    per_group(alphas_, 1.0f), per_group(betas_, 0.0f);
     MOELORA_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
-        handle_, ops_.data(), no_transpose_.data(), ms_.data(), ns_.data(), ks_.data(), alphas_.data(), device,
-        cuda_type(dtype()), ldas_.data(), device + groups, cuda_type(dtype()), ldbs_.data(), betas_.data(),
-        const_cast<void* const*>(reinterpret_cast<const void* const*>(device + 2 * groups)), cuda_type(dtype()),
-        ldcs_.data(), groups, group_sizes_.data(), CUBLAS_COMPUTE_32F));
+        handle_, ops_.data(), no_transpose_.data(), ms_.data(), ns_.data(), ks_.data(), alphas_.data(), device, type,
+        ldas_.data(), device + groups, type, ldbs_.data(), betas_.data(),
+        const_cast<void* const*>(reinterpret_cast<const void* const*>(device + 2 * groups)), type, ldcs_.data(), groups,
+        group_sizes_.data(), CUBLAS_COMPUTE_32F));
   }
 
   cublasHandle_t handle_;

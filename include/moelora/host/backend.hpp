@@ -30,7 +30,6 @@ struct HostStream {};
 struct HostBackend {
   using stream_type = HostStream;
   static constexpr Memory memory = Memory::host;
-  static constexpr std::string_view name = "host";
 
   static void* allocate(std::size_t bytes) { return ::operator new(bytes, std::align_val_t{64}); }
   static void deallocate(void* data) noexcept { ::operator delete(data, std::align_val_t{64}); }

@@ -84,6 +84,25 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 
+/// A `Stages`-deep cp.async ring over `steps` steps; `load(step)` issues one step's copies into
+/// stage `step % Stages`. `ring_fill` issues the first `Stages − 1` steps; `ring_next(step, ...)`
+/// waits until step `step` has landed, makes it visible to the block (so stage `step − 1` is free
+/// everywhere) and issues step `step + Stages − 1`. Every call commits one group, empty or not.
+template <int Stages, class Load>
+__device__ __forceinline__ void ring_fill(int steps, Load&& load) {
+  for (int s = 0; s < Stages - 1; ++s) {
+    if (s < steps) load(s);
+    cp_async_commit();
+  }
+}
+template <int Stages, class Load>
+__device__ __forceinline__ void ring_next(int step, int steps, Load&& load) {
+  cp_async_wait<Stages - 2>();
+  __syncthreads();
+  if (step + Stages - 1 < steps) load(step + Stages - 1);
+  cp_async_commit();
+}
+
 /// 8 consecutive elements of T as one aligned vector (16 bytes for 16-bit T, 32 for fp32).
 template <class T>
 struct alignas(sizeof(T) * 8) Vec8 {

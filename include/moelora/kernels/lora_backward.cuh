@@ -13,6 +13,7 @@
 
 namespace moelora::kernels {
 
+inline constexpr int kWarps = 4;                 ///< warps of one role (row-wise result or gradient)
 inline constexpr int kSubTile = 64;              ///< rows a backward block processes at a time
 inline constexpr int kGroupRows = 16 * kSubTile;  ///< rows of one backward row group (schedule granularity)
 inline constexpr int kBackwardStages = 4;        ///< depth of the cp.async ring of row tiles
@@ -101,7 +102,6 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
   const FT* h = static_cast<const FT*>(p.h) + group.row0 * p.rank;
 
   const auto load = [&](int t) {  // sub-tile t's dy slice and h rows, into stage t % kBackwardStages
-    if (t >= tiles) return;
     FT* stage = ring + (t % kBackwardStages) * (L::kDy + L::kH);
     const int rows = group.rows - t * kSubTile;
     load_tile<kSubTile, kChunk, kGradBThreads>(stage, kLdC, dy + static_cast<std::int64_t>(t) * kSubTile * p.out,
@@ -109,18 +109,12 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
     load_tile<kSubTile, kN, kGradBThreads>(stage + L::kDy, kLdN, h + static_cast<std::int64_t>(t) * kSubTile * p.rank,
                                            p.rank, rows, p.rank);
   };
-  for (int s = 0; s < kBackwardStages - 1; ++s) {
-    load(s);
-    cp_async_commit();
-  }
+  ring_fill<kBackwardStages>(tiles, load);
   FragAcc acc[NFrag];
 #pragma unroll
   for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
   for (int t = 0; t < tiles; ++t) {
-    cp_async_wait<kBackwardStages - 2>();
-    __syncthreads();  // sub-tile t has landed; sub-tile t − 1 is done everywhere
-    load(t + kBackwardStages - 1);
-    cp_async_commit();
+    ring_next<kBackwardStages>(t, tiles, load);
     const FT* dys = ring + (t % kBackwardStages) * (L::kDy + L::kH);
     const FT* hs = dys + L::kDy;
 #pragma unroll
@@ -217,26 +211,19 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
       as, kLdC, static_cast<const FT*>(p.a) + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in,
       p.rank, k_valid);
   const auto load = [&](int t) {  // sub-tile t's x slice, u rows and dx slice
-    if (t >= tiles) return;
     const int rows = group.rows - t * kSubTile;
     const std::int64_t row0 = static_cast<std::int64_t>(t) * kSubTile;
     if (p.grad_a) load_tile<kSubTile, kChunk, kBackwardThreads>(x_tile(t), kLdC, x + row0 * p.in, p.in, rows, k_valid);
     load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t), kLdN, u + row0 * p.rank, p.rank, rows, p.rank);
     if (dx) load_tile<kSubTile, kChunk, kBackwardThreads>(dx_tile(t), kLdC, dx + row0 * p.in, p.in, rows, k_valid);
   };
-  for (int s = 0; s < kXStages - 1; ++s) {  // the A slice travels with the first group
-    load(s);
-    cp_async_commit();
-  }
+  ring_fill<kXStages>(tiles, load);  // the A slice travels with the first group
 
   FragAcc da[NFrag];
 #pragma unroll
   for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(da[f], 0.0f);
   for (int t = 0; t < tiles; ++t) {
-    cp_async_wait<kXStages - 2>();
-    __syncthreads();  // sub-tile t has landed; sub-tile t − 1 is done everywhere
-    load(t + kXStages - 1);
-    cp_async_commit();
+    ring_next<kXStages>(t, tiles, load);
     const FT* xs = x_tile(t);
     const FT* us = u_tile(t);
 

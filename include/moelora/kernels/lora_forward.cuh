@@ -14,7 +14,6 @@
 
 namespace moelora::kernels {
 
-inline constexpr int kWarps = 4;              ///< warps of a backward role (row-wise or gradient)
 inline constexpr int kForwardRows = 128;      ///< rows of a forward tile (schedule granularity)
 inline constexpr int kChunk = 64;             ///< columns per pipelined K chunk
 inline constexpr int kPad = 8;                ///< shared-memory row padding, 16-bit elements
@@ -93,7 +92,8 @@ __global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(Pr
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const auto chunks = static_cast<int>((k_end - k_begin + kChunk - 1) / kChunk);
 
-  const auto load_chunk = [&](int chunk, int stage) {
+  const auto load_chunk = [&](int chunk) {  // into stage chunk % kStages
+    const int stage = chunk % kStages;
     const std::int64_t k0 = k_begin + static_cast<std::int64_t>(chunk) * kChunk;
     load_tile<kRows, kChunk, kBlockThreads>(xs + stage * kRows * kLd, kLd, in + k0, p.k, tile.rows,
                                                      k_end - k0);
@@ -108,16 +108,9 @@ __global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(Pr
 #pragma unroll
   for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < chunks) load_chunk(s, s);
-    cp_async_commit();
-  }
+  ring_fill<kStages>(chunks, load_chunk);
   for (int chunk = 0; chunk < chunks; ++chunk) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (chunk + kStages - 1 < chunks) load_chunk(chunk + kStages - 1, (chunk + kStages - 1) % kStages);
-    cp_async_commit();
+    ring_next<kStages>(chunk, chunks, load_chunk);
     const FT* xt = xs + (chunk % kStages) * kRows * kLd + warp * 16 * kLd;
     const FT* ft = fs + (chunk % kStages) * kFactorChunk;
 #pragma unroll
