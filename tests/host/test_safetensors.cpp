@@ -2,6 +2,7 @@
 // of malformed files and bad writes (with the target file left untouched).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -76,8 +77,7 @@ TEST_CASE("safetensors: every dtype and the metadata round-trip bit for bit") {
     const TensorBytes& got = file.tensor(expected.name);
     CHECK(got.dtype == expected.dtype);
     CHECK(got.shape == expected.shape);
-    REQUIRE(got.bytes.size() == expected.bytes.size());
-    CHECK(std::memcmp(got.bytes.data(), expected.bytes.data(), got.bytes.size()) == 0);
+    CHECK(std::ranges::equal(got.bytes, expected.bytes));
   }
   CHECK_THROWS_WITH_AS(static_cast<void>(file.tensor("missing")), doctest::Contains("has no tensor \"missing\""), Error);
 }
@@ -133,7 +133,7 @@ TEST_CASE("safetensors: malformed files are rejected with the reason") {
   write_raw(path, R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8);
   check_bad(path, "not a non-negative integer");
   write_raw(path, R"({"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,8]}})", 8);
-  check_bad(path, "its shape and dtype need");
+  check_bad(path, "byte size overflows 64 bits");
   write_raw(path, R"([1,2,3])", 0);
   check_bad(path, "not a JSON object");
   CHECK_THROWS_AS(SafetensorsFile(dir.path / "absent.safetensors"), Error);

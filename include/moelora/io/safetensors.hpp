@@ -7,8 +7,10 @@
 /// reader rejects, with ErrorCode::bad_file naming the problem: a file shorter than its header, a
 /// header over kMaxHeaderBytes, malformed JSON, duplicate keys, unknown dtypes, non-string metadata,
 /// offsets that do not tile the data section contiguously from 0 (holes, overlaps, past the end),
-/// and byte sizes that disagree with shape × dtype size. The writer writes a temporary file beside
-/// the target and renames it into place, so a failure never leaves a partial file.
+/// shapes whose size overflows 64 bits, and byte sizes that disagree with shape × dtype size. The
+/// same validation serves a memory image (for callers that already hold the bytes, and the fuzzer).
+/// The writer writes and syncs a temporary file beside the target and renames it into place, so a
+/// failure or a crash never leaves a partial file.
 #pragma once
 
 #include <fcntl.h>
@@ -22,10 +24,11 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -72,10 +75,21 @@ struct TensorBytes {
 
 using Metadata = std::map<std::string, std::string>;
 
-/// A safetensors file mapped read-only into memory; tensor views stay valid while it lives.
+/// The byte size of a `dtype` tensor of `shape`, or nullopt when a dimension is negative or the
+/// product (taken left to right, as the reference reader does) leaves the int64 range.
+inline std::optional<std::uint64_t> st_byte_size(std::span<const std::int64_t> shape, StDType dtype) {
+  std::int64_t n = 1;
+  for (const std::int64_t d : shape)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return std::nullopt;
+  if (__builtin_mul_overflow(n, static_cast<std::int64_t>(st_dtype_size(dtype)), &n)) return std::nullopt;
+  return static_cast<std::uint64_t>(n);
+}
+
+/// A safetensors file mapped read-only into memory (or a caller's memory image of one); tensor
+/// views stay valid while it lives.
 class SafetensorsFile {
  public:
-  explicit SafetensorsFile(const std::filesystem::path& path) : path_(path) {
+  explicit SafetensorsFile(const std::filesystem::path& path) : path_(path), mapped_(true) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     MOELORA_REQUIRE(fd >= 0, ErrorCode::io, "cannot open ", path.string(), ": ", std::strerror(errno));
     struct stat st {};
@@ -95,11 +109,17 @@ class SafetensorsFile {
       throw;
     }
   }
+  /// Validates and views `image`, the bytes of a whole safetensors file, which must outlive this
+  /// object; `name` stands for the file in error messages and path().
+  SafetensorsFile(std::span<const std::byte> image, std::string name)
+      : path_(std::move(name)), data_(image.data()), size_(image.size()) {
+    parse();
+  }
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
   ~SafetensorsFile() { unmap(); }
 
-  /// Tensors in the order of their data offsets.
+  /// Tensors in the order of their data offsets (empty tensors at one offset in the header's order).
   [[nodiscard]] const std::vector<TensorBytes>& tensors() const { return tensors_; }
   [[nodiscard]] const Metadata& metadata() const { return metadata_; }
   [[nodiscard]] const std::filesystem::path& path() const { return path_; }
@@ -127,17 +147,17 @@ class SafetensorsFile {
     // Duplicate keys are an error (JSON parsers silently keep one): track keys per object.
     std::vector<std::set<std::string>> keys;
     std::string duplicate;
-    const auto track = [&](int /*depth*/, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-      using E = nlohmann::json::parse_event_t;
+    const auto track = [&](int /*depth*/, nlohmann::ordered_json::parse_event_t event, nlohmann::ordered_json& parsed) {
+      using E = nlohmann::ordered_json::parse_event_t;
       if (event == E::object_start) keys.emplace_back();
       else if (event == E::object_end) keys.pop_back();
       else if (event == E::key && !keys.back().insert(parsed.get<std::string>()).second && duplicate.empty())
         duplicate = parsed.get<std::string>();
       return true;
     };
-    nlohmann::json header;
+    nlohmann::ordered_json header;  // keeps the file's order of entries, so ties below keep it too
     try {
-      header = nlohmann::json::parse(text.begin(), text.end(), track);
+      header = nlohmann::ordered_json::parse(text.begin(), text.end(), track);
     } catch (const nlohmann::json::exception& e) {
       bad(std::string("its header is not valid JSON (") + e.what() + ")");
     }
@@ -171,6 +191,8 @@ class SafetensorsFile {
       if (!shape.is_array()) bad("tensor \"" + name + "\" has a shape that is not an array");
       for (const auto& d : shape) {
         if (!d.is_number_unsigned()) bad("tensor \"" + name + "\" has a shape entry that is not a non-negative integer");
+        if (d.get<std::uint64_t>() > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
+          bad("tensor \"" + name + "\" has the shape entry " + std::to_string(d.get<std::uint64_t>()) + ", over 2^63 - 1");
         t.shape.push_back(d.get<std::int64_t>());
       }
       if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() || !offsets[1].is_number_unsigned())
@@ -179,16 +201,19 @@ class SafetensorsFile {
       if (begin > end || end > data_bytes)
         bad("tensor \"" + name + "\" has data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
             "] outside the " + std::to_string(data_bytes) + "-byte data section");
-      long double expected = static_cast<long double>(st_dtype_size(t.dtype));
-      for (const std::int64_t d : t.shape) expected *= static_cast<long double>(d);
-      if (expected != static_cast<long double>(end - begin))
+      const std::optional<std::uint64_t> expected = st_byte_size(t.shape, t.dtype);
+      if (!expected) bad("tensor \"" + name + "\" has a shape whose byte size overflows 64 bits");
+      if (*expected != end - begin)
         bad("tensor \"" + name + "\" has " + std::to_string(end - begin) + " bytes but its shape and dtype need " +
-            std::to_string(static_cast<unsigned long long>(expected)));
+            std::to_string(*expected));
       t.bytes = std::span<const std::byte>(data + begin, end - begin);
       tensors_.push_back(std::move(t));
     }
-    std::sort(tensors_.begin(), tensors_.end(),
-              [&](const TensorBytes& a, const TensorBytes& b) { return a.bytes.data() < b.bytes.data(); });
+    // By (begin, end), as the reference reader sorts: empty tensors sharing an offset come first,
+    // in the header's order.
+    std::stable_sort(tensors_.begin(), tensors_.end(), [](const TensorBytes& a, const TensorBytes& b) {
+      return std::pair(a.bytes.data(), a.bytes.size()) < std::pair(b.bytes.data(), b.bytes.size());
+    });
     std::uint64_t expected_begin = 0;
     for (const TensorBytes& t : tensors_) {
       const auto begin = static_cast<std::uint64_t>(t.bytes.data() - data);
@@ -202,11 +227,12 @@ class SafetensorsFile {
   }
 
   void unmap() noexcept {
-    if (data_) ::munmap(const_cast<std::byte*>(data_), size_);
+    if (mapped_ && data_) ::munmap(const_cast<std::byte*>(data_), size_);
     data_ = nullptr;
   }
 
   std::filesystem::path path_;
+  bool mapped_ = false;
   const std::byte* data_ = nullptr;
   std::size_t size_ = 0;
   std::vector<TensorBytes> tensors_;
@@ -218,7 +244,7 @@ class SafetensorsFile {
 /// count must equal its shape × dtype size. On any failure the target is untouched.
 inline void write_safetensors(const std::filesystem::path& path, const std::vector<TensorBytes>& tensors,
                               const Metadata& metadata = {}) {
-  nlohmann::ordered_json header;
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::set<std::string> names;
   std::uint64_t offset = 0;
@@ -226,31 +252,48 @@ inline void write_safetensors(const std::filesystem::path& path, const std::vect
     MOELORA_REQUIRE(t.name != "__metadata__" && !t.name.empty(), ErrorCode::invalid_argument,
                     "a tensor may not be called \"", t.name, "\"");
     MOELORA_REQUIRE(names.insert(t.name).second, ErrorCode::invalid_argument, "tensor \"", t.name, "\" is given twice");
-    MOELORA_REQUIRE(t.bytes.size() == static_cast<std::size_t>(t.numel()) * st_dtype_size(t.dtype),
-                    ErrorCode::invalid_argument, "tensor \"", t.name, "\" has ", t.bytes.size(),
-                    " bytes but its shape and dtype need ", static_cast<std::size_t>(t.numel()) * st_dtype_size(t.dtype));
+    const std::optional<std::uint64_t> need = st_byte_size(t.shape, t.dtype);
+    MOELORA_REQUIRE(need.has_value(), ErrorCode::invalid_argument, "tensor \"", t.name,
+                    "\" has a negative dimension or a shape whose byte size overflows 64 bits");
+    MOELORA_REQUIRE(t.bytes.size() == *need, ErrorCode::invalid_argument, "tensor \"", t.name, "\" has ",
+                    t.bytes.size(), " bytes but its shape and dtype need ", *need);
     header[t.name] = {{"dtype", st_dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
     offset += t.bytes.size();
   }
-  std::string text = header.dump();
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const nlohmann::json::type_error&) {
+    detail::raise(ErrorCode::invalid_argument, "a tensor name or metadata string is not valid UTF-8");
+  }
   text.append((8 - text.size() % 8) % 8, ' ');  // align the data section to 8 bytes, as the reference writer does
 
   const std::filesystem::path temporary = path.string() + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    MOELORA_REQUIRE(out.good(), ErrorCode::io, "cannot create ", temporary.string());
-    unsigned char length[8];
-    for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((static_cast<std::uint64_t>(text.size()) >> (8 * i)) & 0xff);
-    out.write(reinterpret_cast<const char*>(length), 8);
-    out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    for (const TensorBytes& t : tensors)
-      out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
-    out.flush();
-    if (!out.good()) {
-      out.close();
-      std::filesystem::remove(temporary);
-      detail::raise(ErrorCode::io, "cannot write ", temporary.string());
+  const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  MOELORA_REQUIRE(fd >= 0, ErrorCode::io, "cannot create ", temporary.string(), ": ", std::strerror(errno));
+  const auto write_all = [fd](const void* bytes, std::size_t n) {
+    for (auto* p = static_cast<const char*>(bytes); n > 0;) {
+      const ::ssize_t done = ::write(fd, p, n);
+      if (done < 0 && errno == EINTR) continue;
+      if (done <= 0) return false;
+      p += done;
+      n -= static_cast<std::size_t>(done);
     }
+    return true;
+  };
+  unsigned char length[8];
+  for (int i = 0; i < 8; ++i) length[i] = static_cast<unsigned char>((static_cast<std::uint64_t>(text.size()) >> (8 * i)) & 0xff);
+  bool ok = write_all(length, 8) && write_all(text.data(), text.size());
+  for (const TensorBytes& t : tensors) ok = ok && write_all(t.bytes.data(), t.bytes.size());
+  ok = ok && ::fsync(fd) == 0;  // the data reaches the disk before the rename can
+  int write_errno = ok ? 0 : errno;
+  if (::close(fd) != 0 && ok) {
+    ok = false;
+    write_errno = errno;
+  }
+  if (!ok) {
+    std::filesystem::remove(temporary);
+    detail::raise(ErrorCode::io, "cannot write ", temporary.string(), ": ", std::strerror(write_errno));
   }
   std::error_code error;
   std::filesystem::rename(temporary, path, error);
