@@ -1,0 +1,326 @@
+/// \file
+/// \brief Scalar codecs of the quantization formats (E4M3, E2M1, NF4, E8M0, integer rint) and the
+/// per-scheme group codecs of DESIGN.md §5, shared by the host and the device implementations so
+/// that both round identically, bit for bit.
+///
+/// Every operation here is a single IEEE fp32 operation rounded to nearest even (`*`, `/`), an
+/// exact one (comparisons, rint, bit manipulation) or integer arithmetic: there is no `a * b + c`
+/// that nvcc could contract into an FMA, and no fast-math intrinsic.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "moelora/core/half_types.hpp"
+#include "moelora/quant/format.hpp"
+
+#if defined(__CUDA_ARCH__)
+#define MOELORA_UNROLL _Pragma("unroll")
+#else
+#define MOELORA_UNROLL
+#endif
+
+namespace moelora::quant {
+
+/// An INT or FP8 group (or tensor) with amax below this quantizes to zero (DESIGN.md §5).
+inline constexpr float kTinyAmax = 0x1p-24f;
+/// NVFP4 block scales below this are replaced by 1 (DESIGN.md §5).
+inline constexpr float kNvfp4MinBlockScale = 1e-5f;
+
+/// |value| as raw bits: a non-negative float whose unsigned order is its numeric order, so the
+/// amax of a set is the unsigned max of these (the same on the host and the device, NaN included).
+MOELORA_HOST_DEVICE inline std::uint32_t abs_bits(float value) { return detail::float_bits(value) & 0x7fffffffu; }
+
+/// Rounds to the nearest integer, ties to even (exact).
+MOELORA_HOST_DEVICE inline float rint_even(float value) {
+#if defined(__CUDA_ARCH__)
+  return rintf(value);
+#else
+  return std::rint(value);
+#endif
+}
+
+/// FP8 E4M3 (OCP "fn": bias 7, no infinities, max 448, NaN = S.1111.111) of `value`, rounded to
+/// nearest even and saturating: |value| ≥ 448 (infinity included) gives ±448; NaN gives NaN.
+MOELORA_HOST_DEVICE inline std::uint8_t e4m3_encode(float value) {
+  const std::uint32_t bits = detail::float_bits(value);
+  const auto sign = static_cast<std::uint8_t>((bits >> 24) & 0x80u);
+  const std::uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return sign | 0x7fu;   // NaN
+  if (magnitude >= 0x43e00000u) return sign | 0x7eu;  // ≥ 448: saturate
+  if (magnitude < 0x3c800000u) {                      // below 2^-6: subnormal, in units of 2^-9
+    // 0..8 units; 8 units is 2^-6, whose code 0x08 is the smallest normal: the codes line up.
+    return sign | static_cast<std::uint8_t>(rint_even(detail::bits_float(magnitude) * 512.0f));
+  }
+  const std::uint32_t rounded = magnitude + 0x7ffffu + ((magnitude >> 20) & 1u);  // keep 3 mantissa bits
+  return sign | static_cast<std::uint8_t>((rounded >> 20) - (120u << 3));          // rebias 127 → 7
+}
+
+/// The value of an E4M3 code.
+MOELORA_HOST_DEVICE inline float e4m3_decode(std::uint8_t code) {
+  const std::uint32_t exponent = (code >> 3) & 0xfu;
+  const std::uint32_t mantissa = code & 0x7u;
+  if (exponent == 0) {
+    const float value = static_cast<float>(mantissa) * 0x1p-9f;
+    return (code & 0x80u) ? -value : value;
+  }
+  const std::uint32_t sign = static_cast<std::uint32_t>(code & 0x80u) << 24;
+  if (exponent == 15 && mantissa == 7) return detail::bits_float(sign | 0x7fc00000u);
+  return detail::bits_float(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+}
+
+/// FP4 E2M1 nibble of `value`: sign in bit 3 (the sign bit of `value`), magnitude index 0–7 of
+/// {0, 0.5, 1, 1.5, 2, 3, 4, 6}, rounded to nearest with ties to the even index, saturating at 6.
+MOELORA_HOST_DEVICE inline std::uint8_t e2m1_encode(float value) {
+  const std::uint32_t bits = detail::float_bits(value);
+  const float a = detail::bits_float(bits & 0x7fffffffu);
+  // Midpoints .25 .75 1.25 1.75 2.5 3.5 5: a tie goes to the even index on either side.
+  const int index = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
+  return static_cast<std::uint8_t>(((bits >> 28) & 0x8u) | static_cast<std::uint32_t>(index));
+}
+
+/// The value of an E2M1 nibble (bits 4–7 of `code` ignored).
+MOELORA_HOST_DEVICE inline float e2m1_decode(std::uint8_t code) {
+  const std::uint32_t index = code & 0x7u;
+  // index ≥ 2: exponent 2^((index >> 1) − 1), one mantissa bit; 0 and 1 are 0 and 0.5.
+  const float magnitude = index < 2 ? static_cast<float>(index) * 0.5f
+                                    : detail::bits_float(((126u + (index >> 1)) << 23) | ((index & 1u) << 22));
+  return (code & 0x8u) ? -magnitude : magnitude;
+}
+
+/// The 16 NF4 values of QLoRA (Dettmers et al. 2023) in increasing order; index 7 is 0.
+MOELORA_HOST_DEVICE constexpr float nf4_value(int index) {
+  switch (index) {
+    case 0: return -1.0f;
+    case 1: return -0.6961928009986877f;
+    case 2: return -0.5250730514526367f;
+    case 3: return -0.39491748809814453f;
+    case 4: return -0.28444138169288635f;
+    case 5: return -0.18477343022823334f;
+    case 6: return -0.09105003625154495f;
+    case 7: return 0.0f;
+    case 8: return 0.07958029955625534f;
+    case 9: return 0.16093020141124725f;
+    case 10: return 0.24611230194568634f;
+    case 11: return 0.33791524171829224f;
+    case 12: return 0.44070982933044434f;
+    case 13: return 0.5626170039176941f;
+    case 14: return 0.7229568362236023f;
+    default: return 1.0f;
+  }
+}
+
+/// fp32 midpoint between NF4 values `index` and `index + 1`.
+MOELORA_HOST_DEVICE constexpr float nf4_midpoint(int index) { return (nf4_value(index) + nf4_value(index + 1)) * 0.5f; }
+
+/// Index of the NF4 value nearest to `normalized` (a value divided by its block's absmax); a value
+/// exactly on a midpoint takes the lower code.
+MOELORA_HOST_DEVICE inline std::uint8_t nf4_encode(float normalized) {
+  int index = 0;
+  MOELORA_UNROLL
+  for (int i = 0; i < 15; ++i) index += normalized > nf4_midpoint(i);
+  return static_cast<std::uint8_t>(index);
+}
+
+/// E8M0 code of the MXFP4 scale of a block with amax `amax` ≥ 0: 2^(floor(log2 amax) − 2), i.e.
+/// the biased exponent of `amax` minus 2, clamped below at 2^-127 (code 0; zero and tiny blocks).
+MOELORA_HOST_DEVICE inline std::uint8_t e8m0_encode_mx(float amax) {
+  const std::uint32_t biased = (detail::float_bits(amax) >> 23) & 0xffu;
+  return static_cast<std::uint8_t>(biased > 2 ? biased - 2 : 0);
+}
+
+/// The power of two of an E8M0 code (2^(code − 127); code 255 is NaN).
+MOELORA_HOST_DEVICE inline float e8m0_decode(std::uint8_t code) {
+  if (code == 0) return detail::bits_float(0x00400000u);  // 2^-127, subnormal
+  if (code == 255) return detail::bits_float(0x7fc00000u);
+  return detail::bits_float(static_cast<std::uint32_t>(code) << 23);
+}
+
+/// 1 / e8m0_decode(code) for codes 0–253, exact (2^(127 − code)).
+MOELORA_HOST_DEVICE inline float e8m0_inverse(std::uint8_t code) {
+  return detail::bits_float((254u - code) << 23);
+}
+
+/// INT scale of DESIGN.md §5: s = bound / amax, or 1 when amax < 2^-24 (all codes then 0).
+MOELORA_HOST_DEVICE inline float int_scale(float amax, float bound) { return amax < kTinyAmax ? 1.0f : bound / amax; }
+
+/// clamp(rint(x · s), −bound − 1, bound) as a two's complement byte (INT4: its low nibble).
+template <int Bits>
+MOELORA_HOST_DEVICE inline std::uint8_t int_encode(float x, float s) {
+  constexpr float kBound = static_cast<float>((1 << (Bits - 1)) - 1);
+  float q = rint_even(x * s);
+  q = q < -kBound - 1.0f ? -kBound - 1.0f : q;
+  q = q > kBound ? kBound : q;
+  return static_cast<std::uint8_t>(static_cast<std::int32_t>(q) & ((1 << Bits) - 1));
+}
+
+/// The signed integer of an INT code.
+template <int Bits>
+MOELORA_HOST_DEVICE inline float int_code_value(std::uint8_t code) {
+  constexpr std::int32_t kSign = 1 << (Bits - 1);
+  return static_cast<float>((static_cast<std::int32_t>(code & ((1 << Bits) - 1)) ^ kSign) - kSign);
+}
+
+// ---- schemes: one per format and granularity --------------------------------------------------
+
+/// A (format, granularity) pair: the seven ways a weight can be quantized.
+enum class Scheme : std::uint8_t { int8_tensor, int8_channel, int4_block, fp8_tensor, nvfp4, nf4, mxfp4 };
+
+/// The scheme of a (validated) spec.
+constexpr Scheme scheme_of(const QuantSpec& spec) {
+  switch (spec.format) {
+    case Format::int8: return spec.granularity == Granularity::per_channel ? Scheme::int8_channel : Scheme::int8_tensor;
+    case Format::int4: return Scheme::int4_block;
+    case Format::fp8_e4m3: return Scheme::fp8_tensor;
+    case Format::nvfp4: return Scheme::nvfp4;
+    case Format::nf4: return Scheme::nf4;
+    case Format::mxfp4: break;
+  }
+  return Scheme::mxfp4;
+}
+
+/// The numbers a group's elements are coded with: `enc` is what encoding multiplies (INT, FP8,
+/// MXFP4) or divides (NVFP4, NF4) by, `dec` what decoding divides (INT, FP8) or multiplies by.
+struct GroupScale {
+  float enc, dec;
+};
+
+/// How one scheme codes a group of elements. Members:
+/// - `kBits`: bits per code; `kGroup`: elements per group along `in` (0: the whole tensor, one
+///   scale from the tensor amax; -1: a whole row, i.e. per output channel);
+/// - `Stored`: element type of the `scales` section (`float` or a one-byte code; unused when
+///   kGroup == 0);
+/// - `make(group_amax, tensor_amax, stored)`: the group's scale from its calibrated amax, and what
+///   the `scales` section stores; `load(stored, tensor_amax)`: the same GroupScale from the stored
+///   form (bit for bit what `make` returned);
+/// - `encode(x, scale)` → code; `decode(code, scale)` → value.
+template <Scheme S> struct SchemeCodec;
+
+/// INT8 per tensor: s = 127 / tensor amax; y = clamp(rint(x·s), −128, 127) / s.
+template <> struct SchemeCodec<Scheme::int8_tensor> {
+  static constexpr int kBits = 8;
+  static constexpr int kGroup = 0;
+  using Stored = float;
+  MOELORA_HOST_DEVICE static GroupScale load(Stored /*stored*/, float tensor_amax) {
+    const float s = int_scale(tensor_amax, 127.0f);
+    return {s, s};
+  }
+  MOELORA_HOST_DEVICE static GroupScale make(float /*group_amax*/, float tensor_amax, Stored& stored) {
+    return load(stored, tensor_amax);
+  }
+  MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return int_encode<8>(x, s.enc); }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return int_code_value<8>(code) / s.dec; }
+};
+
+/// INT8 per output channel: s = 127 / row amax, stored per row.
+template <> struct SchemeCodec<Scheme::int8_channel> : SchemeCodec<Scheme::int8_tensor> {
+  static constexpr int kGroup = -1;
+  MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) { return {stored, stored}; }
+  MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float /*tensor_amax*/, Stored& stored) {
+    stored = int_scale(group_amax, 127.0f);
+    return {stored, stored};
+  }
+};
+
+/// INT4 blockwise: blocks of 128 along `in`, s = 7 / block amax stored per block.
+template <> struct SchemeCodec<Scheme::int4_block> {
+  static constexpr int kBits = 4;
+  static constexpr int kGroup = 128;
+  using Stored = float;
+  MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) { return {stored, stored}; }
+  MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float /*tensor_amax*/, Stored& stored) {
+    stored = int_scale(group_amax, 7.0f);
+    return {stored, stored};
+  }
+  MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return int_encode<4>(x, s.enc); }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return int_code_value<4>(code) / s.dec; }
+};
+
+/// FP8 E4M3 per tensor: s = 448 / tensor amax (1 below 2^-24); y = e4m3(x·s) / s.
+template <> struct SchemeCodec<Scheme::fp8_tensor> {
+  static constexpr int kBits = 8;
+  static constexpr int kGroup = 0;
+  using Stored = float;
+  MOELORA_HOST_DEVICE static GroupScale load(Stored /*stored*/, float tensor_amax) {
+    const float s = int_scale(tensor_amax, 448.0f);
+    return {s, s};
+  }
+  MOELORA_HOST_DEVICE static GroupScale make(float /*group_amax*/, float tensor_amax, Stored& stored) {
+    return load(stored, tensor_amax);
+  }
+  MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return e4m3_encode(x * s.enc); }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return e4m3_decode(code) / s.dec; }
+};
+
+/// NVFP4: gs = tensor amax / (6·448); per 16-block the E4M3 code of min(bmax / (6·gs), 448) is
+/// stored, sb = e4m3(...)·gs (1 below 1e-5); y = E2M1(x / sb)·sb.
+template <> struct SchemeCodec<Scheme::nvfp4> {
+  static constexpr int kBits = 4;
+  static constexpr int kGroup = 16;
+  using Stored = std::uint8_t;
+  MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float tensor_amax) {
+    const float gs = tensor_amax / 2688.0f;
+    const float sb = e4m3_decode(stored) * gs;
+    const float scale = sb < kNvfp4MinBlockScale ? 1.0f : sb;
+    return {scale, scale};
+  }
+  MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float tensor_amax, Stored& stored) {
+    const float gs = tensor_amax / 2688.0f;
+    const float ratio = group_amax / (6.0f * gs);
+    stored = e4m3_encode(ratio < 448.0f ? ratio : 448.0f);  // NaN (0/0 of an all-zero tensor) → 448
+    return load(stored, tensor_amax);
+  }
+  MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return e2m1_encode(x / s.enc); }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return e2m1_decode(code) * s.dec; }
+};
+
+/// NF4: blocks of 64, c = block absmax stored as fp32; code = nearest NF4 value of x / c; y = v·c.
+template <> struct SchemeCodec<Scheme::nf4> {
+  static constexpr int kBits = 4;
+  static constexpr int kGroup = 64;
+  using Stored = float;
+  MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) { return {stored, stored}; }
+  MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float /*tensor_amax*/, Stored& stored) {
+    stored = group_amax;
+    return {stored, stored};
+  }
+  MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) {
+    return nf4_encode(s.enc == 0.0f ? 0.0f : x / s.enc);
+  }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return nf4_value(code & 0xf) * s.dec; }
+};
+
+/// MXFP4: blocks of 32, E8M0 scale 2^(floor(log2 bmax) − 2); y = E2M1(x / scale)·scale. Encoding
+/// multiplies by the exact inverse power of two, which rounds exactly as the division does.
+template <> struct SchemeCodec<Scheme::mxfp4> {
+  static constexpr int kBits = 4;
+  static constexpr int kGroup = 32;
+  using Stored = std::uint8_t;
+  MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) {
+    return {e8m0_inverse(stored), e8m0_decode(stored)};
+  }
+  MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float tensor_amax, Stored& stored) {
+    stored = e8m0_encode_mx(group_amax);
+    return load(stored, tensor_amax);
+  }
+  MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return e2m1_encode(x * s.enc); }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return e2m1_decode(code) * s.dec; }
+};
+
+/// Calls `f(std::integral_constant<Scheme, S>{})` with the compile-time scheme of `spec`.
+template <class F>
+decltype(auto) dispatch_scheme(const QuantSpec& spec, F&& f) {
+  switch (scheme_of(spec)) {
+    case Scheme::int8_tensor: return f(std::integral_constant<Scheme, Scheme::int8_tensor>{});
+    case Scheme::int8_channel: return f(std::integral_constant<Scheme, Scheme::int8_channel>{});
+    case Scheme::int4_block: return f(std::integral_constant<Scheme, Scheme::int4_block>{});
+    case Scheme::fp8_tensor: return f(std::integral_constant<Scheme, Scheme::fp8_tensor>{});
+    case Scheme::nvfp4: return f(std::integral_constant<Scheme, Scheme::nvfp4>{});
+    case Scheme::nf4: return f(std::integral_constant<Scheme, Scheme::nf4>{});
+    case Scheme::mxfp4: break;
+  }
+  return f(std::integral_constant<Scheme, Scheme::mxfp4>{});
+}
+
+}  // namespace moelora::quant
