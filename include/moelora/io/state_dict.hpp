@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -37,6 +38,88 @@ inline std::string factor_key(std::string_view prefix, char which, std::string_v
   return std::string(prefix) + "lora_" + which + "_" + std::string(name) + ".weight";
 }
 
+/// One adapter's settings as checkpoints record them: name, rank, scale, dtype, init, enabled,
+/// trainable, seed.
+inline nlohmann::ordered_json adapter_settings(std::string_view name, const ResolvedAdapterConfig& c) {
+  return {{"name", name},
+          {"rank", c.rank},
+          {"scale", c.scale},
+          {"dtype", dtype_name(c.dtype)},
+          {"init", init_method_name(c.init)},
+          {"enabled", c.enabled},
+          {"trainable", c.trainable},
+          {"seed", c.seed}};
+}
+
+/// The settings a load restores on an existing adapter.
+struct RestoredSettings {
+  double scale = 1.0;
+  bool enabled = true;
+  bool trainable = true;
+};
+
+/// The entry of adapter `name` in a `moelora.adapters` list, checked; a problem is appended to
+/// `problems` (and nothing returned) when there is none or its scale is invalid.
+inline std::optional<RestoredSettings> find_settings(const nlohmann::json& adapters, std::string_view name,
+                                                     std::vector<std::string>& problems) {
+  const auto entry = std::find_if(adapters.begin(), adapters.end(), [&](const nlohmann::json& s) {
+    return s.is_object() && s.value("name", "") == name;
+  });
+  if (entry == adapters.end()) {
+    problems.push_back("no settings for adapter \"" + std::string(name) + "\"");
+    return std::nullopt;
+  }
+  RestoredSettings s{entry->value("scale", 1.0), entry->value("enabled", true), entry->value("trainable", true)};
+  if (!(std::isfinite(s.scale) && s.scale > 0.0)) {
+    problems.push_back("adapter \"" + std::string(name) + "\" has the invalid scale " + std::to_string(s.scale));
+    return std::nullopt;
+  }
+  return s;
+}
+
+/// Parses the JSON string `text` of what (a metadata entry or a file); a problem when it is not JSON.
+inline nlohmann::json parse_json_or(std::string_view text, std::string_view what, std::vector<std::string>& problems) {
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception&) {
+    problems.push_back(std::string(what) + " is not JSON");
+    return nlohmann::json::array();
+  }
+}
+
+/// "KEY is F32 [4, 8] but ... needs BF16 [4, 16]": a tensor that does not fit.
+inline std::string misfit(const TensorBytes& got, StDType want_dtype, const std::vector<std::int64_t>& want_shape,
+                          std::string_view who = "the layer") {
+  std::ostringstream why;
+  const auto dims = [&](const std::vector<std::int64_t>& shape) {
+    why << '[';
+    for (std::size_t d = 0; d < shape.size(); ++d) why << (d ? ", " : "") << shape[d];
+    why << ']';
+  };
+  why << got.name << " is " << st_dtype_name(got.dtype) << ' ';
+  dims(got.shape);
+  why << " but " << who << " needs " << st_dtype_name(want_dtype) << ' ';
+  dims(want_shape);
+  return why.str();
+}
+
+/// Throws one ErrorCode::invalid_argument "cannot load WHAT: p1; p2; ..." when `problems` is not empty.
+inline void require_no_problems(std::string_view what, const std::vector<std::string>& problems) {
+  if (problems.empty()) return;
+  std::string message;
+  for (const std::string& p : problems) message += (message.empty() ? "" : "; ") + p;
+  detail::raise(ErrorCode::invalid_argument, "cannot load ", what, ": ", message);
+}
+
+/// Applies restored settings to adapter `name` of `layer`.
+template <class Layer>
+void restore_settings(Layer& layer, std::string_view name, const RestoredSettings& s,
+                      typename Layer::stream_type stream) {
+  layer.set_scale(name, s.scale);
+  layer.set_enabled(name, s.enabled);
+  layer.set_trainable(name, s.trainable, stream);
+}
+
 /// Writes every adapter of `layer` to `path` (atomically), reading the factors on `stream`.
 template <class Layer>
 void save_adapters(Layer& layer, const std::filesystem::path& path, std::string_view prefix,
@@ -53,15 +136,7 @@ void save_adapters(Layer& layer, const std::filesystem::path& path, std::string_
       tensors.push_back({factor_key(prefix, which, name), st_dtype_of(factor.dtype),
                          {factor.shape[0], factor.shape[1], factor.shape[2]}, storage.back()});
     }
-    const ResolvedAdapterConfig& c = view.config;
-    adapters.push_back({{"name", name},
-                        {"rank", c.rank},
-                        {"scale", c.scale},
-                        {"dtype", dtype_name(c.dtype)},
-                        {"init", init_method_name(c.init)},
-                        {"enabled", c.enabled},
-                        {"trainable", c.trainable},
-                        {"seed", c.seed}});
+    adapters.push_back(adapter_settings(name, view.config));
   }
   const nlohmann::ordered_json sizes = {
       {"experts", layer.num_experts()}, {"in", layer.in_features()}, {"out", layer.out_features()}};
@@ -78,22 +153,16 @@ void load_adapters(Layer& layer, const std::filesystem::path& path, std::string_
   std::vector<std::string> problems;
   nlohmann::json settings = nlohmann::json::array();
   const auto meta = file.metadata().find("moelora.adapters");
-  if (meta == file.metadata().end()) {
+  if (meta == file.metadata().end())
     problems.push_back("no moelora.adapters metadata");
-  } else {
-    try {
-      settings = nlohmann::json::parse(meta->second);
-    } catch (const nlohmann::json::exception&) {
-      problems.push_back("moelora.adapters metadata is not JSON");
-    }
-  }
+  else
+    settings = parse_json_or(meta->second, "moelora.adapters metadata", problems);
 
   struct Pending {
     std::string name;
     const TensorBytes* a;
     const TensorBytes* b;
-    double scale;
-    bool enabled, trainable;
+    RestoredSettings settings;
   };
   std::vector<Pending> pending;
   std::vector<std::string> expected_keys;
@@ -116,43 +185,24 @@ void load_adapters(Layer& layer, const std::filesystem::path& path, std::string_
       }
       const std::vector<std::int64_t> shape{want.shape[0], want.shape[1], want.shape[2]};
       if (got->shape != shape || got->dtype != st_dtype_of(want.dtype)) {
-        std::ostringstream why;
-        why << key << " is " << st_dtype_name(got->dtype) << " [";
-        for (std::size_t d = 0; d < got->shape.size(); ++d) why << (d ? ", " : "") << got->shape[d];
-        why << "] but the layer needs " << st_dtype_name(st_dtype_of(want.dtype)) << " " << want.shape;
-        problems.push_back(why.str());
+        problems.push_back(misfit(*got, st_dtype_of(want.dtype), shape));
         continue;
       }
       factors[i] = got;
     }
-    const auto entry = std::find_if(settings.begin(), settings.end(),
-                                    [&](const nlohmann::json& s) { return s.value("name", "") == name; });
-    if (entry == settings.end()) {
-      problems.push_back("no settings for adapter \"" + name + "\"");
-    } else if (factors[0] && factors[1]) {
-      pending.push_back({name, factors[0], factors[1], entry->value("scale", 1.0), entry->value("enabled", true),
-                         entry->value("trainable", true)});
-    }
+    const std::optional<RestoredSettings> restored = find_settings(settings, name, problems);
+    if (restored && factors[0] && factors[1]) pending.push_back({name, factors[0], factors[1], *restored});
   }
   for (const TensorBytes& t : file.tensors())
     if (std::find(expected_keys.begin(), expected_keys.end(), t.name) == expected_keys.end())
       problems.push_back("unexpected " + t.name);
-  for (const Pending& p : pending)
-    if (!(std::isfinite(p.scale) && p.scale > 0.0))
-      problems.push_back("adapter \"" + p.name + "\" has the invalid scale " + std::to_string(p.scale));
 
-  if (!problems.empty()) {
-    std::string message;
-    for (const std::string& p : problems) message += (message.empty() ? "" : "; ") + p;
-    detail::raise(ErrorCode::invalid_argument, "cannot load ", path.string(), ": ", message);
-  }
+  require_no_problems(path.string(), problems);
   for (const Pending& p : pending) {
     const AdapterView view = layer.adapter(p.name);
     Backend::copy_from_host(view.a.data, p.a->bytes.data(), p.a->bytes.size(), stream);
     Backend::copy_from_host(view.b.data, p.b->bytes.data(), p.b->bytes.size(), stream);
-    layer.set_scale(p.name, p.scale);
-    layer.set_enabled(p.name, p.enabled);
-    layer.set_trainable(p.name, p.trainable, stream);
+    restore_settings(layer, p.name, p.settings, stream);
   }
 }
 
