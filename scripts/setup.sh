@@ -7,16 +7,28 @@ cd "$(dirname "$0")/.."
 build_dir="${1:-build}"
 
 packages=(meson ninja-build g++ pkg-config libopenblas-dev doctest-dev libcli11-dev nlohmann-json3-dev liblapacke-dev)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "installing: ${missing[*]}"
+# The fuzz test (fuzz/run.sh) needs clang with its libFuzzer runtime; without them it is skipped.
+optional=(clang libclang-rt-dev)
+missing_of() {
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+mapfile -t missing < <(missing_of "${packages[@]}")
+mapfile -t missing_optional < <(missing_of "${optional[@]}")
+if ((${#missing[@]} + ${#missing_optional[@]})); then
   sudo_cmd=""
   [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ((${#missing_optional[@]})); then
+    echo "installing (optional): ${missing_optional[*]}"
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing_optional[@]}" >/dev/null ||
+      echo "could not install ${missing_optional[*]}: the fuzz test will be skipped"
+  fi
 fi
 
 if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
