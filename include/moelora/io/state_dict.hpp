@@ -103,12 +103,13 @@ inline std::string misfit(const TensorBytes& got, StDType want_dtype, const std:
   return why.str();
 }
 
-/// Throws one ErrorCode::invalid_argument "cannot load WHAT: p1; p2; ..." when `problems` is not empty.
-inline void require_no_problems(std::string_view what, const std::vector<std::string>& problems) {
+/// Throws one ErrorCode::invalid_argument "cannot ACTION WHAT: p1; p2; ..." when `problems` is not empty.
+inline void require_no_problems(std::string_view what, const std::vector<std::string>& problems,
+                                std::string_view action = "load") {
   if (problems.empty()) return;
   std::string message;
   for (const std::string& p : problems) message += (message.empty() ? "" : "; ") + p;
-  detail::raise(ErrorCode::invalid_argument, "cannot load ", what, ": ", message);
+  detail::raise(ErrorCode::invalid_argument, "cannot ", action, " ", what, ": ", message);
 }
 
 /// Applies restored settings to adapter `name` of `layer`.
