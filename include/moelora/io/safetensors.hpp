@@ -41,19 +41,19 @@
 namespace moelora::io {
 
 /// Element types of the safetensors format that moelora meets (packed 4-bit data travels as U8).
-enum class StDType : std::uint8_t { BF16, F16, F32, F64, I8, U8, I32, I64, F8_E4M3, F8_E5M2 };
+enum class StDType : std::uint8_t { BF16, F16, F32, F64, I8, U8, I32, I64, F8_E4M3, F8_E5M2, F8_E8M0 };
 
 inline constexpr std::string_view st_dtype_name(StDType d) {
-  constexpr std::string_view kNames[] = {"BF16", "F16", "F32", "F64", "I8", "U8", "I32", "I64", "F8_E4M3", "F8_E5M2"};
+  constexpr std::string_view kNames[] = {"BF16", "F16", "F32", "F64", "I8", "U8", "I32", "I64", "F8_E4M3", "F8_E5M2", "F8_E8M0"};
   return kNames[static_cast<int>(d)];
 }
 inline constexpr std::size_t st_dtype_size(StDType d) {
-  constexpr std::size_t kSizes[] = {2, 2, 4, 8, 1, 1, 4, 8, 1, 1};
+  constexpr std::size_t kSizes[] = {2, 2, 4, 8, 1, 1, 4, 8, 1, 1, 1};
   return kSizes[static_cast<int>(d)];
 }
 /// The StDType of a dtype string; unknown strings throw ErrorCode::bad_file.
 inline StDType parse_st_dtype(std::string_view name) {
-  for (int i = 0; i <= static_cast<int>(StDType::F8_E5M2); ++i)
+  for (int i = 0; i <= static_cast<int>(StDType::F8_E8M0); ++i)
     if (st_dtype_name(static_cast<StDType>(i)) == name) return static_cast<StDType>(i);
   detail::raise(ErrorCode::bad_file, "safetensors dtype \"", name, "\" is not supported");
 }
