@@ -94,7 +94,7 @@ TEST_CASE("quant spec names parse, print and round-trip; unknown names list the 
   CHECK_THROWS_AS(FormatQuantizer<HostBackend>(spec(Format::nvfp4, Granularity::per_channel)), Error);
 }
 
-TEST_CASE("E4M3 codec: round to nearest even, subnormals, saturation at 448") {
+TEST_CASE("quant: E4M3 codec: round to nearest even, subnormals, saturation at 448") {
   CHECK(e4m3_encode(1.0f) == 0x38);   // 0 0111 000
   CHECK(e4m3_encode(-1.0f) == 0xb8);
   CHECK(e4m3_encode(448.0f) == 0x7e);  // 0 1111 110, the largest finite
@@ -123,7 +123,7 @@ TEST_CASE("E4M3 codec: round to nearest even, subnormals, saturation at 448") {
   }
 }
 
-TEST_CASE("E2M1 codec: nearest magnitude of {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even index, saturating") {
+TEST_CASE("quant: E2M1 codec: nearest magnitude of {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even index, saturating") {
   const float in[] = {0.0f, 0.25f, 0.26f, 0.5f, 0.75f, 1.0f, 1.25f, 1.3f, 1.75f, 2.5f, 2.6f, 3.5f, 5.0f, 5.1f, 6.0f, 100.0f};
   const int want[] = {0, 0, 1, 1, 2, 2, 2, 3, 4, 4, 5, 6, 6, 7, 7, 7};
   for (std::size_t i = 0; i < std::size(in); ++i) {
@@ -139,7 +139,7 @@ TEST_CASE("E2M1 codec: nearest magnitude of {0, .5, 1, 1.5, 2, 3, 4, 6}, ties to
   CHECK(std::signbit(e2m1_decode(8)));  // -0
 }
 
-TEST_CASE("NF4 and E8M0 codecs") {
+TEST_CASE("quant: NF4 and E8M0 codecs") {
   CHECK(nf4_encode(0.0f) == 7);
   CHECK(nf4_encode(1.0f) == 15);
   CHECK(nf4_encode(-1.0f) == 0);
@@ -161,7 +161,7 @@ TEST_CASE("NF4 and E8M0 codecs") {
   CHECK(e8m0_inverse(125) == 4.0f);
 }
 
-TEST_CASE("packed layout: sections, dtypes, shapes, 256-byte offsets, bytes per expert") {
+TEST_CASE("quant: packed layout: sections, dtypes, shapes, 256-byte offsets, bytes per expert") {
   const PackedLayout nv = packed_layout(spec(Format::nvfp4), 1, 768, 2048);
   CHECK(nv.codes.bytes == 786432);
   CHECK(nv.codes.dtype == "U8");
@@ -197,7 +197,7 @@ TEST_CASE("packed layout: sections, dtypes, shapes, 256-byte offsets, bytes per 
   CHECK_THROWS_AS(packed_layout(spec(Format::nf4), 0, 4, 4), Error);
 }
 
-TEST_CASE("INT8 per tensor: s = 127 / amax, rint ties to even, shared and per-expert amax") {
+TEST_CASE("quant: INT8 per tensor: s = 127 / amax, rint ties to even, shared and per-expert amax") {
   // amax 127: s = 1, codes are the rounded values.
   const std::vector<float> w = {127.0f, 0.5f, 1.5f, -2.5f, -127.0f, 3.49f};
   check_bits(fake(spec(Format::int8), {1, 1, 6}, w), {127.0f, 0.0f, 2.0f, -2.0f, -127.0f, 3.0f});
@@ -221,7 +221,7 @@ TEST_CASE("INT8 per tensor: s = 127 / amax, rint ties to even, shared and per-ex
   check_bits(fake(spec(Format::int8), {1, 2, 2}, {0x1p-25f, -0x1p-25f, 0.0f, 0x1p-26f}), {0.0f, 0.0f, 0.0f, 0.0f});
 }
 
-TEST_CASE("INT8 per channel: one scale per output row") {
+TEST_CASE("quant: INT8 per channel: one scale per output row") {
   const std::vector<float> w = {127.0f, 0.5f, 1.5f,  // row amax 127: s = 1
                                 2.0f, -1.0f, 0.0f,   // row amax 2: s = 63.5
                                 0.0f, 0.0f, 0.0f};   // zero row: s = 1, all 0
@@ -234,7 +234,7 @@ TEST_CASE("INT8 per channel: one scale per output row") {
   CHECK(section_at<float>(blob, at.scales, 2) == 1.0f);
 }
 
-TEST_CASE("INT4 blockwise: blocks of 128, ties to even, a partial block, nibbles of an odd row") {
+TEST_CASE("quant: INT4 blockwise: blocks of 128, ties to even, a partial block, nibbles of an odd row") {
   // in = 131: block 0 (128 columns, amax 7 → s = 1), block 1 (3 columns, amax 1.75 → s = 4).
   std::vector<float> w(131, 0.0f);
   w[0] = 3.5f, w[1] = 2.5f, w[2] = -7.0f, w[3] = 7.0f, w[4] = -0.5f;
@@ -255,7 +255,7 @@ TEST_CASE("INT4 blockwise: blocks of 128, ties to even, a partial block, nibbles
   check_bits(fake(spec(Format::int4), {1, 1, 2}, {-3.5f, 1.0f}), {-3.5f, 1.0f});
 }
 
-TEST_CASE("FP8 E4M3 per tensor: s = 448 / amax, saturation, shared and per-expert amax") {
+TEST_CASE("quant: FP8 E4M3 per tensor: s = 448 / amax, saturation, shared and per-expert amax") {
   const std::vector<float> w = {448.0f, 1.0625f, 0x1p-10f, -3 * 0x1p-10f, -448.0f, 100.0f};
   check_bits(fake(spec(Format::fp8_e4m3), {1, 1, 6}, w), {448.0f, 1.0f, 0.0f, -0x1p-8f, -448.0f, 96.0f});
   const std::vector<std::byte> blob = pack(spec(Format::fp8_e4m3), {1, 1, 6}, w);
@@ -277,7 +277,7 @@ TEST_CASE("FP8 E4M3 per tensor: s = 448 / amax, saturation, shared and per-exper
   check_bits(fake(spec(Format::fp8_e4m3), {1, 1, 2}, {13.0f, 1.0f}), {448.0f / s, 36.0f / s});
 }
 
-TEST_CASE("NVFP4: global and E4M3 block scales, E2M1 ties to even and saturation, sb < 1e-5 → 1") {
+TEST_CASE("quant: NVFP4: global and E4M3 block scales, E2M1 ties to even and saturation, sb < 1e-5 → 1") {
   // Tensor amax 2688 → gs = 2688 / 2688 = 1. Columns 0–15: block amax 6.25, ratio 6.25/6 = 1.0417
   // → e4m3 1.0 → sb = 1. Columns 16–31: amax 2688, ratio 448 → sb = 448. Columns 32–35 (partial
   // block): amax 0.4, ratio 0.0667 = 1.067 · 2^-4 → e4m3 1.125 · 2^-4 = 0.0703125. Row 1: amax 1e-6 → e4m3 0 →
@@ -316,7 +316,7 @@ TEST_CASE("NVFP4: global and E4M3 block scales, E2M1 ties to even and saturation
   check_bits(fake(s, {1, 1, 3}, {0.0f, 0.0f, 0.0f}), {0.0f, 0.0f, 0.0f});
 }
 
-TEST_CASE("NF4: blocks of 64 with their absmax, nearest code value, odd rows and zero blocks") {
+TEST_CASE("quant: NF4: blocks of 64 with their absmax, nearest code value, odd rows and zero blocks") {
   // in = 69: block 0 (64 columns, c = 2), block 1 (5 columns, all zero: c = 0, code 7 = 0).
   std::vector<float> w(69, 0.0f), want(69, 0.0f);
   w[0] = 2.0f, want[0] = 2.0f;                                  // 1 → code 15
@@ -337,7 +337,7 @@ TEST_CASE("NF4: blocks of 64 with their absmax, nearest code value, odd rows and
   CHECK(section_at<float>(blob, at.scales, 1) == 0.0f);
 }
 
-TEST_CASE("MXFP4: blocks of 32, E8M0 scale 2^(floor(log2 amax) - 2), E2M1 saturating") {
+TEST_CASE("quant: MXFP4: blocks of 32, E8M0 scale 2^(floor(log2 amax) - 2), E2M1 saturating") {
   // Block 0: amax 6 → scale 1. Block 1: amax 0.75 → floor(log2) = -1 → scale 2^-3. Block 2: amax
   // 7 → scale 1, 7 saturates to 6. Block 3 (2 columns): zero → code 0 (2^-127).
   std::vector<float> w(98, 0.0f), want(98, 0.0f);
@@ -362,7 +362,7 @@ TEST_CASE("MXFP4: blocks of 32, E8M0 scale 2^(floor(log2 amax) - 2), E2M1 satura
   CHECK(section_at<std::uint8_t>(blob, at.codes, 1) == 0x48);
 }
 
-TEST_CASE("fake_quantize == dequantize(quantize()) bit for bit, for every spec, dtype and expert range") {
+TEST_CASE("quant: fake_quantize == dequantize(quantize()) bit for bit, for every spec, dtype and expert range") {
   Rng rng;
   INFO("seed ", rng.seed);
   for (const QuantSpec& base : kAllQuantSpecs)

@@ -188,7 +188,8 @@ struct GroupScale {
 
 /// How one scheme codes a group of elements. Members:
 /// - `kBits`: bits per code; `kGroup`: elements per group along `in` (0: the whole tensor, one
-///   scale from the tensor amax; -1: a whole row, i.e. per output channel);
+///   scale from the tensor amax; -1: a whole row, i.e. per output channel); `kTensorAmax`: whether
+///   the scheme calibrates a tensor amax (then the packed blob has an `amax` section);
 /// - `Stored`: element type of the `scales` section (`float` or a one-byte code; unused when
 ///   kGroup == 0);
 /// - `make(group_amax, tensor_amax, stored)`: the group's scale from its calibrated amax, and what
@@ -201,6 +202,7 @@ template <Scheme S> struct SchemeCodec;
 template <> struct SchemeCodec<Scheme::int8_tensor> {
   static constexpr int kBits = 8;
   static constexpr int kGroup = 0;
+  static constexpr bool kTensorAmax = true;
   using Stored = float;
   MOELORA_HOST_DEVICE static GroupScale load(Stored /*stored*/, float tensor_amax) {
     const float s = int_scale(tensor_amax, 127.0f);
@@ -216,6 +218,7 @@ template <> struct SchemeCodec<Scheme::int8_tensor> {
 /// INT8 per output channel: s = 127 / row amax, stored per row.
 template <> struct SchemeCodec<Scheme::int8_channel> : SchemeCodec<Scheme::int8_tensor> {
   static constexpr int kGroup = -1;
+  static constexpr bool kTensorAmax = false;
   MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) { return {stored, stored}; }
   MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float /*tensor_amax*/, Stored& stored) {
     stored = int_scale(group_amax, 127.0f);
@@ -227,6 +230,7 @@ template <> struct SchemeCodec<Scheme::int8_channel> : SchemeCodec<Scheme::int8_
 template <> struct SchemeCodec<Scheme::int4_block> {
   static constexpr int kBits = 4;
   static constexpr int kGroup = 128;
+  static constexpr bool kTensorAmax = false;
   using Stored = float;
   MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) { return {stored, stored}; }
   MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float /*tensor_amax*/, Stored& stored) {
@@ -241,6 +245,7 @@ template <> struct SchemeCodec<Scheme::int4_block> {
 template <> struct SchemeCodec<Scheme::fp8_tensor> {
   static constexpr int kBits = 8;
   static constexpr int kGroup = 0;
+  static constexpr bool kTensorAmax = true;
   using Stored = float;
   MOELORA_HOST_DEVICE static GroupScale load(Stored /*stored*/, float tensor_amax) {
     const float s = int_scale(tensor_amax, 448.0f);
@@ -258,6 +263,7 @@ template <> struct SchemeCodec<Scheme::fp8_tensor> {
 template <> struct SchemeCodec<Scheme::nvfp4> {
   static constexpr int kBits = 4;
   static constexpr int kGroup = 16;
+  static constexpr bool kTensorAmax = true;
   using Stored = std::uint8_t;
   MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float tensor_amax) {
     const float gs = tensor_amax / 2688.0f;
@@ -279,6 +285,7 @@ template <> struct SchemeCodec<Scheme::nvfp4> {
 template <> struct SchemeCodec<Scheme::nf4> {
   static constexpr int kBits = 4;
   static constexpr int kGroup = 64;
+  static constexpr bool kTensorAmax = false;
   using Stored = float;
   MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) { return {stored, stored}; }
   MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float /*tensor_amax*/, Stored& stored) {
@@ -296,6 +303,7 @@ template <> struct SchemeCodec<Scheme::nf4> {
 template <> struct SchemeCodec<Scheme::mxfp4> {
   static constexpr int kBits = 4;
   static constexpr int kGroup = 32;
+  static constexpr bool kTensorAmax = false;
   using Stored = std::uint8_t;
   MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) {
     return {e8m0_inverse(stored), e8m0_decode(stored)};
