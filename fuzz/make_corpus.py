@@ -14,7 +14,7 @@ from safetensors import TensorSpec, serialize_file
 # file dtype: (bytes per element, the name TensorSpec takes)
 DTYPES = {"BF16": (2, "bfloat16"), "F16": (2, "float16"), "F32": (4, "float32"), "F64": (8, "float64"),
           "I8": (1, "int8"), "U8": (1, "uint8"), "I32": (4, "int32"), "I64": (8, "int64"),
-          "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2")}
+          "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "F8_E8M0": (1, "float8_e8m0fnu")}
 
 
 def pattern(t, n):
