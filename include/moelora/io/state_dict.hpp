@@ -7,12 +7,23 @@
 /// settings (rank, scale, dtype, init, enabled, trainable, seed). Loading is strict: the layer must
 /// hold exactly the file's adapters with the same shapes and dtypes; every mismatch is listed in one
 /// ErrorCode::invalid_argument, and then nothing in the layer has changed.
+///
+/// A layer whose base holds quantized weights (QuantizedStateBase, e.g. QuantizedGroupedLinear
+/// with a weight quantizer) also stores the base's packed state, one tensor per present section of
+/// `quant::packed_layout(spec, E, out, in)`: `{prefix}base.weight_quantizer.codes`, `.scales`,
+/// `.amax`, each of its section's dtype and shape, and the spec in metadata `moelora.base_quantizer`
+/// (`quant_spec_name`). Loading restores it with `restore_packed`, so that the base computes bit for
+/// bit as the one that saved (after loftq / svd_first changed it, too); these tensors and the spec
+/// are checked as strictly as the factors.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
+#include <cstring>
 #include <filesystem>
 #include <optional>
+#include <span>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -25,6 +36,7 @@
 #include "moelora/core/error.hpp"
 #include "moelora/grouped_lora.hpp"
 #include "moelora/io/safetensors.hpp"
+#include "moelora/quant/packed.hpp"
 
 namespace moelora::io {
 
@@ -121,6 +133,47 @@ void restore_settings(Layer& layer, std::string_view name, const RestoredSetting
   layer.set_trainable(name, s.trainable, stream);
 }
 
+/// A base whose quantized weights a state dict stores: its packed blob (`packed()`, laid out by
+/// `quant::packed_layout` of its weight quantizer's `spec()`), restorable with `restore_packed`.
+/// Its weight quantizer is optional at run time; a base without one stores nothing.
+template <class B>
+concept QuantizedStateBase =
+    requires(B& base, const B& cbase, const void* bytes, std::size_t n, typename B::backend_type::stream_type stream) {
+      { cbase.packed().data() } -> std::convertible_to<const void*>;
+      { cbase.packed().bytes() } -> std::convertible_to<std::size_t>;
+      { static_cast<bool>(cbase.weight_quantizer()) };
+      { cbase.weight_quantizer()->spec() } -> std::convertible_to<quant::QuantSpec>;
+      base.restore_packed(bytes, n, stream);
+    };
+
+/// The metadata key of a quantized base's spec.
+inline constexpr std::string_view kBaseQuantizerKey = "moelora.base_quantizer";
+
+/// The state-dict key of section `section` ("codes", "scales", "amax") of the base's weight quantizer.
+inline std::string quantizer_key(std::string_view prefix, std::string_view section) {
+  return std::string(prefix) + "base.weight_quantizer." + std::string(section);
+}
+
+/// The spec of `layer`'s base weight quantizer, or nothing (a plain base, or no weight quantizer).
+template <class Layer>
+std::optional<quant::QuantSpec> base_quant_spec(const Layer& layer) {
+  if constexpr (QuantizedStateBase<typename Layer::base_type>) {
+    if (layer.base().weight_quantizer()) return layer.base().weight_quantizer()->spec();
+  }
+  return std::nullopt;
+}
+
+/// The extents of `shape` as a safetensors shape.
+inline std::vector<std::int64_t> st_shape(const Shape& shape) {
+  return {shape.extents.begin(), shape.extents.begin() + shape.rank};
+}
+
+/// The packed layout of `layer`'s base under `spec`.
+template <class Layer>
+quant::PackedLayout base_packed_layout(const Layer& layer, const quant::QuantSpec& spec) {
+  return quant::packed_layout(spec, layer.num_experts(), layer.out_features(), layer.in_features());
+}
+
 /// Writes every adapter of `layer` to `path` (atomically), reading the factors on `stream`.
 template <class Layer>
 void save_adapters(Layer& layer, const std::filesystem::path& path, std::string_view prefix,
@@ -141,8 +194,19 @@ void save_adapters(Layer& layer, const std::filesystem::path& path, std::string_
   }
   const nlohmann::ordered_json sizes = {
       {"experts", layer.num_experts()}, {"in", layer.in_features()}, {"out", layer.out_features()}};
-  write_safetensors(path, tensors,
-                    {{"format", "pt"}, {"moelora.layer", sizes.dump()}, {"moelora.adapters", adapters.dump()}});
+  Metadata metadata{{"format", "pt"}, {"moelora.layer", sizes.dump()}, {"moelora.adapters", adapters.dump()}};
+  if constexpr (QuantizedStateBase<typename Layer::base_type>) {
+    if (const std::optional<quant::QuantSpec> spec = base_quant_spec(layer)) {
+      const auto& packed = layer.base().packed();
+      storage.emplace_back(packed.bytes());
+      Backend::copy_to_host(storage.back().data(), packed.data(), packed.bytes(), stream);
+      for (const quant::PackedSection& section : base_packed_layout(layer, *spec).sections())
+        tensors.push_back({quantizer_key(prefix, section.name), parse_st_dtype(section.dtype), st_shape(section.shape),
+                           std::span<const std::byte>(storage.back()).subspan(section.offset, section.bytes)});
+      metadata[std::string(kBaseQuantizerKey)] = quant::quant_spec_name(*spec);
+    }
+  }
+  write_safetensors(path, tensors, metadata);
 }
 
 /// Loads `path` into `layer`'s adapters (factors and settings), strictly; see the file comment.
@@ -194,6 +258,29 @@ void load_adapters(Layer& layer, const std::filesystem::path& path, std::string_
     const std::optional<RestoredSettings> restored = find_settings(settings, name, problems);
     if (restored && factors[0] && factors[1]) pending.push_back({name, factors[0], factors[1], *restored});
   }
+
+  // The base's quantizer state: the same spec, and every section present and fitting.
+  const std::optional<quant::QuantSpec> spec = base_quant_spec(layer);
+  const auto saved_spec = file.metadata().find(std::string(kBaseQuantizerKey));
+  const std::string want_spec = spec ? quant::quant_spec_name(*spec) : "none";
+  const std::string got_spec = saved_spec == file.metadata().end() ? "none" : saved_spec->second;
+  if (got_spec != want_spec)
+    problems.push_back("the file's base quantizer is " + got_spec + " but the layer's is " + want_spec);
+  std::vector<std::byte> packed;  // the blob to restore, assembled from the sections
+  if (spec) {
+    const quant::PackedLayout layout = base_packed_layout(layer, *spec);
+    packed.resize(layout.total_bytes);
+    for (const quant::PackedSection& section : layout.sections()) {
+      const std::string key = quantizer_key(prefix, section.name);
+      expected_keys.push_back(key);
+      const TensorBytes* got = find(key);
+      const std::vector<std::int64_t> shape = st_shape(section.shape);
+      if (!got) problems.push_back("missing " + key);
+      else if (got->shape != shape || got->dtype != parse_st_dtype(section.dtype))
+        problems.push_back(misfit(*got, parse_st_dtype(section.dtype), shape, "the base"));
+      else std::memcpy(packed.data() + section.offset, got->bytes.data(), section.bytes);
+    }
+  }
   for (const TensorBytes& t : file.tensors())
     if (std::find(expected_keys.begin(), expected_keys.end(), t.name) == expected_keys.end())
       problems.push_back("unexpected " + t.name);
@@ -205,6 +292,8 @@ void load_adapters(Layer& layer, const std::filesystem::path& path, std::string_
     Backend::copy_from_host(view.b.data, p.b->bytes.data(), p.b->bytes.size(), stream);
     restore_settings(layer, p.name, p.settings, stream);
   }
+  if constexpr (QuantizedStateBase<typename Layer::base_type>)
+    if (spec) layer.base().restore_packed(packed.data(), packed.size(), stream);
 }
 
 }  // namespace moelora::io
