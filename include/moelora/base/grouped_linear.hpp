@@ -2,18 +2,19 @@
 /// \brief GroupedLinear<Backend>: the reference frozen grouped base, W `[E, out, in]` per expert.
 ///
 /// `forward`: `y_t = W_e x_t`; `backward_input`: `dx_t = W_eᵀ dy_t` (overwriting); fp32
-/// accumulation, outputs rounded once to the weight dtype (bf16, fp16 or fp32). The host
-/// specialisation uses OpenBLAS; the CUDA one (in `cuda/grouped_linear.hpp`) cuBLAS.
+/// accumulation, outputs rounded once to the weight dtype (bf16, fp16 or fp32). The GEMMs are the
+/// backend's GroupedGemm: OpenBLAS on the host, cuBLAS on the GPU (`cuda/grouped_linear.hpp`).
 #pragma once
 
+#include <concepts>
 #include <cstdint>
-#include <vector>
+#include <utility>
 
+#include "moelora/base/grouped_gemm.hpp"
 #include "moelora/core/buffer.hpp"
 #include "moelora/core/error.hpp"
 #include "moelora/core/segments.hpp"
 #include "moelora/core/tensor.hpp"
-#include "moelora/host/backend.hpp"
 
 namespace moelora {
 
@@ -51,42 +52,55 @@ class GroupedWeights {
   Buffer<Backend> weights_;
 };
 
+/// The reference base: GroupedWeights applied through the backend's GroupedGemm.
 template <class Backend>
-class GroupedLinear;
-
-/// The host reference base.
-template <>
-class GroupedLinear<HostBackend> : public GroupedWeights<HostBackend> {
+class GroupedLinear : public GroupedWeights<Backend> {
  public:
-  using backend_type = HostBackend;
-  using GroupedWeights::GroupedWeights;
+  using backend_type = Backend;
+  using stream_type = typename Backend::stream_type;
 
-  void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, HostStream /*stream*/) const {
-    run(x, segments, y, host::Op::t, in_features(), out_features());
+  /// A base whose GEMMs need no handle (the host).
+  GroupedLinear(std::int64_t experts, std::int64_t in, std::int64_t out, DType dtype)
+    requires std::default_initializable<GroupedGemm<Backend>>
+      : GroupedWeights<Backend>(experts, in, out, dtype) {}
+
+  /// A base whose GEMMs take a caller-owned handle (the GPU: a cuBLAS handle, then optionally a
+  /// GemmStrategy); the handle must outlive the base.
+  template <class Handle, class... GemmOptions>
+  GroupedLinear(Handle handle, std::int64_t experts, std::int64_t in, std::int64_t out, DType dtype,
+                GemmOptions... options)
+      : GroupedWeights<Backend>(experts, in, out, dtype), gemm_(handle, in, out, options...) {}
+
+  /// The GEMM strategy in use, where the backend has a choice (CUDA: never `automatic`).
+  [[nodiscard]] auto strategy() const
+    requires requires(const GroupedGemm<Backend>& gemm) { gemm.strategy(); }
+  {
+    return gemm_.strategy();
   }
-  void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, HostStream /*stream*/) const {
-    run(dy, segments, dx, host::Op::n, out_features(), in_features());
+
+  void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream) {
+    gemm_.run(gemm_args(GemmDirection::forward, x, segments, y, stream), stream);
+  }
+  void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream) {
+    gemm_.run(gemm_args(GemmDirection::backward_input, dy, segments, dx, stream), stream);
   }
 
  private:
-  // out_rows[n, k_out] = in_rows[n, k_in] · op(W_e), W_e `[out, in]`.
-  void run(ConstTensorRef in, const ExpertSegments& segments, TensorRef out, host::Op op_w, std::int64_t k_in,
-           std::int64_t k_out) const {
-    std::vector<float> w, a, c;
-    for (std::int64_t e = 0; e < num_experts(); ++e) {
-      const std::int64_t row0 = segments.host_offsets[e];
-      const std::int64_t n = segments.host_offsets[e + 1] - row0;
-      if (n == 0) continue;
-      const std::int64_t w_elems = out_features() * in_features();
-      w.resize(static_cast<std::size_t>(w_elems));
-      a.resize(static_cast<std::size_t>(n * k_in));
-      c.resize(static_cast<std::size_t>(n * k_out));
-      host::load_as_float(host::element(weight().data, dtype(), e * w_elems), dtype(), w.size(), w.data(), DType::fp32);
-      host::load_as_float(host::element(in.data, dtype(), row0 * k_in), dtype(), a.size(), a.data(), DType::fp32);
-      host::gemm(host::Op::n, op_w, n, k_out, k_in, 1.0f, a.data(), w.data(), 0.0f, c.data());
-      host::store_from_float(c.data(), c.size(), host::element(out.data, dtype(), row0 * k_out), dtype());
-    }
+  GroupedGemmArgs gemm_args(GemmDirection direction, ConstTensorRef in, const ExpertSegments& segments, TensorRef out,
+                            stream_type stream) {
+    return {direction,
+            this->weight().data,
+            0,
+            this->num_experts(),
+            this->out_features(),
+            this->in_features(),
+            this->dtype(),
+            gemm_.host_offsets(segments, stream),
+            in.data,
+            out.data};
   }
+
+  GroupedGemm<Backend> gemm_;
 };
 
 }  // namespace moelora
