@@ -20,6 +20,8 @@
 #include "moelora/core/config.hpp"
 #include "moelora/core/error.hpp"
 #include "moelora/core/tensor.hpp"
+#include "moelora/core/warnings.hpp"
+#include "moelora/init/svd_init.hpp"
 #include "moelora/policies/policy_set.hpp"
 
 namespace moelora {
@@ -73,19 +75,29 @@ class GroupedLoRA {
 
   // ---- adapters -------------------------------------------------------------------------------
 
-  /// Adds adapter `name` (unique, non-empty) and initialises its factors on `stream`.
-  void add_adapter(std::string name, const AdapterConfig& config, stream_type stream) {
+  /// Adds adapter `name` (unique, non-empty) and initialises its factors on `stream`. The SVD-based
+  /// methods need a base modelling init::SvdInitBase (QuantizedGroupedLinear), synchronise the
+  /// stream, may update the base's quantized weights (loftq, svd_first, pissa), and report their
+  /// per-expert errors; kaiming_zeros reports nothing.
+  init::InitReport add_adapter(std::string name, const AdapterConfig& config, stream_type stream) {
     MOELORA_REQUIRE(!name.empty(), ErrorCode::invalid_argument, "an adapter name must not be empty");
     MOELORA_REQUIRE(find(name) == nullptr, ErrorCode::duplicate_adapter, "adapter \"", name, "\" already exists");
     ResolvedAdapterConfig resolved = resolve(config, constraints());
+    MOELORA_REQUIRE(!is_svd_init(resolved.init) || init::SvdInitBase<Base>, ErrorCode::unsupported, "init method ",
+                    init_method_name(resolved.init),
+                    " needs a base that owns its weights (init::SvdInitBase, e.g. QuantizedGroupedLinear)");
     if (!config.seed) resolved.seed = name_seed(name);
     Slot slot{std::move(name), next_id_, resolved, Buffer<backend_type>(factor_bytes(resolved, Factor::a)),
               Buffer<backend_type>(factor_bytes(resolved, Factor::b)), {}, {}, {}, false};
     if (resolved.trainable) allocate_grads(slot, stream);
-    initialize(slot, stream);
+    init::InitReport report = initialize(slot, stream);
     slots_.push_back(std::move(slot));
     ++next_id_;
+    return report;
   }
+
+  /// Where warnings go (default: log_warning, on std::clog).
+  void set_warning_sink(WarningSink sink) { warn_ = std::move(sink); }
 
   /// Removes adapter `name` with its factors, gradients and saved activations.
   void remove_adapter(std::string_view name) {
@@ -239,13 +251,18 @@ class GroupedLoRA {
     backend_type::fill_zero(slot.grad_b.data(), slot.grad_b.bytes(), stream);
   }
 
-  void initialize(Slot& slot, stream_type stream) const {
-    switch (slot.config.init) {
-      case InitMethod::kaiming_zeros:
-        backend_type::kaiming_init({slot.a.data(), slot.b.data(), slot.config.dtype, num_experts(), slot.config.rank,
-                                    in_features(), out_features(), slot.config.seed},
-                                   stream);
-        return;
+  init::InitReport initialize(Slot& slot, stream_type stream) {
+    const ResolvedAdapterConfig& c = slot.config;
+    if (c.init == InitMethod::kaiming_zeros) {
+      backend_type::kaiming_init(
+          {slot.a.data(), slot.b.data(), c.dtype, num_experts(), c.rank, in_features(), out_features(), c.seed}, stream);
+      return {};
+    }
+    if constexpr (init::SvdInitBase<Base>) {
+      return init::svd_init(base_, {c.init, c.rank, c.scale, c.dtype, c.init_iterations, slot.a.data(), slot.b.data(), slot.name},
+                            warn_, stream);
+    } else {
+      return {};  // rejected by add_adapter
     }
   }
 
@@ -317,6 +334,7 @@ class GroupedLoRA {
   }
 
   Base base_;
+  WarningSink warn_ = log_warning;
   std::list<Slot> slots_;  // stable addresses: AdapterView refers into it
   std::uint64_t next_id_ = 0;
   typename backend_type::Workspace workspace_;

@@ -4,23 +4,28 @@
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <cusolverDn.h>
 
 #include "support/harness.hpp"
 
 namespace moelora::testing {
 
-/// Owns a cuBLAS handle and a non-default stream.
+/// Owns a cuBLAS handle, a cuSOLVER handle and a non-default stream.
 struct CudaResources {
   cublasHandle_t handle = nullptr;
+  cusolverDnHandle_t solver = nullptr;
   cudaStream_t stream_ = nullptr;
   CudaResources() {
     MOELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     MOELORA_CUBLAS_CHECK(cublasCreate(&handle));
+    MOELORA_CUSOLVER_CHECK(cusolverDnCreate(&solver));
   }
   ~CudaResources() {
+    cusolverDnDestroy(solver);
     cublasDestroy(handle);
     cudaStreamDestroy(stream_);
   }
+  [[nodiscard]] Linalg<CudaBackend> linalg() const { return {handle, solver}; }
   CudaResources(const CudaResources&) = delete;
   CudaResources& operator=(const CudaResources&) = delete;
 };

@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "moelora/moelora.hpp"
@@ -54,6 +55,20 @@ struct HarnessBase {
   ExpertCounts counts(const std::vector<std::int64_t>& host) {
     return expert_counts(host.data(), static_cast<std::int64_t>(host.size()));
   }
+
+  using QuantizedBase = QuantizedGroupedLinear<backend>;
+  using QuantizedLayer = GroupedLoRA<QuantizedBase>;
+
+  /// A quantized base holding `w` `[E, out, in]`, quantized with `spec` (none: unquantized).
+  QuantizedBase make_quantized_base(const HostTensor& w, std::optional<quant::QuantSpec> spec) {
+    std::optional<quant::FormatQuantizer<backend>> quantizer;
+    if (spec) quantizer.emplace(*spec);
+    QuantizedBase base(static_cast<Derived*>(this)->linalg(), w.shape[0], w.shape[2], w.shape[1], w.dtype,
+                       std::move(quantizer));
+    const std::vector<std::byte> bytes = w.encode();
+    base.set_weight({bytes.data(), w.dtype, w.shape}, stream());
+    return base;
+  }
 };
 
 /// The host reference backend.
@@ -61,6 +76,8 @@ struct HostHarness : HarnessBase<HostHarness, HostBackend> {
   using Base = GroupedLinear<HostBackend>;
   using Layer = GroupedLoRA<Base>;
   HostStream stream_{};
+
+  static Linalg<HostBackend> linalg() { return {}; }
 
   Base make_base(const HostTensor& w) {
     Base base(w.shape[0], w.shape[2], w.shape[1], w.dtype);

@@ -2,6 +2,7 @@
 /// \brief Run-time adapter settings (`AdapterConfig`) and their validation.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -19,19 +20,50 @@ enum class InitMethod : std::uint8_t {
   /// leaves the output unchanged. (The reference initialises the stacked [E, r, in] tensor, whose
   /// fan_in is r·in; per-expert fan_in = in is the correct value.)
   kaiming_zeros,
+  /// Rank-r SVD of the quantization residual R_e = W_e − Q(W_e): A_e = V_rᵀ, B_e = U_r S_r / scale,
+  /// so Q(W)x + scale·BAx ≈ Wx. Needs a base with a weight quantizer (else zeros and a warning).
+  svdquant,
+  /// LoftQ: alternates Q_t = Q(W − scale·B A) and (B, A) = SVD_r(W − Q_t) / scale for
+  /// `init_iterations` steps (default 5), keeps the best iterate and sets the base's quantized
+  /// weights to its Q_t. Needs a base that owns its quantized copy.
+  loftq,
+  /// SVD-first: (B, A) = SVD_r(W) / scale, the base quantizes the remainder Q(W − scale·BA), then
+  /// `init_iterations` refits (default 1) of (B, A) = SVD_r(W − Q) / scale; keeps the best.
+  svd_first,
+  /// PiSSA: the principal part of W itself, A = S_r^½ V_rᵀ, B = U_r S_r^½ / scale; the base keeps
+  /// the remainder W − scale·BA (quantized when the base has a quantizer).
+  pissa,
 };
+
+inline constexpr std::array<InitMethod, 5> kAllInitMethods = {InitMethod::kaiming_zeros, InitMethod::svdquant,
+                                                              InitMethod::loftq, InitMethod::svd_first,
+                                                              InitMethod::pissa};
 
 constexpr std::string_view init_method_name(InitMethod method) {
   switch (method) {
     case InitMethod::kaiming_zeros: return "kaiming_zeros";
+    case InitMethod::svdquant: return "svdquant";
+    case InitMethod::loftq: return "loftq";
+    case InitMethod::svd_first: return "svd_first";
+    case InitMethod::pissa: return "pissa";
   }
   return "?";
 }
 
+/// Whether `method` initialises from an SVD of the base's weights (every method but kaiming_zeros).
+constexpr bool is_svd_init(InitMethod method) { return method != InitMethod::kaiming_zeros; }
+
 /// Parses an init method name; unknown names throw ErrorCode::invalid_argument listing the known ones.
 inline InitMethod parse_init_method(std::string_view name) {
-  if (name == "kaiming_zeros") return InitMethod::kaiming_zeros;
-  detail::raise(ErrorCode::invalid_argument, "init method \"", name, "\" is not known; accepted: kaiming_zeros");
+  for (const InitMethod method : kAllInitMethods)
+    if (name == init_method_name(method)) return method;
+  detail::raise(ErrorCode::invalid_argument, "init method \"", name,
+                "\" is not known; accepted: kaiming_zeros, svdquant, loftq, svd_first, pissa");
+}
+
+/// The default `init_iterations` of a method: LoftQ steps 5, SVD-first refits 1, else 0.
+constexpr std::int64_t default_init_iterations(InitMethod method) {
+  return method == InitMethod::loftq ? 5 : (method == InitMethod::svd_first ? 1 : 0);
 }
 
 /// Settings of one named adapter. Defaults follow the reference: rank 64, scale 1, enabled,
@@ -45,6 +77,8 @@ struct AdapterConfig {
   bool trainable = true;                  ///< false freezes the factors: no dA, dB are computed
   std::optional<std::uint64_t> seed;      ///< seeds the initialiser (same factors on every backend);
                                           ///< unset: derived from the adapter's name
+  std::optional<std::int64_t> init_iterations;  ///< loftq steps (>= 1) or svd_first refits (>= 0);
+                                                ///< unset: default_init_iterations(init)
 };
 
 /// An AdapterConfig after validation: the dtype resolved and its spelling normalised.
@@ -56,6 +90,7 @@ struct ResolvedAdapterConfig {
   InitMethod init;
   bool trainable;
   std::uint64_t seed;
+  std::int64_t init_iterations;
 };
 
 /// Checks a scale: finite and > 0, else ErrorCode::invalid_argument naming the value.
@@ -89,7 +124,11 @@ inline ResolvedAdapterConfig resolve(const AdapterConfig& config, const ConfigCo
   MOELORA_REQUIRE(!constraints.init_pinned || init == constraints.default_init, ErrorCode::invalid_argument,
                   "init method ", init_method_name(init), " conflicts with ", init_method_name(constraints.default_init),
                   " pinned by the layer's PinnedInit policy");
-  return {config.rank, scale, config.enabled, dtype, init, config.trainable, config.seed.value_or(0)};
+  const std::int64_t iterations = config.init_iterations.value_or(default_init_iterations(init));
+  MOELORA_REQUIRE(iterations >= (init == InitMethod::loftq ? 1 : 0), ErrorCode::invalid_argument,
+                  "init_iterations must be >= ", init == InitMethod::loftq ? 1 : 0, " for ", init_method_name(init),
+                  ", got ", iterations);
+  return {config.rank, scale, config.enabled, dtype, init, config.trainable, config.seed.value_or(0), iterations};
 }
 
 /// The canonical short spelling of a config's `lora_dtype` ("bfloat16" → "bf16"); unset stays unset.

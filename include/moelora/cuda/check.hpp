@@ -27,3 +27,13 @@
       ::moelora::detail::raise(::moelora::ErrorCode::cublas, #call, " failed: ",                          \
                                cublasGetStatusName(moelora_status_), " (", cublasGetStatusString(moelora_status_), ")"); \
   } while (0)
+
+/// Throws ErrorCode::cusolver naming the call and the status unless `call` returns
+/// CUSOLVER_STATUS_SUCCESS (the status enum has no string function: its value is printed).
+#define MOELORA_CUSOLVER_CHECK(call)                                                                        \
+  do {                                                                                                      \
+    const auto moelora_status_ = (call);                                                                    \
+    if (moelora_status_ != CUSOLVER_STATUS_SUCCESS)                                                         \
+      ::moelora::detail::raise(::moelora::ErrorCode::cusolver, #call, " failed with cusolverStatus_t ",     \
+                               static_cast<int>(moelora_status_));                                          \
+  } while (0)

@@ -4,9 +4,9 @@
 /// Keys: `{prefix}lora_a_{adapter}.weight` `[E, r, in]` and `{prefix}lora_b_{adapter}.weight`
 /// `[E, out, r]`, in the adapter's dtype (BF16, F16 or F32). Metadata: `format` = `pt`, and
 /// `moelora.layer` / `moelora.adapters`, JSON strings with the layer's sizes and each adapter's
-/// settings (rank, scale, dtype, init, enabled, trainable, seed). Loading is strict: the layer must
-/// hold exactly the file's adapters with the same shapes and dtypes; every mismatch is listed in one
-/// ErrorCode::invalid_argument, and then nothing in the layer has changed.
+/// settings (rank, scale, dtype, init, enabled, trainable, seed, init_iterations). Loading is
+/// strict: the layer must hold exactly the file's adapters with the same shapes and dtypes; every
+/// mismatch is listed in one ErrorCode::invalid_argument, and then nothing in the layer has changed.
 ///
 /// A layer whose base holds quantized weights (QuantizedStateBase, e.g. QuantizedGroupedLinear
 /// with a weight quantizer) also stores the base's packed state, one tensor per present section of
@@ -51,7 +51,7 @@ inline std::string factor_key(std::string_view prefix, char which, std::string_v
 }
 
 /// One adapter's settings as checkpoints record them: name, rank, scale, dtype, init, enabled,
-/// trainable, seed.
+/// trainable, seed, init_iterations.
 inline nlohmann::ordered_json adapter_settings(std::string_view name, const ResolvedAdapterConfig& c) {
   return {{"name", name},
           {"rank", c.rank},
@@ -60,7 +60,8 @@ inline nlohmann::ordered_json adapter_settings(std::string_view name, const Reso
           {"init", init_method_name(c.init)},
           {"enabled", c.enabled},
           {"trainable", c.trainable},
-          {"seed", c.seed}};
+          {"seed", c.seed},
+          {"init_iterations", c.init_iterations}};
 }
 
 /// The settings a load restores on an existing adapter.
@@ -121,7 +122,7 @@ inline void require_no_problems(std::string_view what, const std::vector<std::st
   if (problems.empty()) return;
   std::string message;
   for (const std::string& p : problems) message += (message.empty() ? "" : "; ") + p;
-  detail::raise(ErrorCode::invalid_argument, "cannot ", action, " ", what, ": ", message);
+  moelora::detail::raise(ErrorCode::invalid_argument, "cannot ", action, " ", what, ": ", message);
 }
 
 /// Applies restored settings to adapter `name` of `layer`.
