@@ -19,8 +19,8 @@
 #include <nlohmann/json.hpp>
 
 #include "moelora/io/expert_weights.hpp"
-#include "moelora/io/sharded.hpp"  // before peft.hpp: sharded.hpp's unqualified detail::raise must not meet io::detail
 #include "moelora/io/peft.hpp"
+#include "moelora/io/sharded.hpp"
 #include "moelora/io/state_dict.hpp"
 #include "moelora/moelora.hpp"
 

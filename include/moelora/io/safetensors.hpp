@@ -55,7 +55,7 @@ inline constexpr std::size_t st_dtype_size(StDType d) {
 inline StDType parse_st_dtype(std::string_view name) {
   for (int i = 0; i <= static_cast<int>(StDType::F8_E8M0); ++i)
     if (st_dtype_name(static_cast<StDType>(i)) == name) return static_cast<StDType>(i);
-  detail::raise(ErrorCode::bad_file, "safetensors dtype \"", name, "\" is not supported");
+  moelora::detail::raise(ErrorCode::bad_file, "safetensors dtype \"", name, "\" is not supported");
 }
 
 /// Largest JSON header the reader accepts (the format's own limit is 100 MB).
@@ -133,7 +133,7 @@ class SafetensorsFile {
 
  private:
   [[noreturn]] void bad(const std::string& why) const {
-    detail::raise(ErrorCode::bad_file, path_.string(), " is not a valid safetensors file: ", why);
+    moelora::detail::raise(ErrorCode::bad_file, path_.string(), " is not a valid safetensors file: ", why);
   }
 
   void parse() {
@@ -264,7 +264,7 @@ inline void write_safetensors(const std::filesystem::path& path, const std::vect
   try {
     text = header.dump();
   } catch (const nlohmann::json::type_error&) {
-    detail::raise(ErrorCode::invalid_argument, "a tensor name or metadata string is not valid UTF-8");
+    moelora::detail::raise(ErrorCode::invalid_argument, "a tensor name or metadata string is not valid UTF-8");
   }
   text.append((8 - text.size() % 8) % 8, ' ');  // align the data section to 8 bytes, as the reference writer does
 
@@ -293,13 +293,13 @@ inline void write_safetensors(const std::filesystem::path& path, const std::vect
   }
   if (!ok) {
     std::filesystem::remove(temporary);
-    detail::raise(ErrorCode::io, "cannot write ", temporary.string(), ": ", std::strerror(write_errno));
+    moelora::detail::raise(ErrorCode::io, "cannot write ", temporary.string(), ": ", std::strerror(write_errno));
   }
   std::error_code error;
   std::filesystem::rename(temporary, path, error);
   if (error) {
     std::filesystem::remove(temporary);
-    detail::raise(ErrorCode::io, "cannot rename ", temporary.string(), " to ", path.string(), ": ", error.message());
+    moelora::detail::raise(ErrorCode::io, "cannot rename ", temporary.string(), " to ", path.string(), ": ", error.message());
   }
 }
 

@@ -64,7 +64,7 @@ constexpr std::string_view tp_mode_name(TpMode mode) { return mode == TpMode::co
 inline TpMode parse_tp_mode(std::string_view name) {
   if (name == "column") return TpMode::column;
   if (name == "row") return TpMode::row;
-  detail::raise(ErrorCode::invalid_argument, "tensor-parallel mode \"", name, "\" is not known; accepted: column, row");
+  moelora::detail::raise(ErrorCode::invalid_argument, "tensor-parallel mode \"", name, "\" is not known; accepted: column, row");
 }
 
 /// `factor_tp_axis` of factor `f` under `mode` (the ColumnParallel / RowParallel policy tables).

@@ -28,14 +28,14 @@ inline void write_text_file(const std::filesystem::path& path, std::string_view 
     if (!out.good()) {
       out.close();
       std::filesystem::remove(temporary);
-      detail::raise(ErrorCode::io, "cannot write ", temporary.string());
+      moelora::detail::raise(ErrorCode::io, "cannot write ", temporary.string());
     }
   }
   std::error_code error;
   std::filesystem::rename(temporary, path, error);
   if (error) {
     std::filesystem::remove(temporary);
-    detail::raise(ErrorCode::io, "cannot rename ", temporary.string(), " to ", path.string(), ": ", error.message());
+    moelora::detail::raise(ErrorCode::io, "cannot rename ", temporary.string(), " to ", path.string(), ": ", error.message());
   }
 }
 
