@@ -3,10 +3,11 @@
 // compares). Runs on the host backend.
 //
 //   peft_export --out DIR --experts 4 --rank 4 --scale 0.5
-//               --param gate_up_proj:64:96:in_out --param down_proj:48:64:in_out
+//               --param gate_up_proj:64:96:out_in --param down_proj:48:64:out_in
 //
-// Each --param is NAME:IN:OUT:ORIENTATION (orientation in_out = the HF parameter is [E, in, out],
-// out_in = [E, out, in]), in the experts module's parameter registration order. Writes
+// Each --param is NAME:IN:OUT:ORIENTATION (orientation out_in = the HF parameter is [E, out, in],
+// nn.Linear orientation, as transformers 5 Qwen3-MoE stores it; in_out = [E, in, out], GPT-OSS
+// style), in the experts module's parameter registration order. Writes
 // DIR/adapter_model.safetensors, DIR/adapter_config.json and DIR/expected_delta.safetensors, which
 // holds per parameter NAME an F32 tensor [E, out, in]: scale · B_e A_e computed in fp64 from the
 // stored factor values (moelora's orientation; transpose it for an in_out parameter).
@@ -28,7 +29,7 @@ namespace {
 struct Param {
   std::string name;
   std::int64_t in = 0, out = 0;
-  io::PeftOrientation orientation = io::PeftOrientation::in_out;
+  io::PeftOrientation orientation = io::PeftOrientation::out_in;
 };
 
 Param parse_param(const std::string& spec) {
@@ -38,7 +39,7 @@ Param parse_param(const std::string& spec) {
     parts.push_back(spec.substr(start, colon - start));
   parts.push_back(spec.substr(start));
   MOELORA_REQUIRE(parts.size() == 4 && (parts[3] == "in_out" || parts[3] == "out_in"), ErrorCode::invalid_argument,
-                  "--param ", spec, " is not NAME:IN:OUT:in_out|out_in");
+                  "--param ", spec, " is not NAME:IN:OUT:out_in|in_out");
   return {parts[0], std::stoll(parts[1]), std::stoll(parts[2]),
           parts[3] == "in_out" ? io::PeftOrientation::in_out : io::PeftOrientation::out_in};
 }
@@ -69,7 +70,7 @@ int main(int argc, char** argv) {
   app.add_option("--scale", scale, "scale (lora_alpha = scale * r)");
   app.add_option("--dtype", dtype, "factor dtype");
   app.add_option("--seed", seed, "random seed");
-  app.add_option("--param", specs, "NAME:IN:OUT:in_out|out_in, in registration order")->required();
+  app.add_option("--param", specs, "NAME:IN:OUT:out_in|in_out, in registration order")->required();
   CLI11_PARSE(app, argc, argv);
 
   try {

@@ -9,12 +9,17 @@ registration order and the orientation the model stores them in), loads the expo
      mapped onto the module PEFT built for it, `.base_layer` nesting included);
   2. per parameter and expert, PEFT's delta (`ParamWrapper.get_delta_weight`) equals moelora's
      scale * B_e A_e (from expected_delta.safetensors, transposed for a [E, in, out] parameter);
+     this is what pins down how PEFT reads a 3-D parameter [E, d1, d2]: as [E, out_p, in_p]
+     (nn.Linear orientation; lora_A [E*r, d2], lora_B [d1, r*E], delta B'_e A'_e [d1, d2], as seen
+     with PEFT 0.19 and transformers 5), so an out_in ([E, out, in]) parameter gets moelora's
+     factors directly and an in_out ([E, in, out]) one gets them with the roles swapped;
   3. after `merge_and_unload`, merged parameter - original parameter equals the same delta.
 Tolerance: relative Frobenius error <= 1e-2 (bf16 factors; the model runs in fp32, so the
 observed error is near fp32 rounding). Prints one summary line; any failure exits non-zero.
 
 Usage: python3 scripts/peft_check.py --export-bin build/examples/peft_export [--model auto]
-Needs: torch, transformers, peft (>= 0.17 for target_parameters), safetensors.
+Needs: torch, transformers, peft (>= 0.17 for target_parameters; the layout is checked against 0.19),
+safetensors.
 """
 import argparse
 import os
@@ -73,7 +78,8 @@ def find_experts(model):
 
 
 def orientation(name, shape):
-    """in_out when the parameter is stored [E, in, out], out_in for [E, out, in]."""
+    """out_in when the parameter is stored [E, out, in] (nn.Linear, e.g. transformers 5 Qwen3-MoE),
+    in_out for [E, in, out] (GPT-OSS style)."""
     in_f, out_f = (HIDDEN, 2 * INTER) if name == "gate_up_proj" else (INTER, HIDDEN)
     if tuple(shape[1:]) == (in_f, out_f):
         return "in_out", in_f, out_f

@@ -234,7 +234,7 @@ int run_reshard(const std::string& src, const std::string& dst, std::int64_t tp,
 
 struct ExportOptions {
   std::vector<std::string> files, parameters;
-  std::string out_dir, module, orientation = "in_out";
+  std::string out_dir, module, orientation = "out_in";
   std::optional<std::string> adapter;
 };
 
@@ -271,7 +271,7 @@ Layer load_state_dict(const fs::path& path, const std::string& name) {
 io::PeftOrientation parse_orientation(const std::string& name) {
   if (name == "in_out") return io::PeftOrientation::in_out;
   if (name == "out_in") return io::PeftOrientation::out_in;
-  fail("orientation \"" + name + "\" is not known; accepted: in_out, out_in");
+  fail("orientation \"" + name + "\" is not known; accepted: out_in, in_out");
 }
 
 int run_export_peft(const ExportOptions& o) {
@@ -357,8 +357,8 @@ int main(int argc, char** argv) {
                                                        "e.g. base_model.model.model.layers.0.mlp.experts")->required();
   export_peft->add_option("--parameter", export_o.parameters, "stacked expert parameter (repeat for several, in the "
                                                               "module's registration order)")->required();
-  export_peft->add_option("--orientation", export_o.orientation, "how the model stores the parameter: in_out "
-                                                                 "[E, in, out] or out_in [E, out, in]")
+  export_peft->add_option("--orientation", export_o.orientation, "how the model stores the parameter: out_in "
+                                                                 "[E, out, in] (nn.Linear) or in_out [E, in, out]")
       ->capture_default_str();
   export_peft->add_option("--adapter", export_o.adapter, "adapter to export (default: the file's only one)");
   export_peft->footer("Example:\n  moelora export-peft adapter.safetensors peft_out --module "

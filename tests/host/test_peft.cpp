@@ -1,5 +1,6 @@
 // PEFT export and import: the exported tensors follow the documented index formulas element by
-// element, a round trip is bitwise, lora_alpha = scale · r, two parameters of one module get the
+// element for both orientations (out_in, the default, direct; in_out with the roles swapped), a
+// round trip is bitwise, lora_alpha = scale · r, two parameters of one module get the
 // nested `.base_layer.` keys, and a directory that does not fit is rejected with the layers unchanged.
 #include <doctest/doctest.h>
 
@@ -62,8 +63,8 @@ HostTensor read(const io::SafetensorsFile& f, const std::string& key, DType dtyp
 
 TEST_CASE("peft: exported tensors follow the index formulas, keys nest, alpha = scale * r, and load back bitwise") {
   for (const io::PeftOrientation o : {io::PeftOrientation::in_out, io::PeftOrientation::out_in}) {
-    const bool in_out = o == io::PeftOrientation::in_out;
-    CAPTURE(in_out);
+    const bool direct = o == io::PeftOrientation::out_in;  // [E, out, in]: lora_A from A, lora_B from B
+    CAPTURE(direct);
     Experts src;
     INFO("seed " << src.rng.seed);
     src.randomize(src.gate_up);
@@ -88,20 +89,20 @@ TEST_CASE("peft: exported tensors follow the index formulas, keys nest, alpha = 
       const std::int64_t in = v.a.shape[2], out = v.b.shape[1], r = kRank, E = kE;
       const HostTensor pa = read(file, prefix + ".lora_A.weight", DType::bf16);
       const HostTensor pb = read(file, prefix + ".lora_B.weight", DType::bf16);
-      CHECK(pa.shape == Shape{E * r, in_out ? in : out});
-      CHECK(pb.shape == Shape{in_out ? out : in, r * E});
+      CHECK(pa.shape == Shape{E * r, direct ? in : out});
+      CHECK(pb.shape == Shape{direct ? out : in, r * E});
       bool all = true;
       for (std::int64_t e = 0; e < E; ++e)
         for (std::int64_t k = 0; k < r; ++k) {
           for (std::int64_t i = 0; i < in; ++i) {
             const float want = a[static_cast<std::size_t>((e * r + k) * in + i)];
-            const float got = in_out ? pa[static_cast<std::size_t>((e * r + k) * in + i)]
+            const float got = direct ? pa[static_cast<std::size_t>((e * r + k) * in + i)]
                                      : pb[static_cast<std::size_t>(i * r * E + k * E + e)];
             all &= got == want;
           }
           for (std::int64_t n = 0; n < out; ++n) {
             const float want = b[static_cast<std::size_t>((e * out + n) * r + k)];
-            const float got = in_out ? pb[static_cast<std::size_t>(n * r * E + k * E + e)]
+            const float got = direct ? pb[static_cast<std::size_t>(n * r * E + k * E + e)]
                                      : pa[static_cast<std::size_t>((e * r + k) * out + n)];
             all &= got == want;
           }
@@ -128,6 +129,10 @@ TEST_CASE("peft: one target has no .base_layer, and every factor dtype round-tri
     io::save_peft<HostHarness::Layer>({{kModule, "down_proj", &l, "default"}}, dir.path, {});
     const io::SafetensorsFile file(dir.path / "adapter_model.safetensors");
     CHECK(file.tensor(kModule + ".lora_A.weight").dtype == io::st_dtype_of(dtype));
+    // The default orientation is out_in ([E, out, in], nn.Linear): lora_A [E·r, in], lora_B [out, r·E].
+    CHECK(io::PeftTarget<HostHarness::Layer>{}.orientation == io::PeftOrientation::out_in);
+    CHECK(file.tensor(kModule + ".lora_A.weight").shape == std::vector<std::int64_t>{kE * kRank, kHidden});
+    CHECK(file.tensor(kModule + ".lora_B.weight").shape == std::vector<std::int64_t>{20, kRank * kE});
     HostHarness::Layer back = src.layer(20, kHidden, 4, dtype);
     io::load_peft<HostHarness::Layer>({{kModule, "down_proj", &back, "default"}}, dir.path, {});
     CHECK(src.h.download(back.adapter("default").a).values == src.h.download(l.adapter("default").a).values);
@@ -164,7 +169,7 @@ TEST_CASE("peft: exports and directories that do not fit are rejected with every
     const std::string what = e.what();
     CHECK(e.code() == ErrorCode::invalid_argument);
     CHECK_MESSAGE(what.find("r = 4 but adapter \"default\" for model.layers.0.mlp.experts.down_proj has rank 8") != std::string::npos, what);
-    CHECK_MESSAGE(what.find(kModule + ".base_layer.lora_A.weight is BF16 [12, 16] but adapter \"default\" needs BF16 [24, 16]") != std::string::npos, what);
+    CHECK_MESSAGE(what.find(kModule + ".base_layer.lora_A.weight is BF16 [12, 24] but adapter \"default\" needs BF16 [24, 12]") != std::string::npos, what);
     CHECK_MESSAGE(what.find("target_parameters does not list model.layers.0.mlp.experts.extra_proj") != std::string::npos, what);
     CHECK_MESSAGE(what.find("no adapter \"missing\"") != std::string::npos, what);
     CHECK_MESSAGE(what.find("missing " + kModule + ".base_layer.base_layer.lora_A.weight") != std::string::npos, what);

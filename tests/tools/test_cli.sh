@@ -16,6 +16,8 @@ run() {
 }
 # has FILE TEXT: FILE contains TEXT.
 has() { grep -qF -- "$2" "$1" || { fail "$1 lacks \"$2\""; cat "$1"; }; }
+# has_shape FILE KEY SHAPE: the line of tensor KEY in FILE (inspect's listing) shows SHAPE.
+has_shape() { grep -F -- " $2 " "$1" | grep -qF -- "$3" || { fail "$1: $2 is not $3"; cat "$1"; }; }
 # one_error TEXT: exactly one line on stderr, naming TEXT.
 one_error() { [ "$(wc -l <err.txt)" -eq 1 ] || { fail "stderr is not one line"; cat err.txt; }; has err.txt "$1"; }
 
@@ -86,12 +88,18 @@ has out.txt "Hugging Face PEFT adapter"
 has out.txt "r 8, lora_alpha 8"
 has out.txt "model.layers.0.mlp.experts.down_proj"
 has out.txt "$module.lora_A.weight"
+# The default orientation out_in ([E, out, in], here [4, 32, 64], r 8): lora_A [E·r, in], lora_B [out, r·E].
+has_shape out.txt "$module.lora_A.weight" "[32, 64]"
+has_shape out.txt "$module.lora_B.weight" "[32, 32]"
 run 0 "$moelora" init --weights model.safetensors --pattern "$pattern" --layer 1 --method svdquant --rank 8 \
   --adapter qad --output adapter2.safetensors
 run 0 "$moelora" export-peft adapter.safetensors adapter2.safetensors peft2 --module "$module" \
-  --parameter gate_up_proj --parameter down_proj --orientation out_in
+  --parameter gate_up_proj --parameter down_proj --orientation in_out
 run 0 "$moelora" inspect peft2
 has out.txt "$module.base_layer.lora_A.weight"
+# in_out ([E, in, out]): the roles swap, lora_A [E·r, out], lora_B [in, r·E].
+has_shape out.txt "$module.lora_A.weight" "[32, 32]"
+has_shape out.txt "$module.lora_B.weight" "[64, 32]"
 has out.txt "target_parameters: model.layers.0.mlp.experts.gate_up_proj model.layers.0.mlp.experts.down_proj"
 
 # Errors: one line on stderr, exit code 1.

@@ -8,16 +8,18 @@
 ///
 /// | orientation of the HF parameter | `lora_A.weight`                          | `lora_B.weight`                          |
 /// |---------------------------------|------------------------------------------|------------------------------------------|
-/// | `in_out`: `[E, in, out]`, `y = x @ W_e` | `[E·r, in]`, row `e·r + k` = `A[e, k, :]` | `[out, r·E]`, column `k·E + e` = `B[e, :, k]` |
-/// | `out_in`: `[E, out, in]`, `y = W_e x` | `[E·r, out]`, row `e·r + k` = `B[e, :, k]ᵀ` | `[in, r·E]`, column `k·E + e` = `A[e, k, :]ᵀ` |
+/// | `out_in`: `[E, out, in]`, `y = W_e x` | `[E·r, in]`, row `e·r + k` = `A[e, k, :]` | `[out, r·E]`, column `k·E + e` = `B[e, :, k]` |
+/// | `in_out`: `[E, in, out]`, `y = x @ W_e` | `[E·r, out]`, row `e·r + k` = `B[e, :, k]ᵀ` | `[in, r·E]`, column `k·E + e` = `A[e, k, :]ᵀ` |
 ///
-/// PEFT's ParamWrapper reads a 3-D parameter as `[E, in_p, out_p]` (its `lora_A` maps in_p to E·r,
-/// its `lora_B` E·r to out_p) and adds `ΔW[e] = scaling · (B'_e A'_e)ᵀ` `[in_p, out_p]` to the
-/// parameter as stored, with `A'_e` = rows `e·r…e·r+r−1` of `lora_A.weight` and `B'_e[:, k]` = column
-/// `k·E + e` of `lora_B.weight` (rank-major, expert-minor). `in_out` is the layout of DESIGN.md §7
-/// (GPT-OSS and Llama 4 store `gate_up_proj` / `down_proj` this way); for it ΔW[e] is
-/// `scale · (B_e A_e)ᵀ`. `out_in` is for parameters in nn.Linear orientation (transformers 5
-/// Mixtral / Qwen3-MoE experts); the factors swap roles so that PEFT's ΔW[e] is `scale · B_e A_e`.
+/// PEFT's ParamWrapper (as observed with PEFT 0.19 and transformers 5; scripts/peft_check.py checks
+/// it against the installed version) reads a 3-D parameter `[E, d1, d2]` as `out_p = d1`,
+/// `in_p = d2`, nn.Linear orientation (its `lora_A` `[E·r, in_p]`, its `lora_B` `[out_p, r·E]`) and
+/// adds `ΔW[e] = scaling · B'_e A'_e` `[out_p, in_p]` to the parameter as stored, with `A'_e` = rows
+/// `e·r…e·r+r−1` of `lora_A.weight` and `B'_e[:, k]` = column `k·E + e` of `lora_B.weight`
+/// (rank-major, expert-minor). `out_in` (nn.Linear orientation, moelora's W; the
+/// transformers 5 Qwen3-MoE and Mixtral experts) gets the direct layout of DESIGN.md §7, for which
+/// ΔW[e] is `scale · B_e A_e`. `in_out` is for parameters stored `[E, in, out]` (GPT-OSS style); the
+/// factors swap roles (`A'_e = B_eᵀ`, `B'_e = A_eᵀ`) so that PEFT's ΔW[e] is `scale · (B_e A_e)ᵀ`.
 ///
 /// Keys: `{prefix}.lora_A.weight`, `{prefix}.lora_B.weight`. When n parameters of one module are
 /// targeted, PEFT nests one ParamWrapper per parameter in the module's parameter registration
@@ -56,8 +58,8 @@ namespace moelora::io {
 
 /// How the Hugging Face model stores the targeted stacked parameter (see the file comment).
 enum class PeftOrientation : std::uint8_t {
-  in_out,  ///< `[E, in, out]`, used as `x @ W_e` (DESIGN.md §7 layout)
-  out_in,  ///< `[E, out, in]`, nn.Linear orientation, used as `W_e x`
+  in_out,  ///< `[E, in, out]`, used as `x @ W_e` (GPT-OSS style; the factors swap roles)
+  out_in,  ///< `[E, out, in]`, nn.Linear orientation, used as `W_e x` (DESIGN.md §7 layout, the default)
 };
 
 /// One targeted parameter: the experts module's key prefix (`base_model.model.` + its module path),
@@ -68,7 +70,7 @@ struct PeftTarget {
   std::string parameter;
   Layer* layer = nullptr;
   std::string adapter;
-  PeftOrientation orientation = PeftOrientation::in_out;
+  PeftOrientation orientation = PeftOrientation::out_in;
 };
 
 inline constexpr std::string_view kPeftModelPrefix = "base_model.model.";
@@ -99,17 +101,17 @@ inline void peft_permute(bool to_peft, PeftOrientation orientation, std::int64_t
     std::memcpy(dst + static_cast<std::size_t>(to_peft ? their_index : our_index) * element,
                 src + static_cast<std::size_t>(to_peft ? our_index : their_index) * element, element);
   };
-  const bool in_out = orientation == PeftOrientation::in_out;
+  const bool direct = orientation == PeftOrientation::out_in;
   for (std::int64_t e = 0; e < experts; ++e)
     for (std::int64_t k = 0; k < rank; ++k) {
       for (std::int64_t i = 0; i < in; ++i) {  // A[e, k, i]
         const std::int64_t ours = (e * rank + k) * in + i;
-        if (in_out) move(a, ours, peft_a, ours);
+        if (direct) move(a, ours, peft_a, ours);
         else move(a, ours, peft_b, i * rank * experts + k * experts + e);
       }
       for (std::int64_t o = 0; o < out; ++o) {  // B[e, o, k]
         const std::int64_t ours = (e * out + o) * rank + k;
-        if (in_out) move(b, ours, peft_b, o * rank * experts + k * experts + e);
+        if (direct) move(b, ours, peft_b, o * rank * experts + k * experts + e);
         else move(b, ours, peft_a, (e * rank + k) * out + o);
       }
     }
@@ -119,8 +121,9 @@ inline void peft_permute(bool to_peft, PeftOrientation orientation, std::int64_t
 inline std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>> peft_shapes(PeftOrientation orientation,
                                                                                  std::int64_t experts, std::int64_t rank,
                                                                                  std::int64_t in, std::int64_t out) {
-  const std::int64_t in_p = orientation == PeftOrientation::in_out ? in : out;
-  const std::int64_t out_p = orientation == PeftOrientation::in_out ? out : in;
+  const bool direct = orientation == PeftOrientation::out_in;  // PEFT's (out_p, in_p) = (out, in)
+  const std::int64_t in_p = direct ? in : out;
+  const std::int64_t out_p = direct ? out : in;
   return {{experts * rank, in_p}, {out_p, rank * experts}};
 }
 
@@ -173,16 +176,16 @@ void save_peft(const std::vector<PeftTarget<Layer>>& targets, const std::filesys
     Backend::copy_to_host(b.data(), view.b.data, b.size(), stream);
     const auto [shape_a, shape_b] = detail::peft_shapes(target.orientation, view.a.shape[0], view.config.rank,
                                                          view.a.shape[2], view.b.shape[1]);
-    const bool in_out = target.orientation == PeftOrientation::in_out;  // out_in: lora_A holds B's elements
-    storage.emplace_back(in_out ? a.size() : b.size());
+    const bool direct = target.orientation == PeftOrientation::out_in;  // in_out: lora_A holds B's elements
+    storage.emplace_back(direct ? a.size() : b.size());
     std::byte* peft_a = storage.back().data();
-    storage.emplace_back(in_out ? b.size() : a.size());
+    storage.emplace_back(direct ? b.size() : a.size());
     std::byte* peft_b = storage.back().data();
     detail::peft_permute(true, target.orientation, view.a.shape[0], view.config.rank, view.a.shape[2], view.b.shape[1],
                          dtype_size(view.config.dtype), a.data(), b.data(), peft_a, peft_b);
     const StDType dtype = st_dtype_of(view.config.dtype);
-    tensors.push_back({prefixes[t] + ".lora_A.weight", dtype, shape_a, {peft_a, in_out ? a.size() : b.size()}});
-    tensors.push_back({prefixes[t] + ".lora_B.weight", dtype, shape_b, {peft_b, in_out ? b.size() : a.size()}});
+    tensors.push_back({prefixes[t] + ".lora_A.weight", dtype, shape_a, {peft_a, direct ? a.size() : b.size()}});
+    tensors.push_back({prefixes[t] + ".lora_B.weight", dtype, shape_b, {peft_b, direct ? b.size() : a.size()}});
   }
   require_no_problems(dir.string(), problems, "export to");
   const nlohmann::ordered_json config = {{"peft_type", "LORA"},
