@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "moelora/moelora.hpp"
+#include "timing.cuh"
 #include "shapes.hpp"
 
 namespace moelora::bench {
@@ -34,6 +35,7 @@ struct PrecomputedBase {
 namespace {
 
 using namespace moelora;
+using moelora::bench::median_ms;
 using bench::PrecomputedBase;
 
 __global__ void fill_uniform(__nv_bfloat16* data, std::int64_t n, std::uint64_t seed, float scale) {
@@ -45,29 +47,6 @@ __global__ void fill_uniform(__nv_bfloat16* data, std::int64_t n, std::uint64_t 
 void fill(void* data, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
   fill_uniform<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(data), n, seed, scale);
   MOELORA_CUDA_CHECK(cudaGetLastError());
-}
-
-/// Median milliseconds of `iters` timed runs of `f` after `warmup` untimed ones.
-template <class F>
-double median_ms(cudaStream_t stream, int iters, F&& f, int warmup = 3) {
-  for (int i = 0; i < warmup; ++i) f();
-  cudaEvent_t start, stop;
-  MOELORA_CUDA_CHECK(cudaEventCreate(&start));
-  MOELORA_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times;
-  for (int i = 0; i < iters; ++i) {
-    MOELORA_CUDA_CHECK(cudaEventRecord(start, stream));
-    f();
-    MOELORA_CUDA_CHECK(cudaEventRecord(stop, stream));
-    MOELORA_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    MOELORA_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-  return times[times.size() / 2];
 }
 
 /// Device-to-device copy bandwidth in GB/s (bytes read + written), 2 GiB buffers.

@@ -16,10 +16,12 @@
 
 #include "moelora/core/random.hpp"
 #include "moelora/cuda/quantize.hpp"
+#include "timing.cuh"
 
 namespace {
 
 using namespace moelora;
+using moelora::bench::median_ms;
 using namespace moelora::quant;
 
 __global__ void fill_normalish(__nv_bfloat16* data, std::int64_t n, std::uint64_t seed) {
@@ -33,28 +35,6 @@ __global__ void fill_normalish(__nv_bfloat16* data, std::int64_t n, std::uint64_
 }
 
 /// Median milliseconds of `iters` timed runs of `f` after 3 untimed ones.
-template <class F>
-double median_ms(cudaStream_t stream, int iters, F&& f) {
-  for (int i = 0; i < 3; ++i) f();
-  cudaEvent_t start, stop;
-  MOELORA_CUDA_CHECK(cudaEventCreate(&start));
-  MOELORA_CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> times;
-  for (int i = 0; i < iters; ++i) {
-    MOELORA_CUDA_CHECK(cudaEventRecord(start, stream));
-    f();
-    MOELORA_CUDA_CHECK(cudaEventRecord(stop, stream));
-    MOELORA_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0.0f;
-    MOELORA_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    times.push_back(ms);
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-  return times[times.size() / 2];
-}
-
 struct BenchShape {
   const char* name;
   std::int64_t experts, out, in;

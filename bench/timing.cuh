@@ -1,0 +1,37 @@
+/// \file
+/// \brief Timing helper of the GPU benchmarks: the median of CUDA-event-timed runs on a stream.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "moelora/cuda/check.hpp"
+
+namespace moelora::bench {
+
+/// Median milliseconds of `iters` timed runs of `f` after `warmup` untimed ones.
+template <class F>
+double median_ms(cudaStream_t stream, int iters, F&& f, int warmup = 3) {
+  for (int i = 0; i < warmup; ++i) f();
+  cudaEvent_t start, stop;
+  MOELORA_CUDA_CHECK(cudaEventCreate(&start));
+  MOELORA_CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> times;
+  for (int i = 0; i < iters; ++i) {
+    MOELORA_CUDA_CHECK(cudaEventRecord(start, stream));
+    f();
+    MOELORA_CUDA_CHECK(cudaEventRecord(stop, stream));
+    MOELORA_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    MOELORA_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace moelora::bench
