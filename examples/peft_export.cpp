@@ -3,14 +3,14 @@
 // compares). Runs on the host backend.
 //
 //   peft_export --out DIR --experts 4 --rank 4 --scale 0.5
-//               --param gate_up_proj:64:96:out_in --param down_proj:48:64:out_in
+//               --param gate_up_proj:64:96 --param down_proj:48:64
 //
-// Each --param is NAME:IN:OUT:ORIENTATION (orientation out_in = the HF parameter is [E, out, in],
-// nn.Linear orientation, as transformers 5 Qwen3-MoE stores it; in_out = [E, in, out], GPT-OSS
-// style), in the experts module's parameter registration order. Writes
-// DIR/adapter_model.safetensors, DIR/adapter_config.json and DIR/expected_delta.safetensors, which
-// holds per parameter NAME an F32 tensor [E, out, in]: scale · B_e A_e computed in fp64 from the
-// stored factor values (moelora's orientation; transpose it for an in_out parameter).
+// Each --param is NAME:IN:OUT, IN and OUT being the module's semantic in and out features (however
+// the model stores the parameter, [E, out, in] or [E, in, out]: the PEFT layout is the same), in
+// the experts module's parameter registration order. Writes DIR/adapter_model.safetensors,
+// DIR/adapter_config.json and DIR/expected_delta.safetensors, which holds per parameter NAME an F32
+// tensor [E, out, in]: scale · B_e A_e computed in fp64 from the stored factor values (transpose it
+// to compare with the delta of a parameter stored [E, in, out]).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -29,7 +29,6 @@ namespace {
 struct Param {
   std::string name;
   std::int64_t in = 0, out = 0;
-  io::PeftOrientation orientation = io::PeftOrientation::out_in;
 };
 
 Param parse_param(const std::string& spec) {
@@ -38,10 +37,8 @@ Param parse_param(const std::string& spec) {
   for (std::size_t colon; (colon = spec.find(':', start)) != std::string::npos; start = colon + 1)
     parts.push_back(spec.substr(start, colon - start));
   parts.push_back(spec.substr(start));
-  MOELORA_REQUIRE(parts.size() == 4 && (parts[3] == "in_out" || parts[3] == "out_in"), ErrorCode::invalid_argument,
-                  "--param ", spec, " is not NAME:IN:OUT:out_in|in_out");
-  return {parts[0], std::stoll(parts[1]), std::stoll(parts[2]),
-          parts[3] == "in_out" ? io::PeftOrientation::in_out : io::PeftOrientation::out_in};
+  MOELORA_REQUIRE(parts.size() == 3, ErrorCode::invalid_argument, "--param ", spec, " is not NAME:IN:OUT");
+  return {parts[0], std::stoll(parts[1]), std::stoll(parts[2])};
 }
 
 /// Reads a host factor as floats.
@@ -70,7 +67,7 @@ int main(int argc, char** argv) {
   app.add_option("--scale", scale, "scale (lora_alpha = scale * r)");
   app.add_option("--dtype", dtype, "factor dtype");
   app.add_option("--seed", seed, "random seed");
-  app.add_option("--param", specs, "NAME:IN:OUT:out_in|in_out, in registration order")->required();
+  app.add_option("--param", specs, "NAME:IN:OUT (semantic in/out features), in registration order")->required();
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -110,7 +107,7 @@ int main(int argc, char** argv) {
                      double(a[static_cast<std::size_t>((e * rank + k) * p.in + i)]);
             delta[static_cast<std::size_t>((e * p.out + o) * p.in + i)] = static_cast<float>(v.config.scale * acc);
           }
-      targets.push_back({prefix, p.name, &layer, "default", p.orientation});
+      targets.push_back({prefix, p.name, &layer, "default"});
     }
     for (std::size_t t = 0; t < params.size(); ++t)
       expected.push_back({params[t].name, io::StDType::F32, {experts, params[t].out, params[t].in},

@@ -3,22 +3,22 @@
 
 Builds a tiny transformers MoE model whose experts hold stacked 3-D parameters (`gate_up_proj`,
 `down_proj`), runs moelora's `peft_export` program for exactly those parameters (in the module's
-registration order and the orientation the model stores them in), loads the export with
-`peft.PeftModel.from_pretrained`, and checks:
+registration order, each as `--param name:in:out` with the module's semantic in/out features),
+loads the export with `peft.PeftModel.from_pretrained`, and checks:
   1. every LoRA weight PEFT loaded equals the tensor in adapter_model.safetensors (so every key
      mapped onto the module PEFT built for it, `.base_layer` nesting included);
   2. per parameter and expert, PEFT's delta (`ParamWrapper.get_delta_weight`) equals moelora's
-     scale * B_e A_e (from expected_delta.safetensors, transposed for a [E, in, out] parameter);
-     this is what pins down how PEFT reads a 3-D parameter [E, d1, d2]: as [E, out_p, in_p]
-     (nn.Linear orientation; lora_A [E*r, d2], lora_B [d1, r*E], delta B'_e A'_e [d1, d2], as seen
-     with PEFT 0.19 and transformers 5), so an out_in ([E, out, in]) parameter gets moelora's
-     factors directly and an in_out ([E, in, out]) one gets them with the roles swapped;
+     scale * B_e A_e (from expected_delta.safetensors, [E, out, in]). moelora writes one layout
+     (lora_A [E*r, in], lora_B [out, r*E]) whatever the storage; PEFT (checked with 0.21.0 and
+     transformers 5.17.0: Qwen3-MoE stores [E, out, in], GPT-OSS [E, in, out]) transposes
+     internally for a parameter stored [E, in, out], and its delta then has the stored shape, so
+     the script detects how the model stores each parameter only to transpose the expected delta;
   3. after `merge_and_unload`, merged parameter - original parameter equals the same delta.
 Tolerance: relative Frobenius error <= 1e-2 (bf16 factors; the model runs in fp32, so the
 observed error is near fp32 rounding). Prints one summary line; any failure exits non-zero.
 
 Usage: python3 scripts/peft_check.py --export-bin build/examples/peft_export [--model auto]
-Needs: torch, transformers, peft (>= 0.17 for target_parameters; the layout is checked against 0.19),
+Needs: torch, transformers, peft (>= 0.19 for this layout on both storages; checked with 0.21.0),
 safetensors.
 """
 import argparse
@@ -77,14 +77,15 @@ def find_experts(model):
     return None
 
 
-def orientation(name, shape):
-    """out_in when the parameter is stored [E, out, in] (nn.Linear, e.g. transformers 5 Qwen3-MoE),
-    in_out for [E, in, out] (GPT-OSS style)."""
+def storage(name, shape):
+    """(transposed, in, out): the module's semantic in/out features and whether the model stores the
+    parameter [E, in, out] (transposed, e.g. GPT-OSS) rather than [E, out, in] (nn.Linear, e.g.
+    Qwen3-MoE). The export does not depend on it; only the expected delta is transposed."""
     in_f, out_f = (HIDDEN, 2 * INTER) if name == "gate_up_proj" else (INTER, HIDDEN)
     if tuple(shape[1:]) == (in_f, out_f):
-        return "in_out", in_f, out_f
+        return True, in_f, out_f
     if tuple(shape[1:]) == (out_f, in_f):
-        return "out_in", in_f, out_f
+        return False, in_f, out_f
     fail(f"{name} has shape {tuple(shape)}, neither [E, {in_f}, {out_f}] nor [E, {out_f}, {in_f}]")
 
 
@@ -123,13 +124,12 @@ def main():
              f"{transformers.__version__}: " + "; ".join(tried))
     model_name, model, module_path, params = chosen
 
-    specs, layouts = [], {}
+    specs, transposed = [], {}
     for name, param in params:
         if param.shape[0] != EXPERTS:
             fail(f"{name} has {param.shape[0]} experts, expected {EXPERTS}")
-        layout, in_f, out_f = orientation(name, param.shape)
-        layouts[name] = layout
-        specs += ["--param", f"{name}:{in_f}:{out_f}:{layout}"]
+        transposed[name], in_f, out_f = storage(name, param.shape)
+        specs += ["--param", f"{name}:{in_f}:{out_f}"]
     originals = {name: param.detach().clone() for name, param in params}
 
     with tempfile.TemporaryDirectory(prefix="moelora-peft-") as out:
@@ -144,8 +144,8 @@ def main():
         peft_model = peft.PeftModel.from_pretrained(model, out, is_trainable=False)
         wrappers = {m.parameter_name: (path, m) for path, m in peft_model.named_modules()
                     if type(m).__name__ == "ParamWrapper"}
-        if set(wrappers) != set(layouts):
-            fail(f"PEFT wrapped {sorted(wrappers)}, expected {sorted(layouts)}")
+        if set(wrappers) != set(transposed):
+            fail(f"PEFT wrapped {sorted(wrappers)}, expected {sorted(transposed)}")
 
         used = set()
         worst = 0.0
@@ -160,7 +160,7 @@ def main():
                     fail(f"PEFT's {factor} of {name} differs from {key} in the export")
                 used.add(key)
             want = expected[name].double()  # [E, out, in]
-            if layouts[name] == "in_out":
+            if transposed[name]:  # PEFT's delta has the stored shape [E, in, out]
                 want = want.transpose(1, 2)
             delta = wrapper.get_delta_weight("default").detach()
             if tuple(delta.shape) != tuple(want.shape):
@@ -178,14 +178,14 @@ def main():
         for name, _ in params:
             after = merged_params[f"{module_path}.{name}"].detach()
             want = expected[name].double()
-            if layouts[name] == "in_out":
+            if transposed[name]:
                 want = want.transpose(1, 2)
             error = relative_error(after - originals[name], want)
             worst = max(worst, error)
             if not error <= TOLERANCE:
                 fail(f"{name}: merged - original differs from moelora's delta (relative error {error:.3e})")
 
-    described = ",".join(f"{name}({layouts[name]})" for name, _ in params)
+    described = ",".join(f"{name}=stored[E,{'in,out' if transposed[name] else 'out,in'}]" for name, _ in params)
     print(f"peft_check OK: model={model_name} transformers={transformers.__version__} peft={peft.__version__} "
           f"module={module_path} params={described} E={EXPERTS} r={RANK} scale={SCALE} "
           f"max_rel_err={worst:.2e} (tolerance {TOLERANCE})")

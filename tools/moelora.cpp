@@ -234,7 +234,7 @@ int run_reshard(const std::string& src, const std::string& dst, std::int64_t tp,
 
 struct ExportOptions {
   std::vector<std::string> files, parameters;
-  std::string out_dir, module, orientation = "out_in";
+  std::string out_dir, module;
   std::optional<std::string> adapter;
 };
 
@@ -268,17 +268,10 @@ Layer load_state_dict(const fs::path& path, const std::string& name) {
   return layer;
 }
 
-io::PeftOrientation parse_orientation(const std::string& name) {
-  if (name == "in_out") return io::PeftOrientation::in_out;
-  if (name == "out_in") return io::PeftOrientation::out_in;
-  fail("orientation \"" + name + "\" is not known; accepted: out_in, in_out");
-}
-
 int run_export_peft(const ExportOptions& o) {
   if (o.files.size() != o.parameters.size())
     fail("export-peft pairs each adapter file with one --parameter: got " + std::to_string(o.files.size()) +
          " files and " + std::to_string(o.parameters.size()) + " parameters");
-  const io::PeftOrientation orientation = parse_orientation(o.orientation);
   std::list<Layer> layers;  // stable addresses for the targets
   std::vector<io::PeftTarget<Layer>> targets;
   for (std::size_t i = 0; i < o.files.size(); ++i) {
@@ -293,7 +286,7 @@ int run_export_peft(const ExportOptions& o) {
       name = adapters[0].value("name", "");
     }
     layers.push_back(load_state_dict(o.files[i], name));
-    targets.push_back({o.module, o.parameters[i], &layers.back(), name, orientation});
+    targets.push_back({o.module, o.parameters[i], &layers.back(), name});
   }
   io::save_peft(targets, o.out_dir, {});
   std::printf("wrote %s (adapter_model.safetensors, adapter_config.json): %zu target parameter%s of %s\n",
@@ -357,9 +350,6 @@ int main(int argc, char** argv) {
                                                        "e.g. base_model.model.model.layers.0.mlp.experts")->required();
   export_peft->add_option("--parameter", export_o.parameters, "stacked expert parameter (repeat for several, in the "
                                                               "module's registration order)")->required();
-  export_peft->add_option("--orientation", export_o.orientation, "how the model stores the parameter: out_in "
-                                                                 "[E, out, in] (nn.Linear) or in_out [E, in, out]")
-      ->capture_default_str();
   export_peft->add_option("--adapter", export_o.adapter, "adapter to export (default: the file's only one)");
   export_peft->footer("Example:\n  moelora export-peft adapter.safetensors peft_out --module "
                       "base_model.model.model.layers.0.mlp.experts --parameter down_proj");

@@ -1,6 +1,6 @@
-// PEFT export and import: the exported tensors follow the documented index formulas element by
-// element for both orientations (out_in, the default, direct; in_out with the roles swapped), a
-// round trip is bitwise, lora_alpha = scale · r, two parameters of one module get the
+// PEFT export and import: the exported tensors follow the documented index formulas (lora_A
+// [E·r, in] row e·r + k = A[e, k, :], lora_B [out, r·E] column k·E + e = B[e, :, k]) element by
+// element, a round trip is bitwise, lora_alpha = scale · r, two parameters of one module get the
 // nested `.base_layer.` keys, and a directory that does not fit is rejected with the layers unchanged.
 #include <doctest/doctest.h>
 
@@ -47,8 +47,8 @@ struct Experts {
     h.write(v.b, random_tensor(rng, v.b.dtype, v.b.shape));
     l.set_scale("default", scale);
   }
-  std::vector<io::PeftTarget<HostHarness::Layer>> targets(io::PeftOrientation o) {
-    return {{kModule, "gate_up_proj", &gate_up, "default", o}, {kModule, "down_proj", &down, "default", o}};
+  std::vector<io::PeftTarget<HostHarness::Layer>> targets() {
+    return {{kModule, "gate_up_proj", &gate_up, "default"}, {kModule, "down_proj", &down, "default"}};
   }
 };
 
@@ -62,61 +62,49 @@ HostTensor read(const io::SafetensorsFile& f, const std::string& key, DType dtyp
 }  // namespace
 
 TEST_CASE("peft: exported tensors follow the index formulas, keys nest, alpha = scale * r, and load back bitwise") {
-  for (const io::PeftOrientation o : {io::PeftOrientation::in_out, io::PeftOrientation::out_in}) {
-    const bool direct = o == io::PeftOrientation::out_in;  // [E, out, in]: lora_A from A, lora_B from B
-    CAPTURE(direct);
-    Experts src;
-    INFO("seed " << src.rng.seed);
-    src.randomize(src.gate_up);
-    src.randomize(src.down);
-    TempDir dir;
-    io::save_peft(src.targets(o), dir.path, {});
+  Experts src;
+  INFO("seed " << src.rng.seed);
+  src.randomize(src.gate_up);
+  src.randomize(src.down);
+  TempDir dir;
+  io::save_peft(src.targets(), dir.path, {});
 
-    const nlohmann::json config = nlohmann::json::parse(io::read_text_file(dir.path / "adapter_config.json"));
-    CHECK(config["peft_type"] == "LORA");
-    CHECK(config["r"] == kRank);
-    CHECK(config["lora_alpha"].get<double>() == 0.75 * kRank);
-    CHECK(config["target_modules"] == nlohmann::json::array());
-    CHECK(config["target_parameters"] ==
-          nlohmann::json{"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"});
+  const nlohmann::json config = nlohmann::json::parse(io::read_text_file(dir.path / "adapter_config.json"));
+  CHECK(config["peft_type"] == "LORA");
+  CHECK(config["r"] == kRank);
+  CHECK(config["lora_alpha"].get<double>() == 0.75 * kRank);
+  CHECK(config["target_modules"] == nlohmann::json::array());
+  CHECK(config["target_parameters"] ==
+        nlohmann::json{"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"});
 
-    const io::SafetensorsFile file(dir.path / "adapter_model.safetensors");
-    CHECK(file.tensors().size() == 4);
-    // gate_up_proj is registered first: PEFT wraps it innermost, so its keys gain ".base_layer".
-    for (const auto& [layer, prefix] : {std::pair{&src.gate_up, kModule + ".base_layer"}, std::pair{&src.down, kModule}}) {
-      const AdapterView v = layer->adapter("default");
-      const HostTensor a = src.h.download(v.a), b = src.h.download(v.b);
-      const std::int64_t in = v.a.shape[2], out = v.b.shape[1], r = kRank, E = kE;
-      const HostTensor pa = read(file, prefix + ".lora_A.weight", DType::bf16);
-      const HostTensor pb = read(file, prefix + ".lora_B.weight", DType::bf16);
-      CHECK(pa.shape == Shape{E * r, direct ? in : out});
-      CHECK(pb.shape == Shape{direct ? out : in, r * E});
-      bool all = true;
-      for (std::int64_t e = 0; e < E; ++e)
-        for (std::int64_t k = 0; k < r; ++k) {
-          for (std::int64_t i = 0; i < in; ++i) {
-            const float want = a[static_cast<std::size_t>((e * r + k) * in + i)];
-            const float got = direct ? pa[static_cast<std::size_t>((e * r + k) * in + i)]
-                                     : pb[static_cast<std::size_t>(i * r * E + k * E + e)];
-            all &= got == want;
-          }
-          for (std::int64_t n = 0; n < out; ++n) {
-            const float want = b[static_cast<std::size_t>((e * out + n) * r + k)];
-            const float got = direct ? pb[static_cast<std::size_t>(n * r * E + k * E + e)]
-                                     : pa[static_cast<std::size_t>((e * r + k) * out + n)];
-            all &= got == want;
-          }
-        }
-      CHECK(all);
-    }
+  const io::SafetensorsFile file(dir.path / "adapter_model.safetensors");
+  CHECK(file.tensors().size() == 4);
+  // gate_up_proj is registered first: PEFT wraps it innermost, so its keys gain ".base_layer".
+  for (const auto& [layer, prefix] : {std::pair{&src.gate_up, kModule + ".base_layer"}, std::pair{&src.down, kModule}}) {
+    const AdapterView v = layer->adapter("default");
+    const HostTensor a = src.h.download(v.a), b = src.h.download(v.b);
+    const std::int64_t in = v.a.shape[2], out = v.b.shape[1], r = kRank, E = kE;
+    const HostTensor pa = read(file, prefix + ".lora_A.weight", DType::bf16);
+    const HostTensor pb = read(file, prefix + ".lora_B.weight", DType::bf16);
+    CHECK(pa.shape == Shape{E * r, in});
+    CHECK(pb.shape == Shape{out, r * E});
+    bool all = true;
+    for (std::int64_t e = 0; e < E; ++e)
+      for (std::int64_t k = 0; k < r; ++k) {
+        for (std::int64_t i = 0; i < in; ++i)  // lora_A row e·r + k = A[e, k, :]
+          all &= pa[static_cast<std::size_t>((e * r + k) * in + i)] == a[static_cast<std::size_t>((e * r + k) * in + i)];
+        for (std::int64_t n = 0; n < out; ++n)  // lora_B column k·E + e = B[e, :, k]
+          all &= pb[static_cast<std::size_t>(n * r * E + k * E + e)] == b[static_cast<std::size_t>((e * out + n) * r + k)];
+      }
+    CHECK(all);
+  }
 
-    Experts dst;
-    io::load_peft(dst.targets(o), dir.path, {});
-    for (auto [from, to] : {std::pair{&src.gate_up, &dst.gate_up}, std::pair{&src.down, &dst.down}}) {
-      CHECK(dst.h.download(to->adapter("default").a).values == src.h.download(from->adapter("default").a).values);
-      CHECK(dst.h.download(to->adapter("default").b).values == src.h.download(from->adapter("default").b).values);
-      CHECK(to->adapter("default").config.scale == 0.75f);
-    }
+  Experts dst;
+  io::load_peft(dst.targets(), dir.path, {});
+  for (auto [from, to] : {std::pair{&src.gate_up, &dst.gate_up}, std::pair{&src.down, &dst.down}}) {
+    CHECK(dst.h.download(to->adapter("default").a).values == src.h.download(from->adapter("default").a).values);
+    CHECK(dst.h.download(to->adapter("default").b).values == src.h.download(from->adapter("default").b).values);
+    CHECK(to->adapter("default").config.scale == 0.75f);
   }
 }
 
@@ -129,8 +117,7 @@ TEST_CASE("peft: one target has no .base_layer, and every factor dtype round-tri
     io::save_peft<HostHarness::Layer>({{kModule, "down_proj", &l, "default"}}, dir.path, {});
     const io::SafetensorsFile file(dir.path / "adapter_model.safetensors");
     CHECK(file.tensor(kModule + ".lora_A.weight").dtype == io::st_dtype_of(dtype));
-    // The default orientation is out_in ([E, out, in], nn.Linear): lora_A [E·r, in], lora_B [out, r·E].
-    CHECK(io::PeftTarget<HostHarness::Layer>{}.orientation == io::PeftOrientation::out_in);
+    // lora_A [E·r, in], lora_B [out, r·E].
     CHECK(file.tensor(kModule + ".lora_A.weight").shape == std::vector<std::int64_t>{kE * kRank, kHidden});
     CHECK(file.tensor(kModule + ".lora_B.weight").shape == std::vector<std::int64_t>{20, kRank * kE});
     HostHarness::Layer back = src.layer(20, kHidden, 4, dtype);
@@ -146,13 +133,13 @@ TEST_CASE("peft: exports and directories that do not fit are rejected with every
   src.randomize(src.gate_up);
   src.randomize(src.down, 0.5f);
   TempDir dir;
-  CHECK_THROWS_WITH_AS(io::save_peft(src.targets(io::PeftOrientation::in_out), dir.path, {}),
+  CHECK_THROWS_WITH_AS(io::save_peft(src.targets(), dir.path, {}),
                        doctest::Contains("one adapter_config holds one r and lora_alpha"), Error);
   CHECK_THROWS_WITH_AS(io::save_peft<HostHarness::Layer>({{"model.layers.0.mlp.experts", "down_proj", &src.down, "default"}},
                                                          dir.path, {}),
                        doctest::Contains("does not start with \"base_model.model.\""), Error);
   src.down.set_scale("default", 0.75);
-  io::save_peft(src.targets(io::PeftOrientation::in_out), dir.path, {});
+  io::save_peft(src.targets(), dir.path, {});
 
   Experts other;
   other.down.remove_adapter("default");
@@ -160,7 +147,7 @@ TEST_CASE("peft: exports and directories that do not fit are rejected with every
   c.rank = 8;
   other.down.add_adapter("default", c, {});
   const HostTensor before = other.h.download(other.gate_up.adapter("default").a);
-  std::vector<io::PeftTarget<HostHarness::Layer>> targets = other.targets(io::PeftOrientation::out_in);
+  std::vector<io::PeftTarget<HostHarness::Layer>> targets = other.targets();
   targets.push_back({kModule, "extra_proj", &other.gate_up, "missing"});
   try {
     io::load_peft(targets, dir.path, {});
@@ -169,7 +156,9 @@ TEST_CASE("peft: exports and directories that do not fit are rejected with every
     const std::string what = e.what();
     CHECK(e.code() == ErrorCode::invalid_argument);
     CHECK_MESSAGE(what.find("r = 4 but adapter \"default\" for model.layers.0.mlp.experts.down_proj has rank 8") != std::string::npos, what);
-    CHECK_MESSAGE(what.find(kModule + ".base_layer.lora_A.weight is BF16 [12, 24] but adapter \"default\" needs BF16 [24, 12]") != std::string::npos, what);
+    // With the third target, down_proj's keys gain ".base_layer": they hold gate_up's lora_A [E·4, 16],
+    // but down_proj at rank 8 needs [E·8, 12].
+    CHECK_MESSAGE(what.find(kModule + ".base_layer.lora_A.weight is BF16 [12, 16] but adapter \"default\" needs BF16 [24, 12]") != std::string::npos, what);
     CHECK_MESSAGE(what.find("target_parameters does not list model.layers.0.mlp.experts.extra_proj") != std::string::npos, what);
     CHECK_MESSAGE(what.find("no adapter \"missing\"") != std::string::npos, what);
     CHECK_MESSAGE(what.find("missing " + kModule + ".base_layer.base_layer.lora_A.weight") != std::string::npos, what);
@@ -185,6 +174,6 @@ TEST_CASE("peft: exports and directories that do not fit are rejected with every
   config["peft_type"] = "IA3";
   io::write_text_file(dir.path / "adapter_config.json", config.dump());
   Experts fresh;
-  CHECK_THROWS_WITH_AS(io::load_peft(fresh.targets(io::PeftOrientation::in_out), dir.path, {}),
+  CHECK_THROWS_WITH_AS(io::load_peft(fresh.targets(), dir.path, {}),
                        doctest::Contains("peft_type is not LORA"), Error);
 }

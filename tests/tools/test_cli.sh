@@ -88,18 +88,19 @@ has out.txt "Hugging Face PEFT adapter"
 has out.txt "r 8, lora_alpha 8"
 has out.txt "model.layers.0.mlp.experts.down_proj"
 has out.txt "$module.lora_A.weight"
-# The default orientation out_in ([E, out, in], here [4, 32, 64], r 8): lora_A [E·r, in], lora_B [out, r·E].
+# The adapter is [E, out, in] = [4, 32, 64], r 8: lora_A [E·r, in], lora_B [out, r·E].
 has_shape out.txt "$module.lora_A.weight" "[32, 64]"
 has_shape out.txt "$module.lora_B.weight" "[32, 32]"
 run 0 "$moelora" init --weights model.safetensors --pattern "$pattern" --layer 1 --method svdquant --rank 8 \
   --adapter qad --output adapter2.safetensors
 run 0 "$moelora" export-peft adapter.safetensors adapter2.safetensors peft2 --module "$module" \
-  --parameter gate_up_proj --parameter down_proj --orientation in_out
+  --parameter gate_up_proj --parameter down_proj
 run 0 "$moelora" inspect peft2
-has out.txt "$module.base_layer.lora_A.weight"
-# in_out ([E, in, out]): the roles swap, lora_A [E·r, out], lora_B [in, r·E].
-has_shape out.txt "$module.lora_A.weight" "[32, 32]"
-has_shape out.txt "$module.lora_B.weight" "[64, 32]"
+# The same one layout for both targets, the first-registered one nested under .base_layer.
+has_shape out.txt "$module.base_layer.lora_A.weight" "[32, 64]"
+has_shape out.txt "$module.base_layer.lora_B.weight" "[32, 32]"
+has_shape out.txt "$module.lora_A.weight" "[32, 64]"
+has_shape out.txt "$module.lora_B.weight" "[32, 32]"
 has out.txt "target_parameters: model.layers.0.mlp.experts.gate_up_proj model.layers.0.mlp.experts.down_proj"
 
 # Errors: one line on stderr, exit code 1.
@@ -129,8 +130,6 @@ run 1 "$moelora" export-peft adapter.safetensors peft3 --module "$module" --para
 one_error "pairs each adapter file with one --parameter"
 run 1 "$moelora" export-peft model.safetensors peft3 --module "$module" --parameter down_proj
 one_error "does not hold exactly one adapter"
-run 1 "$moelora" export-peft adapter.safetensors peft3 --module "$module" --parameter down_proj --orientation sideways
-one_error "orientation \"sideways\" is not known"
 [ ! -e peft3 ] || fail "a failed export wrote its output"
 
 if [ "$failures" -ne 0 ]; then

@@ -4,22 +4,16 @@
 ///
 /// A directory holds `adapter_model.safetensors` and `adapter_config.json`. For every target (one
 /// stacked expert parameter such as `gate_up_proj` of the experts module at key prefix
-/// `base_model.model.model.layers.0.mlp.experts`), with moelora's A `[E, r, in]`, B `[E, out, r]`:
+/// `base_model.model.model.layers.0.mlp.experts`), with moelora's A `[E, r, in]`, B `[E, out, r]`
+/// in the module's semantic in/out features, the layout is that of DESIGN.md §7:
 ///
-/// | orientation of the HF parameter | `lora_A.weight`                          | `lora_B.weight`                          |
-/// |---------------------------------|------------------------------------------|------------------------------------------|
-/// | `out_in`: `[E, out, in]`, `y = W_e x` | `[E·r, in]`, row `e·r + k` = `A[e, k, :]` | `[out, r·E]`, column `k·E + e` = `B[e, :, k]` |
-/// | `in_out`: `[E, in, out]`, `y = x @ W_e` | `[E·r, out]`, row `e·r + k` = `B[e, :, k]ᵀ` | `[in, r·E]`, column `k·E + e` = `A[e, k, :]ᵀ` |
+/// - `lora_A.weight` `[E·r, in]`, row `e·r + k` = `A[e, k, :]` (A's bytes as they are);
+/// - `lora_B.weight` `[out, r·E]`, column `k·E + e` = `B[e, :, k]` (rank-major, expert-minor).
 ///
-/// PEFT's ParamWrapper (as observed with PEFT 0.19 and transformers 5; scripts/peft_check.py checks
-/// it against the installed version) reads a 3-D parameter `[E, d1, d2]` as `out_p = d1`,
-/// `in_p = d2`, nn.Linear orientation (its `lora_A` `[E·r, in_p]`, its `lora_B` `[out_p, r·E]`) and
-/// adds `ΔW[e] = scaling · B'_e A'_e` `[out_p, in_p]` to the parameter as stored, with `A'_e` = rows
-/// `e·r…e·r+r−1` of `lora_A.weight` and `B'_e[:, k]` = column `k·E + e` of `lora_B.weight`
-/// (rank-major, expert-minor). `out_in` (nn.Linear orientation, moelora's W; the
-/// transformers 5 Qwen3-MoE and Mixtral experts) gets the direct layout of DESIGN.md §7, for which
-/// ΔW[e] is `scale · B_e A_e`. `in_out` is for parameters stored `[E, in, out]` (GPT-OSS style); the
-/// factors swap roles (`A'_e = B_eᵀ`, `B'_e = A_eᵀ`) so that PEFT's ΔW[e] is `scale · (B_e A_e)ᵀ`.
+/// PEFT's ParamWrapper (PEFT >= 0.19; checked by scripts/peft_check.py with PEFT 0.21.0 and
+/// transformers 5.17.0) adds `ΔW[e] = scaling · B_e A_e` `[out, in]` with this one layout whether the
+/// model stores the parameter `[E, out, in]` (as nn.Linear, e.g. Qwen3-MoE, Mixtral) or
+/// `[E, in, out]` (e.g. GPT-OSS); for the latter it transposes ΔW[e] itself.
 ///
 /// Keys: `{prefix}.lora_A.weight`, `{prefix}.lora_B.weight`. When n parameters of one module are
 /// targeted, PEFT nests one ParamWrapper per parameter in the module's parameter registration
@@ -56,21 +50,15 @@
 
 namespace moelora::io {
 
-/// How the Hugging Face model stores the targeted stacked parameter (see the file comment).
-enum class PeftOrientation : std::uint8_t {
-  in_out,  ///< `[E, in, out]`, used as `x @ W_e` (GPT-OSS style; the factors swap roles)
-  out_in,  ///< `[E, out, in]`, nn.Linear orientation, used as `W_e x` (DESIGN.md §7 layout, the default)
-};
-
 /// One targeted parameter: the experts module's key prefix (`base_model.model.` + its module path),
-/// the parameter's name in that module, and the layer and adapter that hold its factors.
+/// the parameter's name in that module, and the layer and adapter that hold its factors (in/out are
+/// the module's semantic features, however the model stores the parameter).
 template <class Layer>
 struct PeftTarget {
   std::string module;
   std::string parameter;
   Layer* layer = nullptr;
   std::string adapter;
-  PeftOrientation orientation = PeftOrientation::out_in;
 };
 
 inline constexpr std::string_view kPeftModelPrefix = "base_model.model.";
@@ -90,41 +78,23 @@ std::vector<std::string> peft_key_prefixes(const std::vector<PeftTarget<Layer>>&
   return prefixes;
 }
 
-/// Moves elements between moelora's A `[E, r, in]`, B `[E, out, r]` and PEFT's `lora_A`,
-/// `lora_B` (see the table in the file comment): to PEFT when `to_peft`, else back.
-inline void peft_permute(bool to_peft, PeftOrientation orientation, std::int64_t experts, std::int64_t rank,
-                         std::int64_t in, std::int64_t out, std::size_t element, std::byte* a, std::byte* b,
-                         std::byte* peft_a, std::byte* peft_b) {
-  const auto move = [&](std::byte* ours, std::int64_t our_index, std::byte* theirs, std::int64_t their_index) {
-    std::byte* dst = to_peft ? theirs : ours;
-    const std::byte* src = to_peft ? ours : theirs;
-    std::memcpy(dst + static_cast<std::size_t>(to_peft ? their_index : our_index) * element,
-                src + static_cast<std::size_t>(to_peft ? our_index : their_index) * element, element);
-  };
-  const bool direct = orientation == PeftOrientation::out_in;
+/// PEFT's `lora_B` `[out, r·E]` (column `k·E + e` = `B[e, :, k]`) from moelora's B `[E, out, r]`
+/// when `to_peft`, else back; `lora_A` is A's bytes unchanged.
+inline void peft_permute_b(bool to_peft, std::int64_t experts, std::int64_t rank, std::int64_t out,
+                           std::size_t element, const std::byte* src, std::byte* dst) {
   for (std::int64_t e = 0; e < experts; ++e)
-    for (std::int64_t k = 0; k < rank; ++k) {
-      for (std::int64_t i = 0; i < in; ++i) {  // A[e, k, i]
-        const std::int64_t ours = (e * rank + k) * in + i;
-        if (direct) move(a, ours, peft_a, ours);
-        else move(a, ours, peft_b, i * rank * experts + k * experts + e);
+    for (std::int64_t o = 0; o < out; ++o)
+      for (std::int64_t k = 0; k < rank; ++k) {
+        const auto ours = static_cast<std::size_t>((e * out + o) * rank + k);
+        const auto theirs = static_cast<std::size_t>(o * rank * experts + k * experts + e);
+        std::memcpy(dst + (to_peft ? theirs : ours) * element, src + (to_peft ? ours : theirs) * element, element);
       }
-      for (std::int64_t o = 0; o < out; ++o) {  // B[e, o, k]
-        const std::int64_t ours = (e * out + o) * rank + k;
-        if (direct) move(b, ours, peft_b, o * rank * experts + k * experts + e);
-        else move(b, ours, peft_a, (e * rank + k) * out + o);
-      }
-    }
 }
 
-/// The shapes of PEFT's lora_A and lora_B for a target.
-inline std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>> peft_shapes(PeftOrientation orientation,
-                                                                                 std::int64_t experts, std::int64_t rank,
+/// The shapes of PEFT's lora_A `[E·r, in]` and lora_B `[out, r·E]` for a target.
+inline std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>> peft_shapes(std::int64_t experts, std::int64_t rank,
                                                                                  std::int64_t in, std::int64_t out) {
-  const bool direct = orientation == PeftOrientation::out_in;  // PEFT's (out_p, in_p) = (out, in)
-  const std::int64_t in_p = direct ? in : out;
-  const std::int64_t out_p = direct ? out : in;
-  return {{experts * rank, in_p}, {out_p, rank * experts}};
+  return {{experts * rank, in}, {out, rank * experts}};
 }
 
 /// The module path of a key prefix (without `base_model.model.`); a problem if it has no such start.
@@ -151,6 +121,7 @@ void save_peft(const std::vector<PeftTarget<Layer>>& targets, const std::filesys
   MOELORA_REQUIRE(!targets.empty(), ErrorCode::invalid_argument, "a PEFT export needs at least one target");
   const std::vector<std::string> prefixes = detail::peft_key_prefixes(targets);
   std::vector<std::vector<std::byte>> storage;
+  storage.reserve(2 * targets.size());  // references into it stay valid below
   std::vector<TensorBytes> tensors;
   nlohmann::ordered_json target_parameters = nlohmann::ordered_json::array();
   std::int64_t rank = 0;
@@ -171,21 +142,19 @@ void save_peft(const std::vector<PeftTarget<Layer>>& targets, const std::filesys
       problems.push_back(path + " has rank " + std::to_string(view.config.rank) + " and scale " +
                          std::to_string(view.config.scale) + " but the first target rank " + std::to_string(rank) +
                          " and scale " + std::to_string(scale) + " (one adapter_config holds one r and lora_alpha)");
-    std::vector<std::byte> a(view.a.bytes()), b(view.b.bytes());
+    // lora_A is A as it is; lora_B is B permuted (the buffers outlive `tensors`, which views them).
+    std::vector<std::byte>& a = storage.emplace_back(view.a.bytes());
     Backend::copy_to_host(a.data(), view.a.data, a.size(), stream);
+    std::vector<std::byte> b(view.b.bytes());
     Backend::copy_to_host(b.data(), view.b.data, b.size(), stream);
-    const auto [shape_a, shape_b] = detail::peft_shapes(target.orientation, view.a.shape[0], view.config.rank,
-                                                         view.a.shape[2], view.b.shape[1]);
-    const bool direct = target.orientation == PeftOrientation::out_in;  // in_out: lora_A holds B's elements
-    storage.emplace_back(direct ? a.size() : b.size());
-    std::byte* peft_a = storage.back().data();
-    storage.emplace_back(direct ? b.size() : a.size());
-    std::byte* peft_b = storage.back().data();
-    detail::peft_permute(true, target.orientation, view.a.shape[0], view.config.rank, view.a.shape[2], view.b.shape[1],
-                         dtype_size(view.config.dtype), a.data(), b.data(), peft_a, peft_b);
+    std::vector<std::byte>& peft_b = storage.emplace_back(b.size());
+    detail::peft_permute_b(true, view.b.shape[0], view.config.rank, view.b.shape[1], dtype_size(view.config.dtype),
+                           b.data(), peft_b.data());
+    const auto [shape_a, shape_b] =
+        detail::peft_shapes(view.a.shape[0], view.config.rank, view.a.shape[2], view.b.shape[1]);
     const StDType dtype = st_dtype_of(view.config.dtype);
-    tensors.push_back({prefixes[t] + ".lora_A.weight", dtype, shape_a, {peft_a, direct ? a.size() : b.size()}});
-    tensors.push_back({prefixes[t] + ".lora_B.weight", dtype, shape_b, {peft_b, direct ? b.size() : a.size()}});
+    tensors.push_back({prefixes[t] + ".lora_A.weight", dtype, shape_a, {a.data(), a.size()}});
+    tensors.push_back({prefixes[t] + ".lora_B.weight", dtype, shape_b, {peft_b.data(), peft_b.size()}});
   }
   require_no_problems(dir.string(), problems, "export to");
   const nlohmann::ordered_json config = {{"peft_type", "LORA"},
@@ -255,8 +224,8 @@ void load_peft(const std::vector<PeftTarget<Layer>>& targets, const std::filesys
     if (view.config.rank != r)
       problems.push_back("r = " + std::to_string(r) + " but adapter \"" + target.adapter + "\" for " + path +
                          " has rank " + std::to_string(view.config.rank));
-    const auto [shape_a, shape_b] = detail::peft_shapes(target.orientation, view.a.shape[0], view.config.rank,
-                                                         view.a.shape[2], view.b.shape[1]);
+    const auto [shape_a, shape_b] =
+        detail::peft_shapes(view.a.shape[0], view.config.rank, view.a.shape[2], view.b.shape[1]);
     const TensorBytes* found[2] = {nullptr, nullptr};
     for (int i = 0; i < 2; ++i) {
       const std::string& key = i == 0 ? key_a : key_b;
@@ -270,10 +239,10 @@ void load_peft(const std::vector<PeftTarget<Layer>>& targets, const std::filesys
         found[i] = &*it;
     }
     if (!found[0] || !found[1]) continue;
-    Pending p{&target, std::vector<std::byte>(view.a.bytes()), std::vector<std::byte>(view.b.bytes())};
-    detail::peft_permute(false, target.orientation, view.a.shape[0], view.config.rank, view.a.shape[2], view.b.shape[1],
-                         dtype_size(view.config.dtype), p.a.data(), p.b.data(), const_cast<std::byte*>(found[0]->bytes.data()),
-                         const_cast<std::byte*>(found[1]->bytes.data()));
+    Pending p{&target, std::vector<std::byte>(found[0]->bytes.begin(), found[0]->bytes.end()),
+              std::vector<std::byte>(view.b.bytes())};
+    detail::peft_permute_b(false, view.b.shape[0], view.config.rank, view.b.shape[1], dtype_size(view.config.dtype),
+                           found[1]->bytes.data(), p.b.data());
     pending.push_back(std::move(p));
   }
   for (const TensorBytes& t : file.tensors())
