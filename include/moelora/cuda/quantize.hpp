@@ -37,22 +37,12 @@ namespace moelora::quant {
 /// on the first call that needs it or by `reserve`; one instance must not run on two streams at
 /// once.
 template <>
-class FormatQuantizer<CudaBackend> {
+class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
  public:
   using backend_type = CudaBackend;
 
   /// Throws ErrorCode::invalid_argument for a spec that `validate` rejects.
-  explicit FormatQuantizer(QuantSpec spec = {}) : spec_(spec) { validate(spec_); }
-
-  [[nodiscard]] const QuantSpec& spec() const { return spec_; }
-  [[nodiscard]] std::string name() const { return quant_spec_name(spec_); }
-  /// Layout of the packed form of a `[experts, out, in]` weight.
-  [[nodiscard]] PackedLayout layout(std::int64_t experts, std::int64_t out, std::int64_t in) const {
-    return packed_layout(spec_, experts, out, in);
-  }
-  [[nodiscard]] std::size_t packed_bytes(std::int64_t experts, std::int64_t out, std::int64_t in) const {
-    return layout(experts, out, in).total_bytes;
-  }
+  explicit FormatQuantizer(QuantSpec spec = {}) : FormatQuantizerSpec(spec) {}
 
   /// Sizes the amax scratch for weights of up to `experts` experts, so that later calls allocate nothing.
   void reserve(std::int64_t experts) {
@@ -183,7 +173,6 @@ class FormatQuantizer<CudaBackend> {
     });
   }
 
-  QuantSpec spec_;
   Buffer<CudaBackend> amax_scratch_;
 };
 

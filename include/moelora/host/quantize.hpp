@@ -25,22 +25,12 @@ namespace moelora::quant {
 /// before it returns. Not thread-safe per instance (it keeps no state besides the spec, but shares
 /// nothing either: one instance per thread is cheap).
 template <>
-class FormatQuantizer<HostBackend> {
+class FormatQuantizer<HostBackend> : public FormatQuantizerSpec {
  public:
   using backend_type = HostBackend;
 
   /// Throws ErrorCode::invalid_argument for a spec that `validate` rejects.
-  explicit FormatQuantizer(QuantSpec spec = {}) : spec_(spec) { validate(spec_); }
-
-  [[nodiscard]] const QuantSpec& spec() const { return spec_; }
-  [[nodiscard]] std::string name() const { return quant_spec_name(spec_); }
-  /// Layout of the packed form of a `[experts, out, in]` weight.
-  [[nodiscard]] PackedLayout layout(std::int64_t experts, std::int64_t out, std::int64_t in) const {
-    return packed_layout(spec_, experts, out, in);
-  }
-  [[nodiscard]] std::size_t packed_bytes(std::int64_t experts, std::int64_t out, std::int64_t in) const {
-    return layout(experts, out, in).total_bytes;
-  }
+  explicit FormatQuantizer(QuantSpec spec = {}) : FormatQuantizerSpec(spec) {}
 
   /// Calibrates (max) and quantizes w `[E, out, in]` into `packed` (packed_bytes(E, out, in) bytes).
   void quantize(ConstTensorRef w, void* packed, HostStream /*stream*/ = {}) const {
@@ -157,7 +147,6 @@ class FormatQuantizer<HostBackend> {
     else return static_cast<std::uint8_t>((static_cast<unsigned>(codes[row * ((in + 1) / 2) + c / 2]) >> (4 * (c & 1))) & 0xfu);
   }
 
-  QuantSpec spec_;
 };
 
 static_assert(Quantizer<FormatQuantizer<HostBackend>>, "FormatQuantizer<HostBackend> must model Quantizer");

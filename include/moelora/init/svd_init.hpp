@@ -166,7 +166,6 @@ class SvdInitRun {
 
   [[nodiscard]] Shape shape() const { return {experts_, out_, in_}; }
   [[nodiscard]] TensorRef full(float* data) const { return {data, DType::fp32, shape()}; }
-  [[nodiscard]] Buffer<Backend>& target_buffer() { return target_; }
 
  private:
   static Buffer<Backend> floats(std::int64_t count) {
@@ -178,7 +177,7 @@ class SvdInitRun {
   SvdInitArgs args_;
   Stream stream_;
   std::int64_t experts_, out_, in_, k_;
-  Buffer<Backend> w_, residual_, scratch_, u_, s_, vt_, a_, b_, target_;
+  Buffer<Backend> w_, residual_, scratch_, u_, s_, vt_, a_, b_;
   std::vector<double> w_norms_;
 };
 
@@ -205,8 +204,9 @@ InitReport svd_init(Base& base, const SvdInitArgs& args, const WarningSink& warn
     const std::size_t b_bytes = static_cast<std::size_t>(base.num_experts() * base.out_features() * args.rank);
     Backend::fill_zero(args.a, a_bytes * dtype_size(args.dtype), stream);
     Backend::fill_zero(args.b, b_bytes * dtype_size(args.dtype), stream);
-    return {std::vector<double>(static_cast<std::size_t>(base.num_experts()), 0.0),
-            std::vector<double>(static_cast<std::size_t>(base.num_experts()), 1.0), 0};
+    // The base computes with W itself and the delta is zero: both errors are 0.
+    const std::vector<double> zero(static_cast<std::size_t>(base.num_experts()), 0.0);
+    return {zero, zero, 0};
   }
   if (args.rank > min_dim)
     say("rank ", args.rank, " exceeds min(out, in) = ", min_dim, "; factors beyond rank ", min_dim, " are zero");
@@ -235,8 +235,7 @@ InitReport svd_init(Base& base, const SvdInitArgs& args, const WarningSink& warn
       // Iterate t pairs factors with Q_t = Q(target_t): loftq starts from target_0 = W (so t = 0 is
       // svdquant), svd_first from target_0 = W − scale·SVD_r(W). Each step refits the factors to
       // W − Q_t; the iterate of least total error is kept and the base quantizes its target.
-      Buffer<Backend>& target = run.target_buffer();
-      target = Buffer<Backend>(static_cast<std::size_t>(run.weights()) * sizeof(float));
+      Buffer<Backend> target(static_cast<std::size_t>(run.weights()) * sizeof(float));
       auto* t = target.template as<float>();
       if (args.method == InitMethod::loftq) {
         Backend::copy(t, run.w(), target.bytes(), stream);
@@ -249,7 +248,8 @@ InitReport svd_init(Base& base, const SvdInitArgs& args, const WarningSink& warn
       double best = INFINITY;
       std::int64_t best_step = 0;
       for (std::int64_t step = 0; step < steps; ++step) {
-        run.quantize_residual({t, DType::fp32, run.shape()});
+        // loftq's first target is W, whose residual was computed above for quantized_error.
+        if (args.method != InitMethod::loftq || step > 0) run.quantize_residual({t, DType::fp32, run.shape()});
         // svd_first's first candidate is the SVD of W itself, paired with Q(W − scale·BA).
         if (args.method == InitMethod::loftq || step > 0) run.fit(run.residual(), false);
         const double error = run.total_error(run.residual());

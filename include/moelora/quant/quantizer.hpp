@@ -47,6 +47,27 @@ concept Quantizer =
 template <class Backend>
 class FormatQuantizer;
 
+/// What every FormatQuantizer specialisation shares: its validated spec and the packed layout
+/// that follows from it.
+class FormatQuantizerSpec {
+ public:
+  /// Throws ErrorCode::invalid_argument for a spec that `validate` rejects.
+  explicit FormatQuantizerSpec(QuantSpec spec) : spec_(spec) { validate(spec_); }
+
+  [[nodiscard]] const QuantSpec& spec() const { return spec_; }
+  [[nodiscard]] std::string name() const { return quant_spec_name(spec_); }
+  /// Layout of the packed form of a `[experts, out, in]` weight.
+  [[nodiscard]] PackedLayout layout(std::int64_t experts, std::int64_t out, std::int64_t in) const {
+    return packed_layout(spec_, experts, out, in);
+  }
+  [[nodiscard]] std::size_t packed_bytes(std::int64_t experts, std::int64_t out, std::int64_t in) const {
+    return layout(experts, out, in).total_bytes;
+  }
+
+ protected:
+  QuantSpec spec_;
+};
+
 /// Host-side checks of the arguments of quantizer calls, shared by the FormatQuantizer specialisations.
 namespace checks {
 
