@@ -239,19 +239,18 @@ struct CudaBackend {
     const LoraShape& s = args.shape;
     const FactorsRef& f = args.factors;
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.y}, {f.a, f.b, args.h})) {
-      const auto tiles = static_cast<unsigned>(max_tiles(s.rows, s.experts, kForwardRows));
       cuda_detail::dispatch_tensor_core(s.io_dtype, f.dtype, f.rank, [&](auto io, auto ft, auto nfrag) {
         using IoT = typename decltype(io)::type;
         using FT = typename decltype(ft)::type;
         constexpr int kNFrag = decltype(nfrag)::value;
-        cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, false, FT>,
-                            dim3(tiles, 1, kForwardRows / kProjectRows<kNFrag>), kProjectThreads<kNFrag>,
-                            project_smem_bytes<kNFrag, false>(), stream,
-                            ProjectParams{args.x, f.a, args.h, workspace.row_tiles(), s.in, s.in,
-                                          static_cast<std::int32_t>(f.rank), 1.0f});
-        const auto columns = static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols);
-        cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, dim3(tiles, columns, kForwardRows / kExpandRows),
-                            kExpandThreads, expand_smem_bytes<kNFrag>(), stream,
+        // At most two K slices: two fp32 addends onto zero sum the same in either order, so the
+        // forward stays deterministic.
+        project<IoT, FT, kNFrag, false>(args.x, f.a, static_cast<FT*>(args.h), s.in, f.rank, 1.0f, 2, workspace,
+                                        stream);
+        const dim3 expand_grid(static_cast<unsigned>(max_tiles(s.rows, s.experts, kForwardRows)),
+                               static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols), kForwardRows / kExpandRows);
+        cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, expand_grid, kExpandThreads, expand_smem_bytes<kNFrag>(),
+                            stream,
                             ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
                                          static_cast<std::int32_t>(f.rank), f.scale});
       });
@@ -278,41 +277,17 @@ struct CudaBackend {
     // at its start) and, behind it, the fp32 sums of a projection computed in slices.
     float* u = needs_u ? workspace.scratch(2 * s.rows * f.rank) : nullptr;
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.dy, args.dx}, {f.a, f.b, args.h})) {
-      const auto tiles = max_tiles(s.rows, s.experts, kForwardRows);
       const auto groups = static_cast<unsigned>(max_tiles(s.rows, s.experts, kGroupRows));
       MOELORA_REQUIRE(groups <= 65535, ErrorCode::unsupported, "the CUDA backward handles up to 65535 row groups of ",
                       kGroupRows, " rows; this call has ", s.rows, " rows over ", s.experts, " experts");
-      // Slices of `out` for the u projection: enough blocks for two per SM, none under 512 columns.
-      const std::int64_t slices = std::clamp<std::int64_t>((2 * workspace.multiprocessors() + tiles - 1) / tiles, 1,
-                                                           (s.out + 511) / 512);
-      const std::int64_t split = ((s.out + slices - 1) / slices + kChunk - 1) / kChunk * kChunk;
       cuda_detail::dispatch_tensor_core(s.io_dtype, f.dtype, f.rank, [&](auto io, auto ft, auto nfrag) {
         using IoT = typename decltype(io)::type;
         using FT = typename decltype(ft)::type;
         constexpr int kNFrag = decltype(nfrag)::value;
-        FT* u_rounded = nullptr;  // round(scale · B_eᵀ dy) [T, r]
-        if (needs_u) {
-          const auto u_slices = static_cast<unsigned>((s.out + split - 1) / split);
-          const std::int64_t count = s.rows * f.rank;
-          u_rounded = reinterpret_cast<FT*>(u);
-          if (u_slices == 1) {
-            cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, FT>,
-                                dim3(static_cast<unsigned>(tiles), 1, kForwardRows / kProjectRows<kNFrag>),
-                                kProjectThreads<kNFrag>, project_smem_bytes<kNFrag, true>(), stream,
-                                ProjectParams{args.dy, f.b, u_rounded, workspace.row_tiles(), s.out, split,
-                                              static_cast<std::int32_t>(f.rank), f.scale});
-          } else {  // fp32 sums behind the rounded u in the scratch, then rounded
-            float* sums = u + count;
-            fill_zero(sums, static_cast<std::size_t>(count) * sizeof(float), stream);
-            cuda_detail::launch(lora_project_kernel<IoT, FT, kNFrag, true, float>,
-                                dim3(static_cast<unsigned>(tiles), u_slices, kForwardRows / kProjectRows<kNFrag>),
-                                kProjectThreads<kNFrag>, project_smem_bytes<kNFrag, true>(), stream,
-                                ProjectParams{args.dy, f.b, sums, workspace.row_tiles(), s.out, split,
-                                              static_cast<std::int32_t>(f.rank), 1.0f});
-            cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(count), 256, 0, stream,
-                                static_cast<const float*>(sums), u_rounded, count, f.scale);
-          }
-        }
+        FT* u_rounded = reinterpret_cast<FT*>(u);  // round(scale · B_eᵀ dy) [T, r], at the scratch's start
+        if (needs_u)
+          project<IoT, FT, kNFrag, true>(args.dy, f.b, u_rounded, s.out, f.rank, f.scale, s.out, workspace, stream,
+                                         u + s.rows * f.rank);
         if (args.grad_b) {
           const auto out_slices = static_cast<unsigned>((s.out + kChunk - 1) / kChunk);
           cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
@@ -365,6 +340,40 @@ struct CudaBackend {
   }
 
  private:
+  /// out `[T, r]` = round(scale · Σ_k in[t, k] · F_e(k, ·)) (lora_project_kernel) over K = `k`
+  /// columns. When the row tiles give fewer than two blocks an SM, K is split into up to
+  /// `max_slices` slices of at least 512 columns; sliced sums are added atomically into fp32 `sums`
+  /// `[T, r]` (default: the workspace scratch) and then rounded.
+  template <class IoT, class FT, int NFrag, bool FactorKMajor>
+  static void project(const void* in, const void* factor, FT* out, std::int64_t k, std::int64_t rank, float scale,
+                      std::int64_t max_slices, Workspace& workspace, cudaStream_t stream, float* sums = nullptr) {
+    using namespace kernels;
+    const ExpertSegments& seg = workspace.segments();
+    constexpr int kParts = kForwardRows / kProjectRows<NFrag>;
+    constexpr int kThreads = kProjectThreads<NFrag>;
+    constexpr int kSmem = project_smem_bytes<NFrag, FactorKMajor>();
+    const std::int64_t slots = max_tiles(seg.rows, seg.num_experts, kForwardRows);
+    const std::int64_t slices = std::clamp<std::int64_t>((2 * workspace.multiprocessors() + slots * kParts - 1) /
+                                                             (slots * kParts),
+                                                         1, std::min(max_slices, (k + 511) / 512));
+    const std::int64_t split = ((k + slices - 1) / slices + kChunk - 1) / kChunk * kChunk;
+    const auto grid_slices = static_cast<unsigned>((k + split - 1) / split);
+    const dim3 grid(static_cast<unsigned>(slots), grid_slices, kParts);
+    const ProjectParams params{in, factor, out, workspace.row_tiles(), k, split, static_cast<std::int32_t>(rank), scale};
+    if (grid_slices == 1) {
+      cuda_detail::launch(lora_project_kernel<IoT, FT, NFrag, FactorKMajor, FT>, grid, kThreads, kSmem, stream, params);
+      return;
+    }
+    const std::int64_t count = seg.rows * rank;
+    if (!sums) sums = workspace.scratch(count);
+    fill_zero(sums, static_cast<std::size_t>(count) * sizeof(float), stream);
+    ProjectParams sliced = params;
+    sliced.out = sums;
+    cuda_detail::launch(lora_project_kernel<IoT, FT, NFrag, FactorKMajor, float>, grid, kThreads, kSmem, stream, sliced);
+    cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(count), 256, 0, stream,
+                        static_cast<const float*>(sums), out, count, scale);
+  }
+
   static kernels::GenericParams generic_params(const LoraShape& s, const FactorsRef& f, const Workspace& workspace) {
     kernels::GenericParams p{};
     p.offsets = workspace.segments().offsets;
