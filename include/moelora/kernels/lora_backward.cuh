@@ -110,22 +110,21 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
                                            p.rank, rows, p.rank);
   };
   ring_fill<kBackwardStages>(tiles, load);
-  FragAcc acc[NFrag];
-#pragma unroll
-  for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+  Acc acc[2 * NFrag];  // 8-column tiles of the warp's 16 dB rows
   for (int t = 0; t < tiles; ++t) {
     ring_next<kBackwardStages>(t, tiles, load);
     const FT* dys = ring + (t % kBackwardStages) * (L::kDy + L::kH);
     const FT* hs = dys + L::kDy;
 #pragma unroll
     for (int m = 0; m < kSubTile; m += 16) {
-      FragAT<FT> fa;  // dyᵀ rows [16w, +16), rows m.. of the sub-tile
-      nvcuda::wmma::load_matrix_sync(fa, dys + m * kLdC + warp * 16, kLdC);
+      Frag a;  // dyᵀ rows [16w, +16), rows m.. of the sub-tile
+      load_a_trans(a, dys + m * kLdC + warp * 16, kLdC);
 #pragma unroll
       for (int f = 0; f < NFrag; ++f) {
-        FragB<FT> fb;
-        nvcuda::wmma::load_matrix_sync(fb, hs + m * kLdN + f * 16, kLdN);
-        nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+        Frag b;
+        load_b_kn(b, hs + m * kLdN + f * 16, kLdN);
+        mma<FT>(acc[2 * f], a, b, 0);
+        mma<FT>(acc[2 * f + 1], a, b, 1);
       }
     }
   }
@@ -133,8 +132,7 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
   __syncthreads();  // the ring becomes the output stage
   float* stage_out = reinterpret_cast<float*>(smem);
 #pragma unroll
-  for (int f = 0; f < NFrag; ++f)
-    nvcuda::wmma::store_matrix_sync(stage_out + warp * 16 * kOutLd + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
+  for (int j = 0; j < 2 * NFrag; ++j) store_acc(stage_out, kOutLd, warp * 16, j * 8, acc[j]);
   __syncthreads();
   add_tile<kChunk, kN, kGradBThreads>(p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank,
                                       p.rank, stage_out, kOutLd, n_valid, p.rank, p.scale,
@@ -219,9 +217,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   };
   ring_fill<kXStages>(tiles, load);  // the A slice travels with the first group
 
-  FragAcc da[NFrag];
-#pragma unroll
-  for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(da[f], 0.0f);
+  Acc da[NFrag][2];  // dA rank rows [16f, +16) × the warp's 16 columns (two 8-column tiles)
   for (int t = 0; t < tiles; ++t) {
     ring_next<kXStages>(t, tiles, load);
     const FT* xs = x_tile(t);
@@ -229,24 +225,22 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
 
     if (warp < kWarps) {
       if (!dx) continue;
-      FragAcc acc[kChunk / 16];
-#pragma unroll
-      for (int f = 0; f < kChunk / 16; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+      Acc acc[kChunk / 8];
 #pragma unroll
       for (int k = 0; k < kN; k += 16) {
-        FragA<FT> fa;
-        nvcuda::wmma::load_matrix_sync(fa, us + warp * 16 * kLdN + k, kLdN);
+        Frag a;
+        load_a(a, us + warp * 16 * kLdN + k, kLdN);
 #pragma unroll
         for (int f = 0; f < kChunk / 16; ++f) {
-          FragB<FT> fb;
-          nvcuda::wmma::load_matrix_sync(fb, as + k * kLdC + f * 16, kLdC);
-          nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+          Frag b;
+          load_b_kn(b, as + k * kLdC + f * 16, kLdC);
+          mma<FT>(acc[2 * f], a, b, 0);
+          mma<FT>(acc[2 * f + 1], a, b, 1);
         }
       }
       float* my_stage = stage + warp * 16 * kStageLd;
 #pragma unroll
-      for (int f = 0; f < kChunk / 16; ++f)
-        nvcuda::wmma::store_matrix_sync(my_stage + f * 16, acc[f], kStageLd, nvcuda::wmma::mem_row_major);
+      for (int j = 0; j < kChunk / 8; ++j) store_acc(my_stage, kStageLd, 0, j * 8, acc[j]);
       __syncwarp();
       const IoT* dx_old = dx_tile(t) + warp * 16 * kLdC;
       const int dx_row0 = t * kSubTile + warp * 16;
@@ -264,13 +258,14 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
       const int wn = warp - kWarps;
 #pragma unroll
       for (int m = 0; m < kSubTile; m += 16) {
-        FragB<FT> fb;  // x rows m.., columns [16 wn, +16)
-        nvcuda::wmma::load_matrix_sync(fb, xs + m * kLdC + wn * 16, kLdC);
+        Frag b;  // x rows m.., columns [16 wn, +16)
+        load_b_kn(b, xs + m * kLdC + wn * 16, kLdC);
 #pragma unroll
         for (int f = 0; f < NFrag; ++f) {
-          FragAT<FT> fa;  // uᵀ rows [16 f, +16)
-          nvcuda::wmma::load_matrix_sync(fa, us + m * kLdN + f * 16, kLdN);
-          nvcuda::wmma::mma_sync(da[f], fa, fb, da[f]);
+          Frag a;  // uᵀ rows [16 f, +16)
+          load_a_trans(a, us + m * kLdN + f * 16, kLdN);
+          mma<FT>(da[f][0], a, b, 0);
+          mma<FT>(da[f][1], a, b, 1);
         }
       }
     }
@@ -282,8 +277,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   if (warp >= kWarps) {
 #pragma unroll
     for (int f = 0; f < NFrag; ++f)
-      nvcuda::wmma::store_matrix_sync(da_stage + f * 16 * kStageLd + (warp - kWarps) * 16, da[f], kStageLd,
-                                      nvcuda::wmma::mem_row_major);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) store_acc(da_stage, kStageLd, f * 16, (warp - kWarps) * 16 + j * 8, da[f][j]);
   }
   __syncthreads();
   add_tile<kN, kChunk, kBackwardThreads>(p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0,

@@ -1,5 +1,5 @@
 /// \file
-/// \brief The fast LoRA forward on tensor cores (WMMA, fp32 accumulation), two kernels per adapter:
+/// \brief The fast LoRA forward on tensor cores (mma.sync, fp32 accumulation), two kernels per adapter:
 /// the projection `h = round(A_e x)` `[T, r]` (shrink), then expand `y += scale · B_e h` `[T, out]`.
 /// The projection kernel also serves the backward's `u = B_eᵀ dy`.
 ///
@@ -8,9 +8,8 @@
 /// 16-byte aligned tensors (32-byte for fp32 activations).
 #pragma once
 
-#include <mma.h>
-
 #include "moelora/kernels/common.cuh"
+#include "moelora/kernels/mma.cuh"
 
 namespace moelora::kernels {
 
@@ -22,16 +21,6 @@ inline constexpr int kStages = 3;             ///< cp.async pipeline depth
 /// Rank columns a kernel instance covers: NFrag fragments of 16.
 template <int NFrag>
 inline constexpr int kRankTile = NFrag * 16;
-
-template <class T>
-using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-template <class T>
-using FragAT = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::col_major>;
-template <class T>
-using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major>;
-template <class T>
-using FragBT = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major>;
-using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
 /// A grouped projection onto the rank: `out[t, j] = round(scale · Σ_k in[t, k] · F_e(k, j))` over K
 /// columns, with F_e either A_e `[r, K]` (rank-major; the forward shrink, K = in, scale 1) or B_e
@@ -104,9 +93,7 @@ __global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(Pr
       load_tile<kN, kChunk, kBlockThreads>(fs + stage * kFactorChunk, kLd, factor + k0, p.k, p.rank, k_end - k0);
   };
 
-  FragAcc acc[NFrag];
-#pragma unroll
-  for (int f = 0; f < NFrag; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+  Acc acc[2 * NFrag];  // 8-column tiles of the warp's 16 rows
 
   ring_fill<kStages>(chunks, load_chunk);
   for (int chunk = 0; chunk < chunks; ++chunk) {
@@ -115,19 +102,15 @@ __global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(Pr
     const FT* ft = fs + (chunk % kStages) * kFactorChunk;
 #pragma unroll
     for (int k = 0; k < kChunk; k += 16) {
-      FragA<FT> fa;
-      nvcuda::wmma::load_matrix_sync(fa, xt + k, kLd);
+      Frag a;
+      load_a(a, xt + k, kLd);
 #pragma unroll
       for (int f = 0; f < NFrag; ++f) {
-        if constexpr (FactorKMajor) {
-          FragB<FT> fb;
-          nvcuda::wmma::load_matrix_sync(fb, ft + k * kLdN + f * 16, kLdN);
-          nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
-        } else {
-          FragBT<FT> fb;
-          nvcuda::wmma::load_matrix_sync(fb, ft + f * 16 * kLd + k, kLd);
-          nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
-        }
+        Frag b;
+        if constexpr (FactorKMajor) load_b_kn(b, ft + k * kLdN + f * 16, kLdN);
+        else load_b_nk(b, ft + f * 16 * kLd + k, kLd);
+        mma<FT>(acc[2 * f], a, b, 0);
+        mma<FT>(acc[2 * f + 1], a, b, 1);
       }
     }
   }
@@ -137,8 +120,7 @@ __global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(Pr
   constexpr int kOutLd = kN + 4;
   float* stage_out = reinterpret_cast<float*>(smem);  // [kRows][kOutLd]
 #pragma unroll
-  for (int f = 0; f < NFrag; ++f)
-    nvcuda::wmma::store_matrix_sync(stage_out + warp * 16 * kOutLd + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
+  for (int j = 0; j < 2 * NFrag; ++j) store_acc(stage_out, kOutLd, warp * 16, j * 8, acc[j]);
   __syncthreads();
   OutT* out = static_cast<OutT*>(p.out) + tile.row0 * p.rank;
   for (int i = static_cast<int>(threadIdx.x); i < kRows * kN; i += kBlockThreads) {
@@ -230,23 +212,21 @@ __global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandPa
   float* my_stage = stage + warp * 16 * kOutLd;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    FragAcc acc[kExpandHalf / 16];
-#pragma unroll
-    for (int f = 0; f < kExpandHalf / 16; ++f) nvcuda::wmma::fill_fragment(acc[f], 0.0f);
+    Acc acc[kExpandHalf / 8];
 #pragma unroll
     for (int k = 0; k < kN; k += 16) {
-      FragA<FT> fa;
-      nvcuda::wmma::load_matrix_sync(fa, hs + warp * 16 * kLd + k, kLd);
+      Frag a;
+      load_a(a, hs + warp * 16 * kLd + k, kLd);
 #pragma unroll
       for (int f = 0; f < kExpandHalf / 16; ++f) {
-        FragBT<FT> fb;
-        nvcuda::wmma::load_matrix_sync(fb, bs + (half * kExpandHalf + f * 16) * kLd + k, kLd);
-        nvcuda::wmma::mma_sync(acc[f], fa, fb, acc[f]);
+        Frag b;
+        load_b_nk(b, bs + (half * kExpandHalf + f * 16) * kLd + k, kLd);
+        mma<FT>(acc[2 * f], a, b, 0);
+        mma<FT>(acc[2 * f + 1], a, b, 1);
       }
     }
 #pragma unroll
-    for (int f = 0; f < kExpandHalf / 16; ++f)
-      nvcuda::wmma::store_matrix_sync(my_stage + f * 16, acc[f], kOutLd, nvcuda::wmma::mem_row_major);
+    for (int j = 0; j < kExpandHalf / 8; ++j) store_acc(my_stage, kOutLd, 0, j * 8, acc[j]);
     __syncwarp();
 #pragma unroll
     for (int i = 0; i < kVectors; ++i) {
