@@ -249,7 +249,7 @@ struct CudaBackend {
                                         stream);
         const dim3 expand_grid(static_cast<unsigned>(max_tiles(s.rows, s.experts, kForwardRows)),
                                static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols), kForwardRows / kExpandRows);
-        cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, expand_grid, kExpandThreads, expand_smem_bytes<kNFrag>(),
+        cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, expand_grid, kExpandThreads, expand_smem_bytes<kNFrag, IoT>(),
                             stream,
                             ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
                                          static_cast<std::int32_t>(f.rank), f.scale});

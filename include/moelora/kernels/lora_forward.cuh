@@ -154,32 +154,38 @@ inline constexpr int kExpandCols = 128;  ///< output columns per expand block
 inline constexpr int kExpandRows = 64;   ///< rows per expand block: half a forward tile (grid.z)
 inline constexpr int kExpandWarps = kExpandRows / 16;
 inline constexpr int kExpandThreads = kExpandWarps * 32;
-inline constexpr int kExpandHalf = kExpandCols / 2;  ///< columns a warp stages at a time
+inline constexpr int kExpandHalf = kExpandCols / 2;  ///< columns a warp multiplies at a time
 
-/// Shared memory of the expand kernel: h tile [64][RankTile+8], B tile [128][RankTile+8] and a
-/// per-warp fp32 stage [4][16][68].
-template <int NFrag>
+/// Shared memory of the expand kernel: h tile [64][RankTile+8], B tile [128][RankTile+8] (factor
+/// dtype) and the y tile [64][128+8] (io dtype).
+template <int NFrag, class IoT>
 constexpr int expand_smem_bytes() {
   const int factors = (kExpandRows + kExpandCols) * (kRankTile<NFrag> + kPad) * 2;
-  const int stage = kExpandRows * (kExpandHalf + 4) * 4;
-  return factors + stage;
+  return factors + kExpandRows * (kExpandCols + kPad) * static_cast<int>(sizeof(IoT));
 }
 
+/// Two neighbouring elements, accessed as one aligned word.
+template <class T>
+struct alignas(2 * sizeof(T)) Pair {
+  T v[2];
+};
+
 /// Grid (128-row tile slots, ceil(out / 128), 2 halves of the tile's rows); rank ≤ RankTile, a
-/// multiple of 8. Each lane first issues the loads of its 8 y vectors (into registers), then the h
-/// and B tiles arrive by cp.async; warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, into
-/// its fp32 stage, adds the y tile in fp32 and rounds once.
+/// multiple of 8. The y tile, h and the B slice arrive by cp.async (no registers hold data in
+/// flight, so five blocks fit an SM); warp w multiplies rows [16w, 16w + 16) on tensor cores, 64
+/// columns at a time, adds the products to its rows of the y tile in fp32, rounding once, and
+/// finally stores its rows with 16-byte vectors.
 template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandParams p) {
+__global__ void __launch_bounds__(kExpandThreads, 5) lora_expand_kernel(ExpandParams p) {
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLd = kN + kPad;
-  constexpr int kOutLd = kExpandHalf + 4;
-  constexpr int kVectorsPerRow = kExpandHalf / 8;
-  constexpr int kVectors = 16 * kVectorsPerRow / 32;  // per lane and half
+  constexpr int kLdY = kExpandCols + kPad;
+  constexpr int kVectorsPerRow = kExpandCols / 8;
+  constexpr int kVectors = 16 * kVectorsPerRow / 32;  // per lane
   extern __shared__ __align__(128) unsigned char smem[];
-  FT* hs = reinterpret_cast<FT*>(smem);                                             // [kExpandRows][kLd]
-  FT* bs = hs + kExpandRows * kLd;                                                  // [kExpandCols][kLd]
-  float* stage = reinterpret_cast<float*>(bs + kExpandCols * kLd);                  // [warps][16][kOutLd]
+  FT* hs = reinterpret_cast<FT*>(smem);                          // [kExpandRows][kLd]
+  FT* bs = hs + kExpandRows * kLd;                               // [kExpandCols][kLd]
+  IoT* ys = reinterpret_cast<IoT*>(bs + kExpandCols * kLd);      // [kExpandRows][kLdY]
 
   RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
   tile.row0 += static_cast<std::int64_t>(blockIdx.z) * kExpandRows;
@@ -190,16 +196,7 @@ __global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandPa
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   IoT* y = static_cast<IoT*>(p.y) + tile.row0 * p.out + n0;
 
-  Vec8<IoT> y_old[2][kVectors];  // rows [16 warp, +16), both column halves
-#pragma unroll
-  for (int half = 0; half < 2; ++half)
-#pragma unroll
-    for (int i = 0; i < kVectors; ++i) {
-      const int v = i * 32 + lane;
-      const int r = v / kVectorsPerRow, col = half * kExpandHalf + (v % kVectorsPerRow) * 8;
-      if (warp * 16 + r < tile.rows && col < n_valid)
-        y_old[half][i] = *reinterpret_cast<const Vec8<IoT>*>(y + (warp * 16 + r) * p.out + col);
-    }
+  load_tile<kExpandRows, kExpandCols, kExpandThreads>(ys, kLdY, static_cast<const IoT*>(y), p.out, tile.rows, n_valid);
   load_tile<kExpandRows, kN, kExpandThreads>(hs, kLd, static_cast<const FT*>(p.h) + tile.row0 * p.rank, p.rank,
                                              tile.rows, p.rank);
   load_tile<kExpandCols, kN, kExpandThreads>(
@@ -209,7 +206,7 @@ __global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandPa
   cp_async_wait<0>();
   __syncthreads();
 
-  float* my_stage = stage + warp * 16 * kOutLd;
+  IoT* my_y = ys + (warp * 16 + lane / 4) * kLdY + (lane % 4) * 2;  // (row g, column 2c) of the warp's rows
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     Acc acc[kExpandHalf / 8];
@@ -226,20 +223,22 @@ __global__ void __launch_bounds__(kExpandThreads, 4) lora_expand_kernel(ExpandPa
       }
     }
 #pragma unroll
-    for (int j = 0; j < kExpandHalf / 8; ++j) store_acc(my_stage, kOutLd, 0, j * 8, acc[j]);
-    __syncwarp();
+    for (int j = 0; j < kExpandHalf / 8; ++j)
 #pragma unroll
-    for (int i = 0; i < kVectors; ++i) {
-      const int v = i * 32 + lane;
-      const int r = v / kVectorsPerRow, c = (v % kVectorsPerRow) * 8, col = half * kExpandHalf + c;
-      if (warp * 16 + r >= tile.rows || col >= n_valid) continue;
-      Vec8<IoT> y_new;
+      for (int h = 0; h < 2; ++h) {  // rows g and g + 8
+        auto* pair = reinterpret_cast<Pair<IoT>*>(my_y + h * 8 * kLdY + half * kExpandHalf + j * 8);
+        Pair<IoT> v = *pair;
+        v.v[0] = from_float<IoT>(to_float(v.v[0]) + p.scale * acc[j].c[2 * h]);
+        v.v[1] = from_float<IoT>(to_float(v.v[1]) + p.scale * acc[j].c[2 * h + 1]);
+        *pair = v;
+      }
+  }
+  __syncwarp();
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        y_new.v[j] = from_float<IoT>(to_float(y_old[half][i].v[j]) + p.scale * my_stage[r * kOutLd + c + j]);
-      *reinterpret_cast<Vec8<IoT>*>(y + (warp * 16 + r) * p.out + col) = y_new;
-    }
-    __syncwarp();  // the stage is rewritten by the next half
+  for (int i = 0; i < kVectors; ++i) {
+    const int v = i * 32 + lane, r = warp * 16 + v / kVectorsPerRow, c = (v % kVectorsPerRow) * 8;
+    if (r < tile.rows && c < n_valid)
+      *reinterpret_cast<Vec8<IoT>*>(y + r * p.out + c) = *reinterpret_cast<const Vec8<IoT>*>(ys + r * kLdY + c);
   }
 }
 
