@@ -289,7 +289,7 @@ struct CudaBackend {
           project<IoT, FT, kNFrag, true>(args.dy, f.b, u_rounded, s.out, f.rank, f.scale, s.out, workspace, stream,
                                          u + s.rows * f.rank);
         if (args.grad_b) {
-          const auto out_slices = static_cast<unsigned>((s.out + kChunk - 1) / kChunk);
+          const auto out_slices = static_cast<unsigned>((s.out + kGradBCols - 1) / kGradBCols);
           cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
                               GradBLayout<kNFrag>{}.bytes, stream,
                               GradBParams{args.dy, args.h, args.grad_b, workspace.row_groups(), s.out,

@@ -151,7 +151,7 @@ struct ExpandParams {
 };
 
 inline constexpr int kExpandCols = 128;  ///< output columns per expand block
-inline constexpr int kExpandRows = 64;   ///< rows per expand block: half a forward tile (grid.z)
+inline constexpr int kExpandRows = 128;  ///< rows per expand block: a forward tile
 inline constexpr int kExpandWarps = kExpandRows / 16;
 inline constexpr int kExpandThreads = kExpandWarps * 32;
 inline constexpr int kExpandHalf = kExpandCols / 2;  ///< columns a warp multiplies at a time
@@ -176,7 +176,7 @@ struct alignas(2 * sizeof(T)) Pair {
 /// columns at a time, adds the products to its rows of the y tile in fp32, rounding once, and
 /// finally stores its rows with 16-byte vectors.
 template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kExpandThreads, 5) lora_expand_kernel(ExpandParams p) {
+__global__ void __launch_bounds__(kExpandThreads, 3) lora_expand_kernel(ExpandParams p) {
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLd = kN + kPad;
   constexpr int kLdY = kExpandCols + kPad;
