@@ -166,12 +166,11 @@ struct BackwardXLayout {
   static constexpr int kXBytes = kSubTile * kLdC * 2, kUBytes = kSubTile * kLdN * 2;
   static constexpr int kDxBytes = kSubTile * kLdC * static_cast<int>(sizeof(IoT));
   static constexpr int kStageBytes = kXBytes + kUBytes + kDxBytes;
-  int a, ring, dx, bytes;
+  int a, ring, bytes;
   constexpr BackwardXLayout() {
     SmemLayout s;
     a = s.take(kN * kLdC * 2);                         // A slice [kN][72]
     ring = s.take(kXStages * kStageBytes);             // [stages] × (x [64][72], u [64][kLdN], dx [64][72])
-    dx = s.take(kWarps * 16 * (kChunk + 4) * 4);       // per-warp fp32 stage [4][16][68]
     const int da_stage = kN * (kChunk + 4) * 4;        // dA slice [kN][68] fp32, after the ring
     bytes = s.used > da_stage ? s.used : da_stage;
   }
@@ -179,7 +178,8 @@ struct BackwardXLayout {
 
 /// Grid (ceil(in / 64), row-group slots): the slices of one group run together and share its u
 /// rows in L2. Per sub-tile of the group, whose x, u and dx tiles arrive through a cp.async ring:
-/// warps 0–3 add u · A slice to their 16 dx rows; warps 4–7 accumulate dA columns
+/// warps 0–3 add u · A slice to their 16 rows of the dx tile (in fp32, rounding once) and store
+/// them; warps 4–7 accumulate dA columns
 /// [k0 + 16 (w − 4), +16) (all rank rows, in registers) += uᵀ · x tile.
 template <class IoT, class FT, int NFrag>
 __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(BackwardXParams p) {
@@ -190,7 +190,6 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   extern __shared__ __align__(128) unsigned char smem[];
   FT* as = reinterpret_cast<FT*>(smem + kLayout.a);
   unsigned char* ring = smem + kLayout.ring;
-  float* stage = reinterpret_cast<float*>(smem + kLayout.dx);
 
   const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.y);
   if (group.rows == 0) return;
@@ -240,21 +239,26 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
           mma<FT>(acc[2 * f + 1], a, b, 1);
         }
       }
-      float* my_stage = stage + warp * 16 * kStageLd;
+      IoT* my_dx = dx_tile(t) + (warp * 16 + lane / 4) * kLdC + (lane % 4) * 2;  // (row g, column 2c)
 #pragma unroll
-      for (int j = 0; j < kChunk / 8; ++j) store_acc(my_stage, kStageLd, 0, j * 8, acc[j]);
+      for (int j = 0; j < kChunk / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // rows g and g + 8
+          auto* pair = reinterpret_cast<Pair<IoT>*>(my_dx + h * 8 * kLdC + j * 8);
+          Pair<IoT> v = *pair;
+          v.v[0] = from_float<IoT>(to_float(v.v[0]) + acc[j].c[2 * h]);
+          v.v[1] = from_float<IoT>(to_float(v.v[1]) + acc[j].c[2 * h + 1]);
+          *pair = v;
+        }
       __syncwarp();
-      const IoT* dx_old = dx_tile(t) + warp * 16 * kLdC;
+      const IoT* dx_new = dx_tile(t) + warp * 16 * kLdC;
       const int dx_row0 = t * kSubTile + warp * 16;
 #pragma unroll
       for (int i = 0; i < kDxVectors; ++i) {
         const int v = i * 32 + lane, r = v / (kChunk / 8), col = (v % (kChunk / 8)) * 8;
-        if (dx_row0 + r >= group.rows || col >= k_valid) continue;
-        const Vec8<IoT> old = *reinterpret_cast<const Vec8<IoT>*>(dx_old + r * kLdC + col);
-        Vec8<IoT> out;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) out.v[j] = from_float<IoT>(to_float(old.v[j]) + my_stage[r * kStageLd + col + j]);
-        *reinterpret_cast<Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col) = out;
+        if (dx_row0 + r < group.rows && col < k_valid)
+          *reinterpret_cast<Vec8<IoT>*>(dx + static_cast<std::int64_t>(dx_row0 + r) * p.in + col) =
+              *reinterpret_cast<const Vec8<IoT>*>(dx_new + r * kLdC + col);
       }
     } else if (p.grad_a) {
       const int wn = warp - kWarps;
