@@ -63,6 +63,20 @@ struct Problem {
     layer->backward(x_dev.ref(), device_counts(), dy_dev.ref(), dx.ref(), h.stream());
     return h.download(dx.ref());
   }
+
+  /// Runs backward with `dy` on gradients that were zero and checks dx and the gradients of
+  /// `adapter` (the first of `adapters`) against the fp64 reference; returns the reference gradients.
+  Reference::Grads check_backward(const Reference& ref, const std::vector<RefAdapter>& adapters, const HostTensor& dy,
+                                  const std::string& adapter, double tol) {
+    std::vector<double> dx_ref;
+    std::vector<Reference::Grads> grads_ref;
+    ref.backward(x, dy, adapters, dx_ref, grads_ref);
+    CHECK(relative_error(backward(dy).values, dx_ref) < tol);
+    const AdapterView v = layer->adapter(adapter);
+    CHECK(relative_error(h.download(v.grad_a).values, grads_ref[0].a) < tol);
+    CHECK(relative_error(h.download(v.grad_b).values, grads_ref[0].b) < tol);
+    return grads_ref[0];
+  }
 };
 
 inline AdapterConfig adapter_config(std::int64_t rank, double scale = 1.0, std::optional<std::string> dtype = {}) {
@@ -168,17 +182,12 @@ TEST_CASE_TEMPLATE_DEFINE("forward and backward match the fp64 reference", H, ag
           CHECK(relative_error(p.forward().values, ref.forward(p.x, adapters)) < tol);
 
           const HostTensor dy = random_tensor(p.rng, io, {c.rows, c.out});
-          std::vector<double> dx_ref;
-          std::vector<Reference::Grads> grads_ref;
-          ref.backward(p.x, dy, adapters, dx_ref, grads_ref);
-          CHECK(relative_error(p.backward(dy).values, dx_ref) < tol);
-          const AdapterView v = p.layer->adapter("ad");
-          CHECK(relative_error(p.h.download(v.grad_a).values, grads_ref[0].a) < tol);
-          CHECK(relative_error(p.h.download(v.grad_b).values, grads_ref[0].b) < tol);
+          const Reference::Grads grads = p.check_backward(ref, adapters, dy, "ad", tol);
 
           // A second backward accumulates: the gradients double.
           p.backward(dy);
-          std::vector<double> twice_a = grads_ref[0].a, twice_b = grads_ref[0].b;
+          const AdapterView v = p.layer->adapter("ad");
+          std::vector<double> twice_a = grads.a, twice_b = grads.b;
           for (double& g : twice_a) g *= 2.0;
           for (double& g : twice_b) g *= 2.0;
           CHECK(relative_error(p.h.download(v.grad_a).values, twice_a) < tol);

@@ -55,14 +55,7 @@ TEST_CASE("tensor-core kernels at sizes that slice K and share an expert across 
     CHECK(relative_error(y.values, ref.forward(p.x, adapters)) < tol);
     CHECK(p.forward().values == y.values);  // two K slices add in either order to the same sum
 
-    const HostTensor dy = random_tensor(p.rng, c.io, {p.rows, p.out});
-    std::vector<double> dx_ref;
-    std::vector<Reference::Grads> grads_ref;
-    ref.backward(p.x, dy, adapters, dx_ref, grads_ref);
-    CHECK(relative_error(p.backward(dy).values, dx_ref) < tol);
-    const AdapterView v = p.layer->adapter("ad");
-    CHECK(relative_error(p.h.download(v.grad_a).values, grads_ref[0].a) < tol);
-    CHECK(relative_error(p.h.download(v.grad_b).values, grads_ref[0].b) < tol);
+    p.check_backward(ref, adapters, random_tensor(p.rng, c.io, {p.rows, p.out}), "ad", tol);
   }
 }
 
