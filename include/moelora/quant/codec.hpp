@@ -4,13 +4,20 @@
 /// that both round identically, bit for bit.
 ///
 /// Every operation here is a single IEEE fp32 operation rounded to nearest even (`*`, `/`), an
-/// exact one (comparisons, rint, bit manipulation) or integer arithmetic: there is no `a * b + c`
-/// that nvcc could contract into an FMA, and no fast-math intrinsic.
+/// exact one (comparisons, rint, bit manipulation, the double products of the code thresholds) or
+/// integer arithmetic: there is no `a * b + c` that nvcc could contract into an FMA, and no
+/// fast-math intrinsic. Where the device has an instruction for a codec (E4M3 conversions on
+/// sm_89+, rounding a double down), it gives the software result for every input.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
+
+#if defined(__CUDACC__)
+#include <cuda_fp8.h>
+#endif
 
 #include "moelora/core/half_types.hpp"
 #include "moelora/quant/format.hpp"
@@ -44,6 +51,12 @@ MOELORA_HOST_DEVICE inline float rint_even(float value) {
 /// FP8 E4M3 (OCP "fn": bias 7, no infinities, max 448, NaN = S.1111.111) of `value`, rounded to
 /// nearest even and saturating: |value| ≥ 448 (infinity included) gives ±448; NaN gives NaN.
 MOELORA_HOST_DEVICE inline std::uint8_t e4m3_encode(float value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  // The hardware conversion rounds and saturates the same way (checked on the H100 for every
+  // float); the sign of a NaN is set as below.
+  return static_cast<std::uint8_t>(__nv_cvt_float_to_fp8(value, __NV_SATFINITE, __NV_E4M3) |
+                                   ((detail::float_bits(value) >> 24) & 0x80u));
+#else
   const std::uint32_t bits = detail::float_bits(value);
   const auto sign = static_cast<std::uint8_t>((bits >> 24) & 0x80u);
   const std::uint32_t magnitude = bits & 0x7fffffffu;
@@ -55,10 +68,16 @@ MOELORA_HOST_DEVICE inline std::uint8_t e4m3_encode(float value) {
   }
   const std::uint32_t rounded = magnitude + 0x7ffffu + ((magnitude >> 20) & 1u);  // keep 3 mantissa bits
   return sign | static_cast<std::uint8_t>((rounded >> 20) - (120u << 3));          // rebias 127 → 7
+#endif
 }
 
 /// The value of an E4M3 code.
 MOELORA_HOST_DEVICE inline float e4m3_decode(std::uint8_t code) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  // The hardware conversion through fp16 is exact for every finite code; NaN as below.
+  if ((code & 0x7fu) == 0x7fu) return detail::bits_float((static_cast<std::uint32_t>(code & 0x80u) << 24) | 0x7fc00000u);
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(code, __NV_E4M3)));
+#else
   const std::uint32_t exponent = (code >> 3) & 0xfu;
   const std::uint32_t mantissa = code & 0x7u;
   if (exponent == 0) {
@@ -68,16 +87,35 @@ MOELORA_HOST_DEVICE inline float e4m3_decode(std::uint8_t code) {
   const std::uint32_t sign = static_cast<std::uint32_t>(code & 0x80u) << 24;
   if (exponent == 15 && mantissa == 7) return detail::bits_float(sign | 0x7fc00000u);
   return detail::bits_float(sign | ((exponent + 120u) << 23) | (mantissa << 20));
+#endif
+}
+
+/// Midpoint `index` (0–6) of the E2M1 magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}: between magnitude
+/// indices `index` and `index + 1`.
+MOELORA_HOST_DEVICE constexpr float e2m1_midpoint(int index) {
+  switch (index) {
+    case 0: return 0.25f;
+    case 1: return 0.75f;
+    case 2: return 1.25f;
+    case 3: return 1.75f;
+    case 4: return 2.5f;
+    case 5: return 3.5f;
+    default: return 5.0f;
+  }
 }
 
 /// FP4 E2M1 nibble of `value`: sign in bit 3 (the sign bit of `value`), magnitude index 0–7 of
 /// {0, 0.5, 1, 1.5, 2, 3, 4, 6}, rounded to nearest with ties to the even index, saturating at 6.
+/// The index is the number of midpoints below |value|, found by a binary search; |value| exactly
+/// on midpoint k takes index k + 1 when that is even (k odd), else k. NaN gets index 0.
 MOELORA_HOST_DEVICE inline std::uint8_t e2m1_encode(float value) {
   const std::uint32_t bits = detail::float_bits(value);
   const float a = detail::bits_float(bits & 0x7fffffffu);
-  // Midpoints .25 .75 1.25 1.75 2.5 3.5 5: a tie goes to the even index on either side.
-  const int index = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
-  return static_cast<std::uint8_t>(((bits >> 28) & 0x8u) | static_cast<std::uint32_t>(index));
+  const bool upper = a >= e2m1_midpoint(3);                                    // index ≥ 4
+  const bool second = a >= (upper ? e2m1_midpoint(5) : e2m1_midpoint(1));      // index ≥ 6 or ≥ 2
+  const float last = upper ? (second ? e2m1_midpoint(6) : e2m1_midpoint(4)) : (second ? e2m1_midpoint(2) : e2m1_midpoint(0));
+  const std::uint32_t index = 4u * upper + 2u * second + (a > last);
+  return static_cast<std::uint8_t>(((bits >> 28) & 0x8u) | index);
 }
 
 /// The value of an E2M1 nibble (bits 4–7 of `code` ignored).
@@ -121,6 +159,52 @@ MOELORA_HOST_DEVICE inline std::uint8_t nf4_encode(float normalized) {
   MOELORA_UNROLL
   for (int i = 0; i < 15; ++i) index += normalized > nf4_midpoint(i);
   return static_cast<std::uint8_t>(index);
+}
+
+// ---- thresholds: a group's codes without a division per element ----------------------------------
+//
+// A scheme that codes x as the index of RN(x / d) in a sorted code book (d > 0: the group's
+// divisor) switches from index k to k + 1 where RN(x / d) passes a fp32 value m (a midpoint of the
+// code book), i.e. where the real x / d passes b, halfway between m and its float neighbour: x / d
+// ends at or below index k exactly when x / d < b. Such a b is an odd multiple of a power of two
+// with 25 significant bits, so b · d (exact in double) has an odd part of at least 25 bits and is
+// never a float: no x / d lies exactly on b (rounding ties never happen), and for a float x,
+// x / d > b ⟺ x > b · d ⟺ x > RD(b · d), the float threshold of index k.
+
+/// The largest float ≤ `value` (rounding toward −∞).
+MOELORA_HOST_DEVICE inline float round_down_to_float(double value) {
+#if defined(__CUDA_ARCH__)
+  return __double2float_rd(value);
+#else
+  const float nearest = static_cast<float>(value);
+  return static_cast<double>(nearest) <= value ? nearest : std::nextafter(nearest, -INFINITY);
+#endif
+}
+
+/// Where the index passes k when the test is RN(q) > m (`m_below`: m itself gets index ≤ k; b is
+/// halfway to the next float up) or RN(q) ≥ m (b halfway to the next float down); m ≠ 0.
+MOELORA_HOST_DEVICE constexpr double code_boundary(float m, bool m_below) {
+  const auto bits = std::bit_cast<std::uint32_t>(m);
+  const std::uint32_t neighbour = m_below == ((bits & 0x80000000u) != 0) ? bits - 1 : bits + 1;
+  return (static_cast<double>(m) + static_cast<double>(std::bit_cast<float>(neighbour))) * 0.5;
+}
+
+/// The float threshold of boundary b for divisor d > 0: x's index is above the boundary's exactly
+/// when x > code_threshold(b, d).
+MOELORA_HOST_DEVICE inline float code_threshold(double boundary, float divisor) {
+  return round_down_to_float(boundary * static_cast<double>(divisor));
+}
+
+/// How many of the sorted thresholds t[0..N) lie below x (N = 2^L − 1): a binary search, so `t`
+/// may be in any memory (shared memory on the device). Written with an index, not a moving
+/// pointer: ptxas 13.0 merges the pointer form's last two loads into one pair, wrongly.
+template <int N>
+MOELORA_HOST_DEVICE inline std::uint32_t count_below(float x, const float* t) {
+  static_assert(((N + 1) & N) == 0, "count_below searches 2^L - 1 thresholds");
+  std::uint32_t index = 0;
+  MOELORA_UNROLL
+  for (std::uint32_t step = (N + 1) / 2; step > 0; step /= 2) index += x > t[index + step - 1] ? step : 0;
+  return index;
 }
 
 /// E8M0 code of the MXFP4 scale of a block with amax `amax` ≥ 0: 2^(floor(log2 amax) − 2), i.e.
@@ -196,6 +280,11 @@ struct GroupScale {
 ///   the `scales` section stores; `load(stored, tensor_amax)`: the same GroupScale from the stored
 ///   form (bit for bit what `make` returned);
 /// - `encode(x, scale)` → code; `decode(code, scale)` → value.
+/// The schemes that code x as the index of RN(x / d) in a sorted code book (NVFP4, NF4) also have
+/// `kThresholds` (7 or 15), `divisor(scale)` (d), `boundary(k)` (where the index passes k, see
+/// code_boundary) and `encode_below(x, t)`: equal to `encode(x, scale)` for every finite x when
+/// t[k] = code_threshold(boundary(k), divisor(scale)), so a group computes its thresholds once
+/// instead of a division per element. NVFP4, NF4 and MXFP4 decode as `unit_value(code) · scale.dec`.
 template <Scheme S> struct SchemeCodec;
 
 /// INT8 per tensor: s = 127 / tensor amax; y = clamp(rint(x·s), −128, 127) / s.
@@ -278,24 +367,46 @@ template <> struct SchemeCodec<Scheme::nvfp4> {
     return load(stored, tensor_amax);
   }
   MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return e2m1_encode(x / s.enc); }
-  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return e2m1_decode(code) * s.dec; }
+  MOELORA_HOST_DEVICE static float unit_value(std::uint8_t code) { return e2m1_decode(code); }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return unit_value(code) * s.dec; }
+
+  static constexpr int kThresholds = 7;
+  MOELORA_HOST_DEVICE static float divisor(GroupScale s) { return s.enc; }
+  /// e2m1_encode tests |RN(x / sb)| > midpoint k for even k, ≥ for odd k.
+  MOELORA_HOST_DEVICE static constexpr double boundary(int k) { return code_boundary(e2m1_midpoint(k), k % 2 == 0); }
+  /// The sign bit of x (that of x / sb) and the number of thresholds below |x|.
+  MOELORA_HOST_DEVICE static std::uint8_t encode_below(float x, const float* t) {
+    const std::uint32_t bits = detail::float_bits(x);
+    return static_cast<std::uint8_t>(((bits >> 28) & 0x8u) | count_below<kThresholds>(detail::bits_float(bits & 0x7fffffffu), t));
+  }
 };
 
 /// NF4: blocks of 64, c = block absmax stored as fp32; code = nearest NF4 value of x / c; y = v·c.
+/// An all-zero block (c = 0) encodes with divisor 1 instead: its elements are ±0, code 7 either way.
 template <> struct SchemeCodec<Scheme::nf4> {
   static constexpr int kBits = 4;
   static constexpr int kGroup = 64;
   static constexpr bool kTensorAmax = false;
   using Stored = float;
-  MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) { return {stored, stored}; }
-  MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float /*tensor_amax*/, Stored& stored) {
+  MOELORA_HOST_DEVICE static GroupScale load(Stored stored, float /*tensor_amax*/) {
+    return {stored == 0.0f ? 1.0f : stored, stored};
+  }
+  MOELORA_HOST_DEVICE static GroupScale make(float group_amax, float tensor_amax, Stored& stored) {
     stored = group_amax;
-    return {stored, stored};
+    return load(stored, tensor_amax);
   }
-  MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) {
-    return nf4_encode(s.enc == 0.0f ? 0.0f : x / s.enc);
+  MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return nf4_encode(x / s.enc); }
+  MOELORA_HOST_DEVICE static float unit_value(std::uint8_t code) { return nf4_value(code & 0xf); }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return unit_value(code) * s.dec; }
+
+  static constexpr int kThresholds = 15;
+  MOELORA_HOST_DEVICE static float divisor(GroupScale s) { return s.enc; }
+  /// nf4_encode tests RN(x / c) > nf4_midpoint(k).
+  MOELORA_HOST_DEVICE static constexpr double boundary(int k) { return code_boundary(nf4_midpoint(k), true); }
+  /// The number of thresholds below x.
+  MOELORA_HOST_DEVICE static std::uint8_t encode_below(float x, const float* t) {
+    return static_cast<std::uint8_t>(count_below<kThresholds>(x, t));
   }
-  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return nf4_value(code & 0xf) * s.dec; }
 };
 
 /// MXFP4: blocks of 32, E8M0 scale 2^(floor(log2 bmax) − 2); y = E2M1(x / scale)·scale. Encoding
@@ -313,7 +424,8 @@ template <> struct SchemeCodec<Scheme::mxfp4> {
     return load(stored, tensor_amax);
   }
   MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return e2m1_encode(x * s.enc); }
-  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return e2m1_decode(code) * s.dec; }
+  MOELORA_HOST_DEVICE static float unit_value(std::uint8_t code) { return e2m1_decode(code); }
+  MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return unit_value(code) * s.dec; }
 };
 
 /// Calls `f(std::integral_constant<Scheme, S>{})` with the compile-time scheme of `spec`.
