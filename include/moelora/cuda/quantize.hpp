@@ -74,7 +74,7 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
         using Out = kernels::device_t<out_tag.value>;
         const auto kernel = vec ? kernels::dequantize_kernel<scheme.value, true, Out>
                                 : kernels::dequantize_kernel<scheme.value, false, Out>;
-        const auto [grid, threads] = chunk_grid(n * rows, in, 1);
+        const auto [grid, threads] = tile_grid(n * rows, in, 1);
         kernel<<<grid, threads, 0, stream>>>(sections, e0 * rows, g, static_cast<Out*>(out.data));
         MOELORA_CUDA_CHECK(cudaGetLastError());
       });
@@ -101,13 +101,16 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
     dim3 grid;
     unsigned threads;
   };
-  /// Grid (rows, blocks along the row) of one thread per 8-element chunk, the chunks of a row
-  /// rounded up to whole groups of `lanes` threads; blocks of a multiple of 32 threads, at most 256.
-  static Launch chunk_grid(std::int64_t rows, std::int64_t in, int lanes) {
+  /// Grid (rows, tiles along the row) of the group and dequantize kernels: a thread per 8-element
+  /// chunk of each of kQuantSlabs slabs of a tile, the chunks of a row rounded up to whole groups
+  /// of `lanes` threads; blocks of a multiple of 32 threads, at most kQuantTileThreads.
+  static Launch tile_grid(std::int64_t rows, std::int64_t in, int lanes) {
     const std::int64_t chunks = (in + kernels::kQuantChunk - 1) / kernels::kQuantChunk;
     const std::int64_t per_row = (chunks + lanes - 1) / lanes * lanes;
-    const auto threads = static_cast<unsigned>(std::min<std::int64_t>(kernels::kQuantThreads, (per_row + 31) / 32 * 32));
-    return {dim3(static_cast<unsigned>(rows), static_cast<unsigned>((per_row + threads - 1) / threads)), threads};
+    const std::int64_t per_slab = (per_row + kernels::kQuantSlabs - 1) / kernels::kQuantSlabs;
+    const auto threads = static_cast<unsigned>(std::min<std::int64_t>(kernels::kQuantTileThreads, (per_slab + 31) / 32 * 32));
+    const std::int64_t per_tile = std::int64_t{threads} * kernels::kQuantSlabs;
+    return {dim3(static_cast<unsigned>(rows), static_cast<unsigned>((per_row + per_tile - 1) / per_tile)), threads};
   }
 
   /// Reduces the tensor amax of w into the scratch (bits of |x|; slot 0 when shared).
@@ -118,13 +121,13 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
     MOELORA_CUDA_CHECK(cudaMemsetAsync(amax, 0, static_cast<std::size_t>(experts) * sizeof(std::uint32_t), stream));
     const bool shared = spec_.amax_scope == AmaxScope::shared;
     const bool vec = per_expert % kernels::kQuantChunk == 0 && aligned(w.data, w.dtype == DType::fp32 ? 32 : 16);
-    const std::int64_t per_block = std::int64_t{kernels::kQuantThreads} * kernels::kQuantChunk * 4;
+    const std::int64_t per_block = std::int64_t{kernels::kAmaxThreads} * kernels::kQuantChunk * kernels::kAmaxUnroll;
     const std::int64_t blocks = std::clamp<std::int64_t>((per_expert + per_block - 1) / per_block, 1,
                                                          std::max<std::int64_t>(1, 2048 / experts));
     dispatch_dtype(w.dtype, [&](auto tag) {
       using T = kernels::device_t<tag.value>;
       const auto kernel = vec ? kernels::tensor_amax_kernel<true, T> : kernels::tensor_amax_kernel<false, T>;
-      kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(experts)), kernels::kQuantThreads, 0, stream>>>(
+      kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(experts)), kernels::kAmaxThreads, 0, stream>>>(
           static_cast<const T*>(w.data), per_expert, amax, shared);
       MOELORA_CUDA_CHECK(cudaGetLastError());
     });
@@ -155,13 +158,16 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
           if constexpr (kScheme == Scheme::int8_channel) {
             const auto kernel = vec ? kernels::quantize_channels_kernel<true, In, Out>
                                     : kernels::quantize_channels_kernel<false, In, Out>;
-            kernel<<<static_cast<unsigned>(experts * rows), kernels::kQuantThreads, 0, stream>>>(
-                static_cast<const In*>(w.data), typed_out, sections, g);
+            const std::int64_t chunks = (in + kernels::kQuantChunk - 1) / kernels::kQuantChunk;
+            const std::int64_t per_thread = (chunks + kernels::kChannelKeep - 1) / kernels::kChannelKeep;
+            const auto threads = static_cast<unsigned>(std::min<std::int64_t>(kernels::kChannelThreads, (per_thread + 31) / 32 * 32));
+            kernel<<<static_cast<unsigned>(experts * rows), threads, 0, stream>>>(static_cast<const In*>(w.data), typed_out,
+                                                                                  sections, g);
           } else {
-            constexpr int kLanes = SchemeCodec<kScheme>::kGroup > 0 ? SchemeCodec<kScheme>::kGroup / kernels::kQuantChunk : 1;
+            constexpr int kLanes = kernels::SchemeLayout<kScheme>::kLanes;
             const auto kernel = vec ? kernels::quantize_groups_kernel<kScheme, true, In, Out>
                                     : kernels::quantize_groups_kernel<kScheme, false, In, Out>;
-            const auto [grid, threads] = chunk_grid(experts * rows, in, kLanes);
+            const auto [grid, threads] = tile_grid(experts * rows, in, kLanes);
             kernel<<<grid, threads, 0, stream>>>(static_cast<const In*>(w.data), typed_out, sections, tensor_amax,
                                                  shared, g);
           }

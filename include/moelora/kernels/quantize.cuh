@@ -2,11 +2,20 @@
 /// \brief Device kernels of the weight quantizers (moelora/cuda/quantize.hpp): tensor amax
 /// reduction, quantize / fake-quantize over groups along `in`, per-channel INT8, and dequantize.
 ///
-/// Every thread owns a chunk of 8 consecutive elements of one row (`in` axis), loaded as one
-/// 16-byte vector (two for fp32) when rows are 8-aligned, element by element otherwise. A group of
+/// Work is cut into chunks of 8 consecutive elements of one row (`in` axis), loaded as one 16-byte
+/// vector (two for fp32) when rows are 8-aligned, element by element otherwise. The group and
+/// dequantize kernels give each thread kQuantSlabs chunks: slab s of a block is blockDim.x
+/// consecutive chunks, one per thread, so every load and store of a warp is contiguous. A group of
 /// G elements (NVFP4 16, MXFP4 32, NF4 64, INT4 128) is G/8 neighbouring lanes of one warp, which
-/// reduce the group's amax by shuffles. The per-element arithmetic is moelora/quant/codec.hpp's,
-/// the host's, so results are equal bit for bit.
+/// reduce the group's amax by shuffles.
+///
+/// The arithmetic is moelora/quant/codec.hpp's, the host's, so results are equal bit for bit; only
+/// where it is computed moves. Decoding reads precomputed code values: the 256 values under the
+/// block's one scale (8-bit schemes: one tensor or one row per block), the 16 unit values times the
+/// group's scale (NVFP4, NF4, MXFP4), or the 16 values of an INT4 group, one per lane of the group,
+/// fetched by shuffles. NVFP4 and NF4 encode by comparing with the group's code thresholds
+/// (SchemeCodec::encode_below), computed once per group by its lanes, instead of a division per
+/// element.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,10 +28,18 @@
 
 namespace moelora::kernels {
 
-/// Elements per thread of the quantizer kernels.
+/// Elements per chunk.
 inline constexpr int kQuantChunk = 8;
-/// Threads per block of the quantizer kernels (at most).
-inline constexpr int kQuantThreads = 256;
+/// Chunks per thread of the group and dequantize kernels.
+inline constexpr int kQuantSlabs = 2;
+/// Threads per block of the amax kernel.
+inline constexpr int kAmaxThreads = 256;
+/// Threads per block (at most) of the per-channel kernel, and chunks each keeps in registers
+/// between its two passes over the row (rows up to 512·4·8 = 16384 elements are read once).
+inline constexpr int kChannelThreads = 512;
+inline constexpr int kChannelKeep = 4;
+/// Threads per block (at most) of the group and dequantize kernels.
+inline constexpr int kQuantTileThreads = 128;
 
 /// Rows and groups of a `[E, out, in]` weight seen as E·out rows of `in` elements.
 struct QuantGeometry {
@@ -40,9 +57,112 @@ struct PackedSections {
   std::conditional_t<std::is_const_v<Byte>, const float*, float*> amax;
 };
 
-/// Max of `value` over the block; every thread gets it. One call per kernel (static shared memory).
+/// What the kernels need to know of scheme S beyond its codec.
+template <quant::Scheme S>
+struct SchemeLayout {
+  using Codec = quant::SchemeCodec<S>;
+  /// Lanes per group (1 without groups along `in`).
+  static constexpr int kLanes = Codec::kGroup > 0 ? Codec::kGroup / kQuantChunk : 1;
+  /// Whether the scheme encodes by thresholds, and how many per group.
+  static constexpr bool kThresholded = requires { Codec::kThresholds; };
+  static constexpr int kThresholds = [] {
+    if constexpr (kThresholded) return Codec::kThresholds;
+    else return 0;
+  }();
+  /// Thresholds each lane of a group computes (k = lane in group + i·kLanes; k = kThresholds is padding).
+  static constexpr int kThresholdsPerLane = (kThresholds + kLanes - 1) / kLanes;
+  /// Floats per group in the threshold scratch: the thresholds and one padding slot.
+  static constexpr int kThresholdStride = kThresholds + 1;
+  /// Entries of the block's decode table: 256 code values (8-bit), 16 unit values, or none (INT4).
+  static constexpr int kTableSize = Codec::kBits == 8 ? 256 : requires { Codec::unit_value(std::uint8_t{}); } ? 16 : 0;
+};
+
+/// Shared memory of a group or dequantize kernel block: the decode table and, for threshold
+/// schemes, the code boundaries and each warp's group thresholds (one set per slab).
+template <quant::Scheme S>
+struct QuantShared {
+  using Layout = SchemeLayout<S>;
+  static constexpr int kGroupsPerWarp = 32 / Layout::kLanes;
+  float table[Layout::kTableSize > 0 ? Layout::kTableSize : 1];
+  double boundaries[Layout::kThresholdStride];
+  float thresholds[Layout::kThresholded ? kQuantTileThreads / 32 : 1][kQuantSlabs]
+                  [Layout::kThresholded ? kGroupsPerWarp * Layout::kThresholdStride : 1];
+};
+
+/// Fills the block's shared constants: the decode table under `scale` (when `Decode`: the 256
+/// code values of 8-bit schemes, whose scale is the block's; the 16 unit values otherwise) and the
+/// code boundaries of threshold schemes (when `Encode`); then synchronises the block. Every thread
+/// must call it.
+template <quant::Scheme S, bool Decode, bool Encode>
+__device__ __forceinline__ void fill_shared(QuantShared<S>& smem, quant::GroupScale scale) {
+  using Codec = quant::SchemeCodec<S>;
+  using Layout = SchemeLayout<S>;
+  constexpr bool kTable = Decode && Layout::kTableSize > 0;
+  constexpr bool kBoundaries = Encode && Layout::kThresholded;
+  if constexpr (kTable) {
+    if constexpr (Layout::kTableSize == 256) {
+      for (unsigned c = threadIdx.x; c < 256; c += blockDim.x) smem.table[c] = Codec::decode(static_cast<std::uint8_t>(c), scale);
+    } else if (threadIdx.x < 16) {
+      smem.table[threadIdx.x] = Codec::unit_value(static_cast<std::uint8_t>(threadIdx.x));
+    }
+  }
+  if constexpr (kBoundaries) {
+    if (threadIdx.x < Layout::kThresholds) smem.boundaries[threadIdx.x] = Codec::boundary(static_cast<int>(threadIdx.x));
+    else if (threadIdx.x == Layout::kThresholds) smem.boundaries[threadIdx.x] = 1.0;  // padding
+  }
+  if constexpr (kTable || kBoundaries) __syncthreads();
+}
+
+/// Decodes the codes of one group: what SchemeCodec<S>::decode returns, bit for bit. Every lane of
+/// the warp must construct it and decode the same number of codes (INT4 shuffles).
+template <quant::Scheme S>
+struct GroupDecoder {
+  using Codec = quant::SchemeCodec<S>;
+  const float* table;
+  quant::GroupScale scale;
+  float lane_value = 0.0f;  ///< INT4: the value of code (lane mod 16) in this lane's group
+
+  __device__ __forceinline__ GroupDecoder(const float* table_, quant::GroupScale scale_) : table(table_), scale(scale_) {
+    if constexpr (SchemeLayout<S>::kTableSize == 0) {
+      static_assert(SchemeLayout<S>::kLanes == 16, "the INT4 value table has one entry per lane of a 16-lane group");
+      lane_value = Codec::decode(static_cast<std::uint8_t>(threadIdx.x & 15), scale);
+    }
+  }
+  __device__ __forceinline__ float operator()(std::uint8_t code) const {
+    constexpr int kTableSize = SchemeLayout<S>::kTableSize;
+    if constexpr (kTableSize == 256) return table[code];
+    else if constexpr (kTableSize == 16) return table[code & 0xf] * scale.dec;
+    else return __shfl_sync(0xffffffffu, lane_value, code & 0xf, 16);
+  }
+};
+
+/// This lane's share of its groups' thresholds: boundaries k = lane in group + i·kLanes.
+template <quant::Scheme S>
+struct LaneBoundaries {
+  using Layout = SchemeLayout<S>;
+  double at[Layout::kThresholdsPerLane > 0 ? Layout::kThresholdsPerLane : 1];
+
+  __device__ __forceinline__ explicit LaneBoundaries(const QuantShared<S>& smem) {
+#pragma unroll
+    for (int i = 0; i < Layout::kThresholdsPerLane; ++i)
+      at[i] = smem.boundaries[static_cast<int>(threadIdx.x % Layout::kLanes) + i * Layout::kLanes];
+  }
+  /// Writes the thresholds of this lane's group under `scale` into `group` (the group's slots of
+  /// the warp's scratch) and synchronises the warp; returns `group`.
+  __device__ __forceinline__ const float* fill(float* group, quant::GroupScale scale) const {
+    const float divisor = quant::SchemeCodec<S>::divisor(scale);
+#pragma unroll
+    for (int i = 0; i < Layout::kThresholdsPerLane; ++i)
+      group[static_cast<int>(threadIdx.x % Layout::kLanes) + i * Layout::kLanes] = quant::code_threshold(at[i], divisor);
+    __syncwarp();
+    return group;
+  }
+};
+
+/// Max of `value` over the block (up to 1024 threads); every thread gets it. One call per kernel
+/// (static shared memory).
 __device__ __forceinline__ std::uint32_t block_max_u32(std::uint32_t value) {
-  __shared__ std::uint32_t warp_max[kQuantThreads / 32];
+  __shared__ std::uint32_t warp_max[32];
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) value = max(value, __shfl_xor_sync(0xffffffffu, value, offset));
   if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = value;
@@ -81,7 +201,7 @@ __device__ __forceinline__ void store_chunk(T* row, std::int64_t c0, std::int64_
 }
 
 /// Stores the codes of elements [c0, c0 + 8) of a row whose codes start at `codes` (8-bit: one
-/// byte each; 4-bit: two per byte, low nibble first; codes of columns ≥ in are 0).
+/// byte each; 4-bit: two per byte, low nibble first; codes of columns ≥ in must be 0).
 template <int Bits, bool Vec>
 __device__ __forceinline__ void store_codes(std::uint8_t* codes, std::int64_t c0, std::int64_t in,
                                             const std::uint8_t (&c)[kQuantChunk]) {
@@ -142,165 +262,233 @@ __device__ __forceinline__ void load_codes(const std::uint8_t* codes, std::int64
   }
 }
 
-/// The NF4 values in shared memory (`table` of 16), for decoding with one shared load; a no-op for
-/// other schemes. Every thread of the block must call it (it synchronises the block).
-template <quant::Scheme S>
-__device__ __forceinline__ void init_decode_table(float* table) {
-  if constexpr (S == quant::Scheme::nf4) {
-    if (threadIdx.x < 16) table[threadIdx.x] = quant::nf4_value(static_cast<int>(threadIdx.x));
-    __syncthreads();
-  }
+/// Chunk index of slab `s` of this thread along its block's row (grid (rows, chunk tiles)).
+__device__ __forceinline__ std::int64_t slab_chunk(int s) {
+  return (static_cast<std::int64_t>(blockIdx.y) * kQuantSlabs + s) * blockDim.x + threadIdx.x;
 }
 
-/// The value of `code` (what SchemeCodec<S>::decode returns, bit for bit).
-template <quant::Scheme S>
-__device__ __forceinline__ float decode_value(std::uint8_t code, quant::GroupScale scale, const float* table) {
-  if constexpr (S == quant::Scheme::nf4) return table[code & 0xfu] * scale.dec;
-  else return quant::SchemeCodec<S>::decode(code, scale);
-}
+/// Vector loads each thread of the amax kernel keeps in flight.
+inline constexpr int kAmaxUnroll = 4;
 
 /// Per-expert amax of w `[E, per_expert]` as |x| bits: atomicMax into amax[e] (or amax[0] when
-/// `shared`); `amax` is zeroed before. Grid (blocks per expert, E), kQuantThreads threads.
+/// `shared`); `amax` is zeroed before. Grid (blocks per expert, E), kAmaxThreads threads.
 template <bool Vec, class T>
-__global__ void __launch_bounds__(kQuantThreads)
+__global__ void __launch_bounds__(kAmaxThreads)
     tensor_amax_kernel(const T* w, std::int64_t per_expert, std::uint32_t* amax, bool shared) {
   const std::int64_t e = blockIdx.y;
   const T* x = w + e * per_expert;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   std::uint32_t m = 0;
   if constexpr (Vec) {
-    for (std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; k < per_expert / kQuantChunk;
-         k += stride) {
-      const Vec8<T> v = reinterpret_cast<const Vec8<T>*>(x)[k];
+    const auto* vx = reinterpret_cast<const Vec8<T>*>(x);
+    const std::int64_t n = per_expert / kQuantChunk;
+    for (; k + (kAmaxUnroll - 1) * stride < n; k += kAmaxUnroll * stride) {
+      Vec8<T> v[kAmaxUnroll];
+#pragma unroll
+      for (int u = 0; u < kAmaxUnroll; ++u) v[u] = vx[k + u * stride];
+#pragma unroll
+      for (int u = 0; u < kAmaxUnroll; ++u)
+#pragma unroll
+        for (int j = 0; j < kQuantChunk; ++j) m = max(m, quant::abs_bits(to_float(v[u].v[j])));
+    }
+    for (; k < n; k += stride) {
+      const Vec8<T> v = vx[k];
 #pragma unroll
       for (int j = 0; j < kQuantChunk; ++j) m = max(m, quant::abs_bits(to_float(v.v[j])));
     }
   } else {
-    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < per_expert; i += stride)
-      m = max(m, quant::abs_bits(to_float(x[i])));
+    for (; k < per_expert; k += stride) m = max(m, quant::abs_bits(to_float(x[k])));
   }
   m = block_max_u32(m);
   if (threadIdx.x == 0 && m != 0) atomicMax(amax + (shared ? 0 : e), m);
 }
 
 /// Quantizes (Out = void: codes, scales and amax into `packed`) or fake-quantizes (into `out` of
-/// type Out) w `[rows, in]`, one 8-element chunk per thread, for schemes with kGroup ≥ 0 (groups
-/// of G/8 lanes; per-tensor schemes: single chunks). Grid (rows, chunk blocks); `tensor_amax` is
-/// the reduced amax bits (index 0 when `shared`, else the expert), unused without a tensor amax.
+/// type Out) w `[rows, in]`, for schemes with kGroup ≥ 0 (groups of G/8 lanes; per-tensor schemes:
+/// single chunks). Grid (rows, chunk tiles of kQuantSlabs·blockDim.x chunks); `tensor_amax` is the
+/// reduced amax bits (index 0 when `shared`, else the expert), unused without a tensor amax.
 template <quant::Scheme S, bool Vec, class In, class Out>
-__global__ void __launch_bounds__(kQuantThreads)
+__global__ void __launch_bounds__(kQuantTileThreads)
     quantize_groups_kernel(const In* w, Out* out, PackedSections<std::uint8_t> packed,
                            const std::uint32_t* tensor_amax, bool shared, QuantGeometry g) {
   using Codec = quant::SchemeCodec<S>;
-  constexpr int kLanes = Codec::kGroup > 0 ? Codec::kGroup / kQuantChunk : 1;  // threads per group
-  __shared__ float table[16];
-  init_decode_table<S>(table);
+  using Layout = SchemeLayout<S>;
+  constexpr bool kFake = !std::is_void_v<Out>;
+  __shared__ QuantShared<S> smem;
   const std::int64_t row = blockIdx.x;
-  const std::int64_t chunk = static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const std::int64_t c0 = chunk * kQuantChunk;
-  const bool active = c0 < g.in;
   const std::int64_t e = row / g.rows_per_expert;
-
-  float v[kQuantChunk];
-  if (active) load_chunk<Vec>(w + row * g.in, c0, g.in, v);
-  else
-#pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) v[j] = 0.0f;
   float amax = 0.0f;
   if constexpr (Codec::kTensorAmax) amax = moelora::detail::bits_float(tensor_amax[shared ? 0 : e]);
-  std::uint32_t group_amax = 0;
-  if constexpr (Codec::kGroup > 0) {
-#pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) group_amax = max(group_amax, quant::abs_bits(v[j]));
-#pragma unroll
-    for (int offset = 1; offset < kLanes; offset <<= 1)
-      group_amax = max(group_amax, __shfl_xor_sync(0xffffffffu, group_amax, offset));
-  }
-  typename Codec::Stored stored{};
-  const quant::GroupScale scale = Codec::make(moelora::detail::bits_float(group_amax), amax, stored);
-  if (!active) return;  // after the shuffles, which need every lane
+  fill_shared<S, kFake, true>(smem, Codec::load(typename Codec::Stored{}, amax));  // 8-bit tables: the tensor's scale
+  const LaneBoundaries<S> boundaries(smem);
 
-  std::uint8_t codes[kQuantChunk];
-#pragma unroll
-  for (int j = 0; j < kQuantChunk; ++j) codes[j] = c0 + j < g.in ? Codec::encode(v[j], scale) : 0;
-  if constexpr (std::is_void_v<Out>) {
-    store_codes<Codec::kBits, Vec>(packed.codes + row * g.code_row_bytes, c0, g.in, codes);
-    if constexpr (Codec::kGroup > 0)
-      if (chunk % kLanes == 0)
-        static_cast<typename Codec::Stored*>(packed.scales)[row * g.groups_per_row + chunk / kLanes] = stored;
-    if constexpr (Codec::kTensorAmax)
-      if (chunk == 0 && row % g.rows_per_expert == 0) packed.amax[e] = amax;
-  } else {
-    float y[kQuantChunk];
-#pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) y[j] = decode_value<S>(codes[j], scale, table);
-    store_chunk<Vec>(out + row * g.in, c0, g.in, y);
-  }
-}
-
-/// Per-channel INT8: one block per row reduces the row's amax, then quantizes (Out = void) or
-/// fake-quantizes the row, re-reading it. Grid (rows).
-template <bool Vec, class In, class Out>
-__global__ void __launch_bounds__(kQuantThreads)
-    quantize_channels_kernel(const In* w, Out* out, PackedSections<std::uint8_t> packed, QuantGeometry g) {
-  using Codec = quant::SchemeCodec<quant::Scheme::int8_channel>;
-  const std::int64_t row = blockIdx.x;
   const In* x = w + row * g.in;
-  const std::int64_t chunks = (g.in + kQuantChunk - 1) / kQuantChunk;
-  std::uint32_t row_amax = 0;
-  float v[kQuantChunk];
-  for (std::int64_t k = threadIdx.x; k < chunks; k += blockDim.x) {
-    load_chunk<Vec>(x, k * kQuantChunk, g.in, v);
+  float v[kQuantSlabs][kQuantChunk];
 #pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) row_amax = max(row_amax, quant::abs_bits(v[j]));
+  for (int s = 0; s < kQuantSlabs; ++s) {
+    const std::int64_t c0 = slab_chunk(s) * kQuantChunk;
+    if (c0 < g.in) load_chunk<Vec>(x, c0, g.in, v[s]);
+    else
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) v[s][j] = 0.0f;
   }
-  row_amax = block_max_u32(row_amax);  // every read of the row precedes every write (out may alias w)
-  float stored = 0.0f;
-  const quant::GroupScale scale = Codec::make(moelora::detail::bits_float(row_amax), 0.0f, stored);
-  if constexpr (std::is_void_v<Out>)
-    if (threadIdx.x == 0) static_cast<float*>(packed.scales)[row] = stored;
-  for (std::int64_t k = threadIdx.x; k < chunks; k += blockDim.x) {
-    const std::int64_t c0 = k * kQuantChunk;
-    load_chunk<Vec>(x, c0, g.in, v);
-    std::uint8_t codes[kQuantChunk];
+
 #pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) codes[j] = c0 + j < g.in ? Codec::encode(v[j], scale) : 0;
-    if constexpr (std::is_void_v<Out>) {
-      store_codes<8, Vec>(packed.codes + row * g.code_row_bytes, c0, g.in, codes);
+  for (int s = 0; s < kQuantSlabs; ++s) {
+    const std::int64_t chunk = slab_chunk(s);
+    const std::int64_t c0 = chunk * kQuantChunk;
+    const bool active = c0 < g.in;
+    std::uint32_t group_amax = 0;
+    if constexpr (Codec::kGroup > 0) {
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) group_amax = max(group_amax, quant::abs_bits(v[s][j]));
+#pragma unroll
+      for (int offset = 1; offset < Layout::kLanes; offset <<= 1)
+        group_amax = max(group_amax, __shfl_xor_sync(0xffffffffu, group_amax, offset));
+    }
+    typename Codec::Stored stored{};
+    const quant::GroupScale scale = Codec::make(moelora::detail::bits_float(group_amax), amax, stored);
+
+    std::uint8_t codes[kQuantChunk];
+    if constexpr (Layout::kThresholded) {
+      float* group = smem.thresholds[threadIdx.x / 32][s] + (threadIdx.x % 32) / Layout::kLanes * Layout::kThresholdStride;
+      const float* t = boundaries.fill(group, scale);
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode_below(v[s][j], t);
     } else {
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode(v[s][j], scale);
+    }
+    if constexpr (!Vec)
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j)
+        if (c0 + j >= g.in) codes[j] = 0;
+
+    if constexpr (kFake) {
+      const GroupDecoder<S> decode(smem.table, scale);
       float y[kQuantChunk];
 #pragma unroll
-      for (int j = 0; j < kQuantChunk; ++j) y[j] = Codec::decode(codes[j], scale);
-      store_chunk<Vec>(out + row * g.in, c0, g.in, y);
+      for (int j = 0; j < kQuantChunk; ++j) y[j] = decode(codes[j]);
+      if (active) store_chunk<Vec>(out + row * g.in, c0, g.in, y);
+    } else if (active) {
+      store_codes<Codec::kBits, Vec>(packed.codes + row * g.code_row_bytes, c0, g.in, codes);
+      if constexpr (Codec::kGroup > 0)
+        if (chunk % Layout::kLanes == 0)
+          static_cast<typename Codec::Stored*>(packed.scales)[row * g.groups_per_row + chunk / Layout::kLanes] = stored;
+      if constexpr (Codec::kTensorAmax)
+        if (chunk == 0 && row % g.rows_per_expert == 0) packed.amax[e] = amax;
     }
   }
 }
 
+/// Per-channel INT8: one block per row reduces the row's amax, then quantizes (Out = void) or
+/// fake-quantizes the row. Each thread keeps its first kChannelKeep chunks (k = thread + i·blockDim.x)
+/// in registers; chunks beyond are read again. Grid (rows), up to kChannelThreads threads.
+template <bool Vec, class In, class Out>
+__global__ void __launch_bounds__(kChannelThreads)
+    quantize_channels_kernel(const In* w, Out* out, PackedSections<std::uint8_t> packed, QuantGeometry g) {
+  constexpr quant::Scheme kScheme = quant::Scheme::int8_channel;
+  using Codec = quant::SchemeCodec<kScheme>;
+  constexpr bool kFake = !std::is_void_v<Out>;
+  __shared__ QuantShared<kScheme> smem;
+  const std::int64_t row = blockIdx.x;
+  const In* x = w + row * g.in;
+  const std::int64_t chunks = (g.in + kQuantChunk - 1) / kQuantChunk;
+  const std::int64_t kept = static_cast<std::int64_t>(kChannelKeep) * blockDim.x;
+  std::uint32_t row_amax = 0;
+  const auto reduce = [&](const float (&v)[kQuantChunk]) {
+#pragma unroll
+    for (int j = 0; j < kQuantChunk; ++j) row_amax = max(row_amax, quant::abs_bits(v[j]));
+  };
+  float v[kChannelKeep][kQuantChunk];
+#pragma unroll
+  for (int i = 0; i < kChannelKeep; ++i) {
+    const std::int64_t k = threadIdx.x + static_cast<std::int64_t>(i) * blockDim.x;
+    if (k < chunks) load_chunk<Vec>(x, k * kQuantChunk, g.in, v[i]);
+    else
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) v[i][j] = 0.0f;
+    reduce(v[i]);
+  }
+  for (std::int64_t k = kept + threadIdx.x; k < chunks; k += blockDim.x) {
+    float u[kQuantChunk];
+    load_chunk<Vec>(x, k * kQuantChunk, g.in, u);
+    reduce(u);
+  }
+  row_amax = block_max_u32(row_amax);  // every read of a kept chunk precedes every write (out may alias w)
+  float stored = 0.0f;
+  const quant::GroupScale scale = Codec::make(moelora::detail::bits_float(row_amax), 0.0f, stored);
+  fill_shared<kScheme, kFake, false>(smem, scale);
+  if constexpr (!kFake)
+    if (threadIdx.x == 0) static_cast<float*>(packed.scales)[row] = stored;
+  const auto code_chunk = [&](std::int64_t c0, const float (&u)[kQuantChunk]) {
+    std::uint8_t codes[kQuantChunk];
+#pragma unroll
+    for (int j = 0; j < kQuantChunk; ++j) codes[j] = Vec || c0 + j < g.in ? Codec::encode(u[j], scale) : 0;
+    if constexpr (kFake) {
+      float y[kQuantChunk];
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) y[j] = smem.table[codes[j]];
+      store_chunk<Vec>(out + row * g.in, c0, g.in, y);
+    } else {
+      store_codes<8, Vec>(packed.codes + row * g.code_row_bytes, c0, g.in, codes);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kChannelKeep; ++i) {
+    const std::int64_t k = threadIdx.x + static_cast<std::int64_t>(i) * blockDim.x;
+    if (k < chunks) code_chunk(k * kQuantChunk, v[i]);
+  }
+  for (std::int64_t k = kept + threadIdx.x; k < chunks; k += blockDim.x) {  // each read by its writer
+    float u[kQuantChunk];
+    load_chunk<Vec>(x, k * kQuantChunk, g.in, u);
+    code_chunk(k * kQuantChunk, u);
+  }
+}
+
 /// Dequantizes rows [row0, row0 + gridDim.x) of a packed weight into out `[gridDim.x, in]`.
-/// Grid (rows, chunk blocks).
+/// Grid (rows, chunk tiles of kQuantSlabs·blockDim.x chunks).
 template <quant::Scheme S, bool Vec, class Out>
-__global__ void __launch_bounds__(kQuantThreads)
+__global__ void __launch_bounds__(kQuantTileThreads)
     dequantize_kernel(PackedSections<const std::uint8_t> packed, std::int64_t row0, QuantGeometry g, Out* out) {
   using Codec = quant::SchemeCodec<S>;
-  __shared__ float table[16];
-  init_decode_table<S>(table);
+  __shared__ QuantShared<S> smem;
   const std::int64_t row = row0 + blockIdx.x;
-  const std::int64_t chunk = static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const std::int64_t c0 = chunk * kQuantChunk;
-  if (c0 >= g.in) return;
   float amax = 0.0f;
   if constexpr (Codec::kTensorAmax) amax = packed.amax[row / g.rows_per_expert];
-  typename Codec::Stored stored{};
   const auto* scales = static_cast<const typename Codec::Stored*>(packed.scales);
-  if constexpr (Codec::kGroup > 0) stored = scales[row * g.groups_per_row + c0 / Codec::kGroup];
-  else if constexpr (Codec::kGroup < 0) stored = scales[row];
-  const quant::GroupScale scale = Codec::load(stored, amax);
-  std::uint8_t codes[kQuantChunk];
-  load_codes<Codec::kBits, Vec>(packed.codes + row * g.code_row_bytes, c0, g.in, codes);
-  float y[kQuantChunk];
+  typename Codec::Stored row_stored{};
+  if constexpr (Codec::kGroup < 0) row_stored = scales[row];
+  fill_shared<S, true, false>(smem, Codec::load(row_stored, amax));  // 8-bit tables: the tensor's or row's scale
+
+  const std::uint8_t* codes_row = packed.codes + row * g.code_row_bytes;
+  std::uint8_t codes[kQuantSlabs][kQuantChunk];
+  typename Codec::Stored stored[kQuantSlabs];
 #pragma unroll
-  for (int j = 0; j < kQuantChunk; ++j) y[j] = decode_value<S>(codes[j], scale, table);
-  store_chunk<Vec>(out + (row - row0) * g.in, c0, g.in, y);
+  for (int s = 0; s < kQuantSlabs; ++s) {
+    const std::int64_t c0 = slab_chunk(s) * kQuantChunk;
+    stored[s] = row_stored;
+    if constexpr (Codec::kGroup > 0) {  // also for idle lanes of a group that exists (INT4 shuffles)
+      const std::int64_t group = c0 / Codec::kGroup;
+      if (group * Codec::kGroup < g.in) stored[s] = scales[row * g.groups_per_row + group];
+    }
+    if (c0 < g.in) {
+      load_codes<Codec::kBits, Vec>(codes_row, c0, g.in, codes[s]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) codes[s][j] = 0;
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < kQuantSlabs; ++s) {
+    const std::int64_t c0 = slab_chunk(s) * kQuantChunk;
+    const GroupDecoder<S> decode(smem.table, Codec::load(stored[s], amax));
+    float y[kQuantChunk];
+#pragma unroll
+    for (int j = 0; j < kQuantChunk; ++j) y[j] = decode(codes[s][j]);
+    if (c0 < g.in) store_chunk<Vec>(out + (row - row0) * g.in, c0, g.in, y);
+  }
 }
 
 }  // namespace moelora::kernels
