@@ -34,7 +34,7 @@ __global__ void fill_normalish(__nv_bfloat16* data, std::int64_t n, std::uint64_
   }
 }
 
-/// Median milliseconds of `iters` timed runs of `f` after 3 untimed ones.
+/// A weight shape `[experts, out, in]` of the benchmark.
 struct BenchShape {
   const char* name;
   std::int64_t experts, out, in;
