@@ -337,6 +337,48 @@ TEST_CASE("quant: NF4: blocks of 64 with their absmax, nearest code value, odd r
   CHECK(section_at<float>(blob, at.scales, 1) == 0.0f);
 }
 
+TEST_CASE("quant: NF4 thresholds and bins give the division's code: random values, ±3 ulps of every threshold, ±d, ±0") {
+  using Codec = SchemeCodec<Scheme::nf4>;
+  std::uint8_t bins[Codec::kBins + 1];
+  for (int n = 0; n <= Codec::kBins; ++n) bins[n] = Codec::bin_code(n);
+  CHECK(bins[0] == 0);
+  CHECK(bins[Codec::kBins / 2] == 7);  // u = 32: x = 0
+  CHECK(bins[Codec::kBins] == 15);
+  Rng rng;
+  INFO("seed ", rng.seed);
+  std::vector<float> divisors = {1.0f, 2.0f, 0.02f, 3.0f, 0x1p-120f, 0x1p120f, std::nextafter(1.0f, 2.0f), std::nextafter(1.0f, 0.0f)};
+  for (int i = 0; i < 200; ++i) divisors.push_back(static_cast<float>(std::ldexp(1.0 + rng.uniform(), static_cast<int>(rng.integer(-100, 100)))));
+  for (const float d : divisors) {
+    CAPTURE(d);
+    const GroupScale scale{d, d};
+    float t[Codec::kThresholds + 1];
+    for (int k = 0; k <= Codec::kThresholds; ++k) t[k] = code_threshold(k < Codec::kThresholds ? Codec::boundary(k) : 1.0, d);
+    const float s = Codec::bin_scale(scale);
+    REQUIRE(s != 0.0f);
+    std::vector<float> xs = {d, -d, 0.0f, -0.0f, std::nextafter(d, 0.0f), std::nextafter(-d, 0.0f)};
+    for (int k = 0; k < Codec::kThresholds; ++k) {
+      float up = t[k], down = t[k];
+      xs.push_back(t[k]);
+      for (int u = 0; u < 3; ++u) {
+        up = std::nextafter(up, INFINITY), down = std::nextafter(down, -INFINITY);
+        xs.push_back(up), xs.push_back(down);
+      }
+    }
+    for (int i = 0; i < 2000; ++i) xs.push_back(static_cast<float>((2.0 * rng.uniform() - 1.0) * d));
+    for (const float x : xs) {
+      if (std::fabs(x) > d) continue;
+      CAPTURE(x);
+      const std::uint8_t want = Codec::encode(x, scale);
+      CHECK(Codec::encode_below(x, t) == want);
+      CHECK(Codec::encode_binned(x, s, bins, t) == want);
+    }
+  }
+  CHECK(Codec::bin_scale({0x1p-121f, 0x1p-121f}) == 0.0f);  // such groups use encode_below
+  CHECK(Codec::bin_scale({0x1p121f, 0x1p121f}) == 0.0f);
+  CHECK(Codec::bin_scale({kNaN, kNaN}) == 0.0f);
+  CHECK(Codec::bin_scale({INFINITY, INFINITY}) == 0.0f);
+}
+
 TEST_CASE("quant: MXFP4: blocks of 32, E8M0 scale 2^(floor(log2 amax) - 2), E2M1 saturating") {
   // Block 0: amax 6 → scale 1. Block 1: amax 0.75 → floor(log2) = -1 → scale 2^-3. Block 2: amax
   // 7 → scale 1, 7 saturates to 6. Block 3 (2 columns): zero → code 0 (2^-127).

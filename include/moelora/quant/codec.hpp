@@ -207,6 +207,74 @@ MOELORA_HOST_DEVICE inline std::uint32_t count_below(float x, const float* t) {
   return index;
 }
 
+// ---- bins: a code book on [-1, 1] with one exact comparison per element --------------------------
+//
+// For |x| ≤ d (d: the group's divisor, its absmax), u = kBins/2 · (x/d + 1) lies in [0, kBins].
+// With s = RN(1/d) · kBins/2 = (kBins/2 / d)(1 + δ), |δ| ≤ 2^-24 (kBins/2 a power of two; d in
+// [2^-120, 2^120], so 1/d is a normal float), the real x·s is within kBins/2 · 2^-24 = 2^-19 of
+// u − kBins/2. One FMA, RN(x·s + kBins/2 + 2^23), lands in [2^23, 2^23 + kBins] where the floats
+// are the integers: it is 2^23 + n with |n − u| ≤ 1/2 + 2^-19 (no overflow, no other rounding).
+// The exact code is #{k : x/d > b_k} = #{k : u > U_k}, U_k = kBins/2 · (b_k + 1) (exact in double).
+// bin_base(n) counts the U_k < n − 1/2 − kBinMargin: each lies below u. Adjacent U_k are more
+// than 1 + 2·kBinMargin apart (static_assert), so the next boundary after those, k = bin_base(n),
+// is the only one that can lie below u: the one after it exceeds n + 1/2 + kBinMargin ≥ u. Hence
+// code = k + (x > t[k]) with t[k] the exact threshold (t[kThresholds]: any value ≥ d, e.g. the
+// padding threshold RD(1·d) = d).
+
+/// Margin, in bins, between the approximate bin of x and the boundaries it may skip.
+inline constexpr double kBinMargin = 0x1p-10;
+
+/// For each boundary of a codec with kBins, kThresholds and sorted boundaries boundary(k) in
+/// (−1, 1): the first bin n with U_k < n − 1/2 − kBinMargin (U_k ≥ 0, so the cast is a floor).
+template <class Codec>
+struct BinStarts {
+  int at[Codec::kThresholds];
+  constexpr BinStarts() : at{} {
+    for (int k = 0; k < Codec::kThresholds; ++k)
+      at[k] = static_cast<int>((Codec::boundary(k) + 1.0) * (Codec::kBins / 2) + 0.5 + kBinMargin) + 1;
+  }
+};
+
+/// The candidate code of bin n (0..kBins): the number of boundaries with U_k < n − 1/2 − kBinMargin
+/// (compile-time starts: a few integer comparisons).
+template <class Codec>
+MOELORA_HOST_DEVICE constexpr std::uint8_t bin_base(int n) {
+  constexpr BinStarts<Codec> kStarts{};
+  int count = 0;
+  MOELORA_UNROLL
+  for (int k = 0; k < Codec::kThresholds; ++k) count += n >= kStarts.at[k];
+  return static_cast<std::uint8_t>(count);
+}
+
+/// Whether adjacent boundaries are more than 1 + 2·kBinMargin bins apart (bin_base's condition).
+template <class Codec>
+constexpr bool bins_separate() {
+  for (int k = 0; k + 1 < Codec::kThresholds; ++k)
+    if ((Codec::boundary(k + 1) - Codec::boundary(k)) * (Codec::kBins / 2) <= 1.0 + 2.0 * kBinMargin) return false;
+  return Codec::boundary(0) > -1.0 && Codec::boundary(Codec::kThresholds - 1) < 1.0;
+}
+
+/// s = RN(1/d) · Bins/2 for a divisor d in [2^-120, 2^120]; 0 otherwise (NaN included): then the
+/// group must be encoded by count_below.
+template <int Bins>
+MOELORA_HOST_DEVICE inline float bin_scale(float divisor) {
+  return divisor >= 0x1p-120f && divisor <= 0x1p120f ? (1.0f / divisor) * static_cast<float>(Bins / 2) : 0.0f;
+}
+
+/// Code of x (|x| ≤ d) from its bin: base = bins[n] (bin_base), then one comparison with the
+/// exact threshold t[base]; s = bin_scale(d) ≠ 0. Equal to count_below (see above).
+template <int Bins>
+MOELORA_HOST_DEVICE inline std::uint32_t count_below_binned(float x, float s, const std::uint8_t* bins, const float* t) {
+  constexpr float kOffset = 0x1p23f + static_cast<float>(Bins / 2);
+#if defined(__CUDA_ARCH__)
+  const float nearest = __fmaf_rn(x, s, kOffset);
+#else
+  const float nearest = std::fma(x, s, kOffset);
+#endif
+  const std::uint32_t base = bins[detail::float_bits(nearest) & 0xffu];
+  return base + (x > t[base] ? 1u : 0u);
+}
+
 /// E8M0 code of the MXFP4 scale of a block with amax `amax` ≥ 0: 2^(floor(log2 amax) − 2), i.e.
 /// the biased exponent of `amax` minus 2, clamped below at 2^-127 (code 0; zero and tiny blocks).
 MOELORA_HOST_DEVICE inline std::uint8_t e8m0_encode_mx(float amax) {
@@ -407,7 +475,19 @@ template <> struct SchemeCodec<Scheme::nf4> {
   MOELORA_HOST_DEVICE static std::uint8_t encode_below(float x, const float* t) {
     return static_cast<std::uint8_t>(count_below<kThresholds>(x, t));
   }
+
+  /// Bins of the binned encoding (see count_below_binned); `bin_code(n)` fills its table of
+  /// kBins + 1 candidate codes, `bin_scale(scale)` its per-group factor (0: use encode_below),
+  /// `encode_binned(x, s, bins, t)` equals encode_below(x, t) when |x| ≤ d and t[15] ≥ d.
+  static constexpr int kBins = 64;
+  MOELORA_HOST_DEVICE static constexpr std::uint8_t bin_code(int n) { return bin_base<SchemeCodec>(n); }
+  MOELORA_HOST_DEVICE static float bin_scale(GroupScale s) { return quant::bin_scale<kBins>(divisor(s)); }
+  MOELORA_HOST_DEVICE static std::uint8_t encode_binned(float x, float s, const std::uint8_t* bins, const float* t) {
+    return static_cast<std::uint8_t>(count_below_binned<kBins>(x, s, bins, t));
+  }
 };
+
+static_assert(bins_separate<SchemeCodec<Scheme::nf4>>(), "an NF4 bin (plus margins) holds at most one boundary");
 
 /// MXFP4: blocks of 32, E8M0 scale 2^(floor(log2 bmax) − 2); y = E2M1(x / scale)·scale. Encoding
 /// multiplies by the exact inverse power of two, which rounds exactly as the division does.
