@@ -74,7 +74,7 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
         using Out = kernels::device_t<out_tag.value>;
         const auto kernel = vec ? kernels::dequantize_kernel<scheme.value, true, Out>
                                 : kernels::dequantize_kernel<scheme.value, false, Out>;
-        const auto [grid, threads] = tile_grid(n * rows, in, 1);
+        const auto [grid, threads] = tile_grid(n * rows, in, 1, kernels::kDequantizeSlabs);
         kernel<<<grid, threads, 0, stream>>>(sections, e0 * rows, g, static_cast<Out*>(out.data));
         MOELORA_CUDA_CHECK(cudaGetLastError());
       });
@@ -102,14 +102,14 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
     unsigned threads;
   };
   /// Grid (rows, tiles along the row) of the group and dequantize kernels: a thread per 8-element
-  /// chunk of each of kQuantSlabs slabs of a tile, the chunks of a row rounded up to whole groups
-  /// of `lanes` threads; blocks of a multiple of 32 threads, at most kQuantTileThreads.
-  static Launch tile_grid(std::int64_t rows, std::int64_t in, int lanes) {
+  /// chunk of each of `slabs` slabs of a tile, the chunks of a row rounded up to whole groups of
+  /// `lanes` threads; blocks of a multiple of 32 threads, at most kQuantTileThreads.
+  static Launch tile_grid(std::int64_t rows, std::int64_t in, int lanes, int slabs) {
     const std::int64_t chunks = (in + kernels::kQuantChunk - 1) / kernels::kQuantChunk;
     const std::int64_t per_row = (chunks + lanes - 1) / lanes * lanes;
-    const std::int64_t per_slab = (per_row + kernels::kQuantSlabs - 1) / kernels::kQuantSlabs;
+    const std::int64_t per_slab = (per_row + slabs - 1) / slabs;
     const auto threads = static_cast<unsigned>(std::min<std::int64_t>(kernels::kQuantTileThreads, (per_slab + 31) / 32 * 32));
-    const std::int64_t per_tile = std::int64_t{threads} * kernels::kQuantSlabs;
+    const std::int64_t per_tile = std::int64_t{threads} * slabs;
     return {dim3(static_cast<unsigned>(rows), static_cast<unsigned>((per_row + per_tile - 1) / per_tile)), threads};
   }
 
@@ -167,7 +167,7 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
             constexpr int kLanes = kernels::SchemeLayout<kScheme>::kLanes;
             const auto kernel = vec ? kernels::quantize_groups_kernel<kScheme, true, In, Out>
                                     : kernels::quantize_groups_kernel<kScheme, false, In, Out>;
-            const auto [grid, threads] = tile_grid(experts * rows, in, kLanes);
+            const auto [grid, threads] = tile_grid(experts * rows, in, kLanes, kernels::kGroupSlabs<Out>);
             kernel<<<grid, threads, 0, stream>>>(static_cast<const In*>(w.data), typed_out, sections, tensor_amax,
                                                  shared, g);
           }

@@ -4,7 +4,7 @@
 ///
 /// Work is cut into chunks of 8 consecutive elements of one row (`in` axis), loaded as one 16-byte
 /// vector (two for fp32) when rows are 8-aligned, element by element otherwise. The group and
-/// dequantize kernels give each thread kQuantSlabs chunks: slab s of a block is blockDim.x
+/// dequantize kernels give each thread a few chunks (slabs, kGroupSlabs / kDequantizeSlabs): slab s of a block is blockDim.x
 /// consecutive chunks, one per thread, so every load and store of a warp is contiguous. A group of
 /// G elements (NVFP4 16, MXFP4 32, NF4 64, INT4 128) is G/8 neighbouring lanes of one warp, which
 /// reduce the group's amax by shuffles.
@@ -15,7 +15,8 @@
 /// group's scale (NVFP4, NF4, MXFP4), or the 16 values of an INT4 group, one per lane of the group,
 /// fetched by shuffles. NVFP4 and NF4 encode by comparing with the group's code thresholds
 /// (SchemeCodec::encode_below), computed once per group by its lanes, instead of a division per
-/// element.
+/// element; NF4 looks the candidate code of each element up by its approximate bin and makes one
+/// comparison (quant::count_below_binned).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,8 +31,13 @@ namespace moelora::kernels {
 
 /// Elements per chunk.
 inline constexpr int kQuantChunk = 8;
-/// Chunks per thread of the group and dequantize kernels.
-inline constexpr int kQuantSlabs = 2;
+/// Chunks per thread (slabs) of the group kernel: 4 when it quantizes (Out = void; the encode is
+/// instruction bound and the codes are few bytes, so more chunks per thread pay), 2 when it
+/// fake-quantizes (more would cost occupancy there).
+template <class Out>
+inline constexpr int kGroupSlabs = std::is_void_v<Out> ? 4 : 2;
+/// Chunks per thread (slabs) of the dequantize kernel.
+inline constexpr int kDequantizeSlabs = 2;
 /// Threads per block of the amax kernel.
 inline constexpr int kAmaxThreads = 256;
 /// Threads per block (at most) of the per-channel kernel, and chunks each keeps in registers
@@ -69,6 +75,12 @@ struct SchemeLayout {
     if constexpr (kThresholded) return Codec::kThresholds;
     else return 0;
   }();
+  /// Whether the scheme encodes by bins (count_below_binned), and its table size (kBins + 1).
+  static constexpr bool kBinned = requires { Codec::kBins; };
+  static constexpr int kBinTable = [] {
+    if constexpr (kBinned) return Codec::kBins + 1;
+    else return 1;
+  }();
   /// Thresholds each lane of a group computes (k = lane in group + i·kLanes; k = kThresholds is padding).
   static constexpr int kThresholdsPerLane = (kThresholds + kLanes - 1) / kLanes;
   /// Floats per group in the threshold scratch: the thresholds and one padding slot.
@@ -78,23 +90,25 @@ struct SchemeLayout {
 };
 
 /// Shared memory of a group or dequantize kernel block: the decode table and, for threshold
-/// schemes, the code boundaries and each warp's group thresholds (one set per slab).
-template <quant::Scheme S>
+/// schemes, the code boundaries, the candidate code of each bin (binned schemes) and each warp's
+/// group thresholds (one set per slab of the Slabs a thread has).
+template <quant::Scheme S, int Slabs>
 struct QuantShared {
   using Layout = SchemeLayout<S>;
   static constexpr int kGroupsPerWarp = 32 / Layout::kLanes;
   float table[Layout::kTableSize > 0 ? Layout::kTableSize : 1];
   double boundaries[Layout::kThresholdStride];
-  float thresholds[Layout::kThresholded ? kQuantTileThreads / 32 : 1][kQuantSlabs]
+  std::uint8_t bins[Layout::kBinTable];
+  float thresholds[Layout::kThresholded ? kQuantTileThreads / 32 : 1][Slabs]
                   [Layout::kThresholded ? kGroupsPerWarp * Layout::kThresholdStride : 1];
 };
 
 /// Fills the block's shared constants: the decode table under `scale` (when `Decode`: the 256
 /// code values of 8-bit schemes, whose scale is the block's; the 16 unit values otherwise) and the
-/// code boundaries of threshold schemes (when `Encode`); then synchronises the block. Every thread
-/// must call it.
-template <quant::Scheme S, bool Decode, bool Encode>
-__device__ __forceinline__ void fill_shared(QuantShared<S>& smem, quant::GroupScale scale) {
+/// code boundaries of threshold schemes and the bin table of binned ones (when `Encode`); then
+/// synchronises the block. Every thread must call it.
+template <quant::Scheme S, bool Decode, bool Encode, int Slabs>
+__device__ __forceinline__ void fill_shared(QuantShared<S, Slabs>& smem, quant::GroupScale scale) {
   using Codec = quant::SchemeCodec<S>;
   using Layout = SchemeLayout<S>;
   constexpr bool kTable = Decode && Layout::kTableSize > 0;
@@ -109,6 +123,8 @@ __device__ __forceinline__ void fill_shared(QuantShared<S>& smem, quant::GroupSc
   if constexpr (kBoundaries) {
     if (threadIdx.x < Layout::kThresholds) smem.boundaries[threadIdx.x] = Codec::boundary(static_cast<int>(threadIdx.x));
     else if (threadIdx.x == Layout::kThresholds) smem.boundaries[threadIdx.x] = 1.0;  // padding
+    if constexpr (Layout::kBinned)
+      for (unsigned n = threadIdx.x; n < Layout::kBinTable; n += blockDim.x) smem.bins[n] = Codec::bin_code(static_cast<int>(n));
   }
   if constexpr (kTable || kBoundaries) __syncthreads();
 }
@@ -142,7 +158,8 @@ struct LaneBoundaries {
   using Layout = SchemeLayout<S>;
   double at[Layout::kThresholdsPerLane > 0 ? Layout::kThresholdsPerLane : 1];
 
-  __device__ __forceinline__ explicit LaneBoundaries(const QuantShared<S>& smem) {
+  template <int Slabs>
+  __device__ __forceinline__ explicit LaneBoundaries(const QuantShared<S, Slabs>& smem) {
 #pragma unroll
     for (int i = 0; i < Layout::kThresholdsPerLane; ++i)
       at[i] = smem.boundaries[static_cast<int>(threadIdx.x % Layout::kLanes) + i * Layout::kLanes];
@@ -262,9 +279,11 @@ __device__ __forceinline__ void load_codes(const std::uint8_t* codes, std::int64
   }
 }
 
-/// Chunk index of slab `s` of this thread along its block's row (grid (rows, chunk tiles)).
+/// Chunk index of slab `s` of this thread along its block's row (grid (rows, chunk tiles of
+/// Slabs·blockDim.x chunks)).
+template <int Slabs>
 __device__ __forceinline__ std::int64_t slab_chunk(int s) {
-  return (static_cast<std::int64_t>(blockIdx.y) * kQuantSlabs + s) * blockDim.x + threadIdx.x;
+  return (static_cast<std::int64_t>(blockIdx.y) * Slabs + s) * blockDim.x + threadIdx.x;
 }
 
 /// Vector loads each thread of the amax kernel keeps in flight.
@@ -306,7 +325,7 @@ __global__ void __launch_bounds__(kAmaxThreads)
 
 /// Quantizes (Out = void: codes, scales and amax into `packed`) or fake-quantizes (into `out` of
 /// type Out) w `[rows, in]`, for schemes with kGroup ≥ 0 (groups of G/8 lanes; per-tensor schemes:
-/// single chunks). Grid (rows, chunk tiles of kQuantSlabs·blockDim.x chunks); `tensor_amax` is the
+/// single chunks). Grid (rows, chunk tiles of kGroupSlabs<Out>·blockDim.x chunks); `tensor_amax` is the
 /// reduced amax bits (index 0 when `shared`, else the expert), unused without a tensor amax.
 template <quant::Scheme S, bool Vec, class In, class Out>
 __global__ void __launch_bounds__(kQuantTileThreads)
@@ -315,7 +334,8 @@ __global__ void __launch_bounds__(kQuantTileThreads)
   using Codec = quant::SchemeCodec<S>;
   using Layout = SchemeLayout<S>;
   constexpr bool kFake = !std::is_void_v<Out>;
-  __shared__ QuantShared<S> smem;
+  constexpr int kSlabs = kGroupSlabs<Out>;
+  __shared__ QuantShared<S, kSlabs> smem;
   const std::int64_t row = blockIdx.x;
   const std::int64_t e = row / g.rows_per_expert;
   float amax = 0.0f;
@@ -324,10 +344,10 @@ __global__ void __launch_bounds__(kQuantTileThreads)
   const LaneBoundaries<S> boundaries(smem);
 
   const In* x = w + row * g.in;
-  float v[kQuantSlabs][kQuantChunk];
+  float v[kSlabs][kQuantChunk];
 #pragma unroll
-  for (int s = 0; s < kQuantSlabs; ++s) {
-    const std::int64_t c0 = slab_chunk(s) * kQuantChunk;
+  for (int s = 0; s < kSlabs; ++s) {
+    const std::int64_t c0 = slab_chunk<kSlabs>(s) * kQuantChunk;
     if (c0 < g.in) load_chunk<Vec>(x, c0, g.in, v[s]);
     else
 #pragma unroll
@@ -335,8 +355,8 @@ __global__ void __launch_bounds__(kQuantTileThreads)
   }
 
 #pragma unroll
-  for (int s = 0; s < kQuantSlabs; ++s) {
-    const std::int64_t chunk = slab_chunk(s);
+  for (int s = 0; s < kSlabs; ++s) {
+    const std::int64_t chunk = slab_chunk<kSlabs>(s);
     const std::int64_t c0 = chunk * kQuantChunk;
     const bool active = c0 < g.in;
     std::uint32_t group_amax = 0;
@@ -354,8 +374,16 @@ __global__ void __launch_bounds__(kQuantTileThreads)
     if constexpr (Layout::kThresholded) {
       float* group = smem.thresholds[threadIdx.x / 32][s] + (threadIdx.x % 32) / Layout::kLanes * Layout::kThresholdStride;
       const float* t = boundaries.fill(group, scale);
+      float bin_scale = 0.0f;  // binned schemes: 0 for a divisor out of the bins' range
+      if constexpr (Layout::kBinned) bin_scale = Codec::bin_scale(scale);
+      if (bin_scale != 0.0f) {
+        if constexpr (Layout::kBinned)
 #pragma unroll
-      for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode_below(v[s][j], t);
+          for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode_binned(v[s][j], bin_scale, smem.bins, t);
+      } else {
+#pragma unroll
+        for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode_below(v[s][j], t);
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode(v[s][j], scale);
@@ -391,7 +419,7 @@ __global__ void __launch_bounds__(kChannelThreads)
   constexpr quant::Scheme kScheme = quant::Scheme::int8_channel;
   using Codec = quant::SchemeCodec<kScheme>;
   constexpr bool kFake = !std::is_void_v<Out>;
-  __shared__ QuantShared<kScheme> smem;
+  __shared__ QuantShared<kScheme, 1> smem;  // no thresholds: one slab
   const std::int64_t row = blockIdx.x;
   const In* x = w + row * g.in;
   const std::int64_t chunks = (g.in + kQuantChunk - 1) / kQuantChunk;
@@ -448,12 +476,12 @@ __global__ void __launch_bounds__(kChannelThreads)
 }
 
 /// Dequantizes rows [row0, row0 + gridDim.x) of a packed weight into out `[gridDim.x, in]`.
-/// Grid (rows, chunk tiles of kQuantSlabs·blockDim.x chunks).
+/// Grid (rows, chunk tiles of kDequantizeSlabs·blockDim.x chunks).
 template <quant::Scheme S, bool Vec, class Out>
 __global__ void __launch_bounds__(kQuantTileThreads)
     dequantize_kernel(PackedSections<const std::uint8_t> packed, std::int64_t row0, QuantGeometry g, Out* out) {
   using Codec = quant::SchemeCodec<S>;
-  __shared__ QuantShared<S> smem;
+  __shared__ QuantShared<S, kDequantizeSlabs> smem;
   const std::int64_t row = row0 + blockIdx.x;
   float amax = 0.0f;
   if constexpr (Codec::kTensorAmax) amax = packed.amax[row / g.rows_per_expert];
@@ -463,11 +491,11 @@ __global__ void __launch_bounds__(kQuantTileThreads)
   fill_shared<S, true, false>(smem, Codec::load(row_stored, amax));  // 8-bit tables: the tensor's or row's scale
 
   const std::uint8_t* codes_row = packed.codes + row * g.code_row_bytes;
-  std::uint8_t codes[kQuantSlabs][kQuantChunk];
-  typename Codec::Stored stored[kQuantSlabs];
+  std::uint8_t codes[kDequantizeSlabs][kQuantChunk];
+  typename Codec::Stored stored[kDequantizeSlabs];
 #pragma unroll
-  for (int s = 0; s < kQuantSlabs; ++s) {
-    const std::int64_t c0 = slab_chunk(s) * kQuantChunk;
+  for (int s = 0; s < kDequantizeSlabs; ++s) {
+    const std::int64_t c0 = slab_chunk<kDequantizeSlabs>(s) * kQuantChunk;
     stored[s] = row_stored;
     if constexpr (Codec::kGroup > 0) {  // also for idle lanes of a group that exists (INT4 shuffles)
       const std::int64_t group = c0 / Codec::kGroup;
@@ -481,8 +509,8 @@ __global__ void __launch_bounds__(kQuantTileThreads)
     }
   }
 #pragma unroll
-  for (int s = 0; s < kQuantSlabs; ++s) {
-    const std::int64_t c0 = slab_chunk(s) * kQuantChunk;
+  for (int s = 0; s < kDequantizeSlabs; ++s) {
+    const std::int64_t c0 = slab_chunk<kDequantizeSlabs>(s) * kQuantChunk;
     const GroupDecoder<S> decode(smem.table, Codec::load(stored[s], amax));
     float y[kQuantChunk];
 #pragma unroll
