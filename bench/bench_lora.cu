@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
-#include <sstream>
 #include <vector>
 
 #include "moelora/moelora.hpp"
@@ -127,25 +126,19 @@ Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind
   return r;
 }
 
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> parts;
-  std::stringstream in(list);
-  for (std::string part; std::getline(in, part, ',');)
-    if (!part.empty()) parts.push_back(part);
-  return parts;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"moelora LoRA benchmark (bf16): delta forward vs byte floor, layer forward+backward vs base"};
-  std::string out_path = "bench_lora.json", shapes = "", ranks = "16,64", count_kinds = "uniform,zipf";
+  std::string out_path = "bench_lora.json";
+  std::vector<std::string> wanted, count_kinds{"uniform", "zipf"};
+  std::vector<std::int64_t> ranks{16, 64};
   int iters = 20;
   std::string gemm = "auto";
   app.add_option("--out", out_path, "JSON output file");
-  app.add_option("--shapes", shapes, "comma-separated shape names (default: all)");
-  app.add_option("--ranks", ranks, "comma-separated ranks");
-  app.add_option("--counts", count_kinds, "comma-separated count kinds: uniform, zipf");
+  app.add_option("--shapes", wanted, "comma-separated shape names (default: all)")->delimiter(',');
+  app.add_option("--ranks", ranks, "comma-separated ranks")->delimiter(',');
+  app.add_option("--counts", count_kinds, "comma-separated count kinds: uniform, zipf")->delimiter(',');
   app.add_option("--iters", iters, "timed iterations per measurement (median)");
   app.add_option("--gemm", gemm, "base GEMM strategy: auto, per_expert, grouped")
       ->check(CLI::IsMember({"auto", "per_expert", "grouped"}));
@@ -168,15 +161,14 @@ int main(int argc, char** argv) {
   const double copy_gbps = copy_bandwidth(stream);
   std::fprintf(stderr, "%s: copy bandwidth %.0f GB/s\n", prop.name, copy_gbps);
 
-  const std::vector<std::string> wanted = split(shapes);
   std::vector<Record> records;
   std::printf("%-20s %3s %-7s %9s %9s %9s %6s %10s %10s %10s %8s\n", "shape", "r", "counts", "base fwd", "LoRA fwd",
               "floor", "%floor", "LoRA f+b", "base f+b", "layer f+b", "overhead");
   for (const auto& s : bench::kShapes) {
     if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), s.name) == wanted.end()) continue;
-    for (const std::string& rank : split(ranks))
-      for (const std::string& kind : split(count_kinds)) {
-        const Record r = measure(s, std::stoll(rank), kind, copy_gbps, iters, strategy, handle, stream);
+    for (const std::int64_t rank : ranks)
+      for (const std::string& kind : count_kinds) {
+        const Record r = measure(s, rank, kind, copy_gbps, iters, strategy, handle, stream);
         records.push_back(r);
         std::printf("%-20s %3lld %-7s %9.3f %9.3f %9.3f %5.0f%% %10.3f %10.3f %10.3f %7.0f%%\n", r.shape.c_str(),
                     static_cast<long long>(r.rank), r.counts.c_str(), r.base_fwd, r.lora_fwd, r.floor_fwd,

@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -40,22 +39,15 @@ struct BenchShape {
   std::int64_t experts, out, in;
 };
 
-std::vector<std::string> split(const std::string& list) {
-  std::vector<std::string> out;
-  std::stringstream ss(list);
-  for (std::string item; std::getline(ss, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"moelora quantizer benchmark (bf16 weights): GB/s against the device copy bandwidth"};
-  std::string out_path = "bench_quant.jsonl", specs;
+  std::string out_path = "bench_quant.jsonl";
+  std::vector<std::string> specs;
   int iters = 20;
   app.add_option("--out", out_path, "JSON lines output file");
-  app.add_option("--specs", specs, "comma-separated quantizer names (default: all formats)");
+  app.add_option("--specs", specs, "comma-separated quantizer names (default: all formats)")->delimiter(',');
   app.add_option("--iters", iters, "timed iterations per measurement (median)")->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
 
@@ -72,7 +64,7 @@ int main(int argc, char** argv) {
   std::vector<QuantSpec> chosen;
   if (specs.empty()) chosen.assign(kAllQuantSpecs.begin(), kAllQuantSpecs.end());
   else
-    for (const std::string& name : split(specs)) chosen.push_back(parse_quant_spec(name));
+    for (const std::string& name : specs) chosen.push_back(parse_quant_spec(name));
 
   const BenchShape shapes[] = {{"qwen3_30b_a3b.fc2", 128, 768, 2048}, {"mixtral_8x7b", 8, 4096, 14336}};
   std::ofstream json(out_path);

@@ -248,7 +248,7 @@ struct CudaBackend {
         project<IoT, FT, kNFrag, false>(args.x, f.a, static_cast<FT*>(args.h), s.in, f.rank, 1.0f, 2, workspace,
                                         stream);
         const dim3 expand_grid(static_cast<unsigned>(max_tiles(s.rows, s.experts, kForwardRows)),
-                               static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols), kForwardRows / kExpandRows);
+                               static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols));
         cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, expand_grid, kExpandThreads, expand_smem_bytes<kNFrag, IoT>(),
                             stream,
                             ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,

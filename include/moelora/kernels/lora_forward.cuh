@@ -151,13 +151,13 @@ struct ExpandParams {
 };
 
 inline constexpr int kExpandCols = 128;  ///< output columns per expand block
-inline constexpr int kExpandRows = 128;  ///< rows per expand block: a forward tile
+inline constexpr int kExpandRows = kForwardRows;  ///< rows per expand block: a forward tile
 inline constexpr int kExpandWarps = kExpandRows / 16;
 inline constexpr int kExpandThreads = kExpandWarps * 32;
 inline constexpr int kExpandHalf = kExpandCols / 2;  ///< columns a warp multiplies at a time
 
-/// Shared memory of the expand kernel: h tile [64][RankTile+8], B tile [128][RankTile+8] (factor
-/// dtype) and the y tile [64][128+8] (io dtype).
+/// Shared memory of the expand kernel: h tile [128][RankTile+8], B tile [128][RankTile+8] (factor
+/// dtype) and the y tile [128][128+8] (io dtype).
 template <int NFrag, class IoT>
 constexpr int expand_smem_bytes() {
   const int factors = (kExpandRows + kExpandCols) * (kRankTile<NFrag> + kPad) * 2;
@@ -170,11 +170,11 @@ struct alignas(2 * sizeof(T)) Pair {
   T v[2];
 };
 
-/// Grid (128-row tile slots, ceil(out / 128), 2 halves of the tile's rows); rank ≤ RankTile, a
-/// multiple of 8. The y tile, h and the B slice arrive by cp.async (no registers hold data in
-/// flight, so five blocks fit an SM); warp w multiplies rows [16w, 16w + 16) on tensor cores, 64
-/// columns at a time, adds the products to its rows of the y tile in fp32, rounding once, and
-/// finally stores its rows with 16-byte vectors.
+/// Grid (128-row tile slots, ceil(out / 128)); rank ≤ RankTile, a multiple of 8. The y tile, h and
+/// the B slice arrive by cp.async (no registers hold data in flight, so three blocks fit an SM);
+/// warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, adds the products
+/// to its rows of the y tile in fp32, rounding once, and finally stores its rows with 16-byte
+/// vectors.
 template <class IoT, class FT, int NFrag>
 __global__ void __launch_bounds__(kExpandThreads, 3) lora_expand_kernel(ExpandParams p) {
   constexpr int kN = kRankTile<NFrag>;
@@ -187,10 +187,8 @@ __global__ void __launch_bounds__(kExpandThreads, 3) lora_expand_kernel(ExpandPa
   FT* bs = hs + kExpandRows * kLd;                               // [kExpandCols][kLd]
   IoT* ys = reinterpret_cast<IoT*>(bs + kExpandCols * kLd);      // [kExpandRows][kLdY]
 
-  RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
-  tile.row0 += static_cast<std::int64_t>(blockIdx.z) * kExpandRows;
-  tile.rows -= static_cast<std::int32_t>(blockIdx.z) * kExpandRows;
-  if (tile.rows <= 0) return;
+  const RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
+  if (tile.rows == 0) return;
   const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kExpandCols;
   const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(kExpandCols), p.out - n0));
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;

@@ -355,19 +355,25 @@ struct GroupScale {
 /// instead of a division per element. NVFP4, NF4 and MXFP4 decode as `unit_value(code) · scale.dec`.
 template <Scheme S> struct SchemeCodec;
 
-/// INT8 per tensor: s = 127 / tensor amax; y = clamp(rint(x·s), −128, 127) / s.
-template <> struct SchemeCodec<Scheme::int8_tensor> {
-  static constexpr int kBits = 8;
+/// The scale of the per-tensor schemes: s = Bound / tensor amax (1 below 2^-24), from the amax the
+/// packed blob keeps; nothing is stored per group.
+template <int Bound>
+struct TensorScaleCodec {
   static constexpr int kGroup = 0;
   static constexpr bool kTensorAmax = true;
   using Stored = float;
   MOELORA_HOST_DEVICE static GroupScale load(Stored /*stored*/, float tensor_amax) {
-    const float s = int_scale(tensor_amax, 127.0f);
+    const float s = int_scale(tensor_amax, static_cast<float>(Bound));
     return {s, s};
   }
   MOELORA_HOST_DEVICE static GroupScale make(float /*group_amax*/, float tensor_amax, Stored& stored) {
     return load(stored, tensor_amax);
   }
+};
+
+/// INT8 per tensor: s = 127 / tensor amax; y = clamp(rint(x·s), −128, 127) / s.
+template <> struct SchemeCodec<Scheme::int8_tensor> : TensorScaleCodec<127> {
+  static constexpr int kBits = 8;
   MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return int_encode<8>(x, s.enc); }
   MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return int_code_value<8>(code) / s.dec; }
 };
@@ -399,18 +405,8 @@ template <> struct SchemeCodec<Scheme::int4_block> {
 };
 
 /// FP8 E4M3 per tensor: s = 448 / tensor amax (1 below 2^-24); y = e4m3(x·s) / s.
-template <> struct SchemeCodec<Scheme::fp8_tensor> {
+template <> struct SchemeCodec<Scheme::fp8_tensor> : TensorScaleCodec<448> {
   static constexpr int kBits = 8;
-  static constexpr int kGroup = 0;
-  static constexpr bool kTensorAmax = true;
-  using Stored = float;
-  MOELORA_HOST_DEVICE static GroupScale load(Stored /*stored*/, float tensor_amax) {
-    const float s = int_scale(tensor_amax, 448.0f);
-    return {s, s};
-  }
-  MOELORA_HOST_DEVICE static GroupScale make(float /*group_amax*/, float tensor_amax, Stored& stored) {
-    return load(stored, tensor_amax);
-  }
   MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return e4m3_encode(x * s.enc); }
   MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return e4m3_decode(code) / s.dec; }
 };
