@@ -1,5 +1,6 @@
 /// \file
-/// \brief The concepts a user's types must satisfy to plug into moelora: Backend and GroupedLinearBase.
+/// \brief The concepts a user's types must satisfy to plug into moelora: Backend, GroupedLinearBase and
+/// its refinement AccumulatingGroupedLinearBase.
 #pragma once
 
 #include <concepts>
@@ -10,6 +11,7 @@
 #include "moelora/core/lora_args.hpp"
 #include "moelora/core/segments.hpp"
 #include "moelora/core/tensor.hpp"
+#include "moelora/core/write_mode.hpp"
 #include "moelora/optim/adamw_math.hpp"
 
 namespace moelora {
@@ -55,6 +57,20 @@ concept GroupedLinearBase =
       { cbase.dtype() } -> std::same_as<DType>;
       base.forward(in, segments, out, stream);
       base.backward_input(in, segments, out, stream);
+    };
+
+/// A GroupedLinearBase that can also add its products into its output:
+/// `forward(x, segments, y, stream, mode)` and `backward_input(dy, segments, dx, stream, mode)` with
+/// `WriteMode::accumulate` compute `y_t += W_e x_t` and `dx_t += W_eᵀ dy_t` (a GEMM with β = 1).
+/// GroupedLoRA then runs the LoRA branch first, writing y and dx without reading them, and lets the
+/// base add its products: the memory-bound LoRA kernels skip a read of y and of dx, which the
+/// compute-bound base GEMM's epilogue absorbs.
+template <class L>
+concept AccumulatingGroupedLinearBase =
+    GroupedLinearBase<L> && requires(L& base, ConstTensorRef in, TensorRef out, const ExpertSegments& segments,
+                                     typename L::backend_type::stream_type stream, WriteMode mode) {
+      base.forward(in, segments, out, stream, mode);
+      base.backward_input(in, segments, out, stream, mode);
     };
 
 }  // namespace moelora

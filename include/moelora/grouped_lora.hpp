@@ -4,7 +4,8 @@
 /// Layouts (row-major): x `[T, in]`, y `[T, out]` grouped by expert per `tokens_per_expert` `[E]`;
 /// per adapter A `[E, r, in]`, B `[E, out, r]` in the adapter's dtype, gradients fp32 of the same
 /// shapes. Forward: `y = base(x) + Σ_enabled scale · B_e A_e x_t`. Backward: `dA`, `dB` `+=` (gradient
-/// accumulation) and `dx = baseᵀ(dy) + Σ_enabled A_eᵀ u_t`. All work is queued on the caller's stream.
+/// accumulation) or `=` (the first micro-batch), and `dx = baseᵀ(dy) + Σ_enabled A_eᵀ u_t`. All work
+/// is queued on the caller's stream.
 #pragma once
 
 #include <algorithm>
@@ -133,12 +134,10 @@ class GroupedLoRA {
     slot.config.trainable = trainable;
   }
 
-  /// Zeroes the gradients of every trainable adapter.
+  /// Zeroes the gradients of every trainable adapter. (A backward with `WriteMode::overwrite`
+  /// needs no zero_grad before it.)
   void zero_grad(stream_type stream) {
-    for (Slot& slot : slots_) {
-      if (slot.grad_a.data()) backend_type::fill_zero(slot.grad_a.data(), slot.grad_a.bytes(), stream);
-      if (slot.grad_b.data()) backend_type::fill_zero(slot.grad_b.data(), slot.grad_b.bytes(), stream);
-    }
+    for (Slot& slot : slots_) zero_grads(slot, stream);
   }
 
   /// Sizes the saved activations of every adapter and the backend's workspace for calls of up to
@@ -159,7 +158,8 @@ class GroupedLoRA {
 
   /// `y = base(x) + Σ_enabled scale · B_e A_e x_t`. x `[T, in]`, y `[T, out]` (overwritten), both of
   /// the base's dtype; `counts` `[E]` on the host or (CUDA) the device, Σ = T. Saves `h = A x` of
-  /// each enabled adapter for `backward`.
+  /// each enabled adapter for `backward`. With an AccumulatingGroupedLinearBase the first enabled
+  /// adapter writes y and the base adds into it; otherwise the base writes y and the adapters add.
   void forward(ConstTensorRef x, const ExpertCounts& counts, TensorRef y, stream_type stream) {
     check_rows("x", x, in_features());
     const std::int64_t rows = x.shape[0];
@@ -169,19 +169,27 @@ class GroupedLoRA {
       if (slot.config.enabled) slot.saved_h.reserve(saved_bytes(slot, std::max(rows, reserved_rows_)));
 
     const ExpertSegments& segments = workspace_.prepare_segments(counts, rows, stream);
-    base_.forward(x, segments, y, stream);
+    const bool lora_first = lora_writes_first(rows);
+    if (!lora_first) base_.forward(x, segments, y, stream);
+    WriteMode y_mode = lora_first ? WriteMode::overwrite : WriteMode::accumulate;
     saved_rows_ = rows;
     for (Slot& slot : slots_) {
       slot.h_saved = slot.config.enabled;
       if (!slot.config.enabled || rows == 0) continue;
-      LoraForwardArgs args{shape(rows), factors(slot), x.data, y.data, slot.saved_h.data()};
+      LoraForwardArgs args{shape(rows), factors(slot), x.data, y.data, slot.saved_h.data(), y_mode};
       backend_type::lora_forward(args, workspace_, stream);
+      y_mode = WriteMode::accumulate;
     }
+    if constexpr (AccumulatingGroupedLinearBase<Base>)
+      if (lora_first) base_.forward(x, segments, y, stream, WriteMode::accumulate);
   }
 
-  /// Backward of the last `forward` (same x and counts): `dA`, `dB` `+=` for trainable enabled
-  /// adapters; if `dx.data` is non-null, `dx = baseᵀ(dy) + Σ_enabled A_eᵀ u_t` (overwritten).
-  void backward(ConstTensorRef x, const ExpertCounts& counts, ConstTensorRef dy, TensorRef dx, stream_type stream) {
+  /// Backward of the last `forward` (same x and counts): `dA`, `dB` of trainable enabled adapters
+  /// `+=` (`grads = accumulate`, gradient accumulation) or `=` (`grads = overwrite`: no zero_grad
+  /// needed, the old values are not read; experts without rows get zeros); if `dx.data` is
+  /// non-null, `dx = baseᵀ(dy) + Σ_enabled A_eᵀ u_t` (overwritten).
+  void backward(ConstTensorRef x, const ExpertCounts& counts, ConstTensorRef dy, TensorRef dx, stream_type stream,
+                WriteMode grads = WriteMode::accumulate) {
     check_rows("x", x, in_features());
     const std::int64_t rows = x.shape[0];
     check_rows("dy", dy, out_features(), rows);
@@ -194,10 +202,16 @@ class GroupedLoRA {
                       "\" was enabled after the last forward; run forward again before backward");
 
     const ExpertSegments& segments = workspace_.prepare_segments(counts, rows, stream);
-    if (dx.data) base_.backward_input(dy, segments, dx, stream);
+    const bool lora_first = dx.data && lora_writes_first(rows);
+    if (dx.data && !lora_first) base_.backward_input(dy, segments, dx, stream);
+    WriteMode dx_mode = lora_first ? WriteMode::overwrite : WriteMode::accumulate;
     for (Slot& slot : slots_) {
       const bool wants_grads = slot.config.trainable;
-      if (!slot.config.enabled || rows == 0 || (!wants_grads && !dx.data)) continue;
+      if (!slot.config.enabled || (!wants_grads && !dx.data)) continue;
+      if (rows == 0) {  // no rows: zero gradients, written only when overwriting
+        if (wants_grads && grads == WriteMode::overwrite) zero_grads(slot, stream);
+        continue;
+      }
       LoraBackwardArgs args{shape(rows),
                             factors(slot),
                             x.data,
@@ -205,9 +219,14 @@ class GroupedLoRA {
                             slot.saved_h.data(),
                             dx.data,
                             wants_grads ? slot.grad_a.template as<float>() : nullptr,
-                            wants_grads ? slot.grad_b.template as<float>() : nullptr};
+                            wants_grads ? slot.grad_b.template as<float>() : nullptr,
+                            dx_mode,
+                            grads};
       backend_type::lora_backward(args, workspace_, stream);
+      if (dx.data) dx_mode = WriteMode::accumulate;
     }
+    if constexpr (AccumulatingGroupedLinearBase<Base>)
+      if (lora_first) base_.backward_input(dy, segments, dx, stream, WriteMode::accumulate);
   }
 
   /// The backend's scratch state (the CUDA backend records there whether device counts were valid).
@@ -225,6 +244,20 @@ class GroupedLoRA {
     Buffer<backend_type> saved_h;         // [T, r] factor dtype
     bool h_saved = false;                 // whether the last forward wrote saved_h
   };
+
+  /// Whether this call's adapters write y (or dx) first and the base then adds into it: the base
+  /// can accumulate and some enabled adapter has rows to write.
+  [[nodiscard]] bool lora_writes_first(std::int64_t rows) const {
+    if constexpr (AccumulatingGroupedLinearBase<Base>)
+      return rows > 0 && std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.config.enabled; });
+    else
+      return false;
+  }
+
+  static void zero_grads(Slot& slot, stream_type stream) {
+    if (slot.grad_a.data()) backend_type::fill_zero(slot.grad_a.data(), slot.grad_a.bytes(), stream);
+    if (slot.grad_b.data()) backend_type::fill_zero(slot.grad_b.data(), slot.grad_b.bytes(), stream);
+  }
 
   [[nodiscard]] ConfigConstraints constraints() const {
     using P = policies;

@@ -11,6 +11,7 @@
 #include "moelora/core/error.hpp"
 #include "moelora/core/tensor.hpp"
 #include "moelora/core/warnings.hpp"
+#include "moelora/core/write_mode.hpp"
 #include "moelora/grouped_lora.hpp"
 #include "moelora/host/backend.hpp"
 #include "moelora/host/linalg.hpp"

@@ -5,6 +5,7 @@
 
 #include <doctest/doctest.h>
 
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -57,21 +58,30 @@ struct Problem {
   }
 
   /// Runs backward with `dy` (after a forward); returns dx, from a NaN-poisoned buffer.
-  HostTensor backward(const HostTensor& dy) {
+  HostTensor backward(const HostTensor& dy, WriteMode grads = WriteMode::accumulate) {
     auto dy_dev = h.upload(dy);
     auto dx = h.poisoned(io, {rows, in});
-    layer->backward(x_dev.ref(), device_counts(), dy_dev.ref(), dx.ref(), h.stream());
+    layer->backward(x_dev.ref(), device_counts(), dy_dev.ref(), dx.ref(), h.stream(), grads);
     return h.download(dx.ref());
   }
 
-  /// Runs backward with `dy` on gradients that were zero and checks dx and the gradients of
-  /// `adapter` (the first of `adapters`) against the fp64 reference; returns the reference gradients.
+  /// Fills the gradients of `adapter` with NaN, so that an element a backward does not write shows.
+  void poison_grads(const std::string& adapter) {
+    const AdapterView v = layer->adapter(adapter);
+    for (const TensorRef& g : {v.grad_a, v.grad_b})
+      h.write(g, HostTensor(DType::fp32, g.shape, std::numeric_limits<float>::quiet_NaN()));
+  }
+
+  /// Runs backward with `dy` and checks dx and the gradients of `adapter` (the first of `adapters`)
+  /// against the fp64 reference: accumulating onto gradients that were zero, or overwriting
+  /// NaN-poisoned ones. Returns the reference gradients.
   Reference::Grads check_backward(const Reference& ref, const std::vector<RefAdapter>& adapters, const HostTensor& dy,
-                                  const std::string& adapter, double tol) {
+                                  const std::string& adapter, double tol, WriteMode grads = WriteMode::accumulate) {
     std::vector<double> dx_ref;
     std::vector<Reference::Grads> grads_ref;
     ref.backward(x, dy, adapters, dx_ref, grads_ref);
-    CHECK(relative_error(backward(dy).values, dx_ref) < tol);
+    if (grads == WriteMode::overwrite) poison_grads(adapter);
+    CHECK(relative_error(backward(dy, grads).values, dx_ref) < tol);
     const AdapterView v = layer->adapter(adapter);
     CHECK(relative_error(h.download(v.grad_a).values, grads_ref[0].a) < tol);
     CHECK(relative_error(h.download(v.grad_b).values, grads_ref[0].b) < tol);
@@ -200,6 +210,93 @@ TEST_CASE_TEMPLATE_DEFINE("forward and backward match the fp64 reference", H, ag
   }
 }
 
+TEST_CASE_TEMPLATE_DEFINE("WriteMode::overwrite: fresh gradients over poison, several adapters, empty experts", H,
+                          overwrite_grads) {
+  for (const Case& c : {kFastCase, kOddCase}) {
+    for (Spread spread : {Spread::uniform, Spread::skewed, Spread::one_expert}) {
+      Problem<H> p(c.experts, c.in, c.out, c.rows, DType::bf16, spread);
+      INFO("seed " << p.rng.seed << " in " << c.in << " spread " << static_cast<int>(spread));
+      auto [a1, b1] = p.add_random("one", adapter_config(c.rank, 0.5));
+      auto [a2, b2] = p.add_random("two", adapter_config(c.rank, 2.0));
+      const Reference ref = p.reference();
+      const std::vector<RefAdapter> adapters{{&a1, &b1, 0.5f}, {&a2, &b2, 2.0f}};
+      const double tol = tolerance(DType::bf16);
+      CHECK(relative_error(p.forward().values, ref.forward(p.x, adapters)) < tol);
+      const HostTensor dy = random_tensor(p.rng, DType::bf16, {c.rows, c.out});
+      std::vector<double> dx_ref;
+      std::vector<Reference::Grads> grads_ref;
+      ref.backward(p.x, dy, adapters, dx_ref, grads_ref);
+      const auto check_grads = [&](double factor) {
+        for (std::size_t i = 0; i < adapters.size(); ++i) {
+          const AdapterView v = p.layer->adapter(i == 0 ? "one" : "two");
+          std::vector<double> a = grads_ref[i].a, b = grads_ref[i].b;
+          for (double& g : a) g *= factor;
+          for (double& g : b) g *= factor;
+          CHECK(relative_error(p.h.download(v.grad_a).values, a) < tol);
+          CHECK(relative_error(p.h.download(v.grad_b).values, b) < tol);
+        }
+      };
+      p.poison_grads("one");
+      p.poison_grads("two");
+      CHECK(relative_error(p.backward(dy, WriteMode::overwrite).values, dx_ref) < tol);
+      check_grads(1.0);
+      p.backward(dy, WriteMode::overwrite);  // over the previous gradients: replaced, not doubled
+      check_grads(1.0);
+      p.backward(dy);  // then accumulation adds
+      check_grads(2.0);
+    }
+  }
+}
+
+/// Hides the WriteMode overloads of `Base`: a plain GroupedLinearBase, which writes y and dx before
+/// the adapters add into them.
+template <class Base>
+struct OverwritingBase {
+  using backend_type = typename Base::backend_type;
+  using stream_type = typename backend_type::stream_type;
+  Base base;
+  [[nodiscard]] std::int64_t num_experts() const { return base.num_experts(); }
+  [[nodiscard]] std::int64_t in_features() const { return base.in_features(); }
+  [[nodiscard]] std::int64_t out_features() const { return base.out_features(); }
+  [[nodiscard]] DType dtype() const { return base.dtype(); }
+  void forward(ConstTensorRef x, const ExpertSegments& s, TensorRef y, stream_type stream) {
+    base.forward(x, s, y, stream);
+  }
+  void backward_input(ConstTensorRef dy, const ExpertSegments& s, TensorRef dx, stream_type stream) {
+    base.backward_input(dy, s, dx, stream);
+  }
+};
+
+TEST_CASE_TEMPLATE_DEFINE("a base that cannot accumulate: it writes first, the adapters add", H, overwriting_base) {
+  static_assert(AccumulatingGroupedLinearBase<typename H::Base>);
+  static_assert(!AccumulatingGroupedLinearBase<OverwritingBase<typename H::Base>>);
+  Problem<H> p(kFastCase.experts, kFastCase.in, kFastCase.out, kFastCase.rows, DType::bf16);
+  GroupedLoRA<OverwritingBase<typename H::Base>> layer(OverwritingBase<typename H::Base>{p.h.make_base(p.w)});
+  layer.add_adapter("ad", adapter_config(kFastCase.rank, 0.5), p.h.stream());
+  const AdapterView v = layer.adapter("ad");
+  const HostTensor a = random_tensor(p.rng, v.a.dtype, v.a.shape, 0.5f), b = random_tensor(p.rng, v.b.dtype, v.b.shape, 0.5f);
+  p.h.write(v.a, a);
+  p.h.write(v.b, b);
+  const Reference ref = p.reference();
+  const std::vector<RefAdapter> adapters{{&a, &b, 0.5f}};
+  const double tol = tolerance(DType::bf16);
+
+  auto y = p.h.poisoned(DType::bf16, {p.rows, p.out});
+  layer.forward(p.x_dev.ref(), p.device_counts(), y.ref(), p.h.stream());
+  CHECK(relative_error(p.h.download(y.ref()).values, ref.forward(p.x, adapters)) < tol);
+
+  const HostTensor dy = random_tensor(p.rng, DType::bf16, {p.rows, p.out});
+  std::vector<double> dx_ref;
+  std::vector<Reference::Grads> grads_ref;
+  ref.backward(p.x, dy, adapters, dx_ref, grads_ref);
+  auto dy_dev = p.h.upload(dy);
+  auto dx = p.h.poisoned(DType::bf16, {p.rows, p.in});
+  layer.backward(p.x_dev.ref(), p.device_counts(), dy_dev.ref(), dx.ref(), p.h.stream(), WriteMode::overwrite);
+  CHECK(relative_error(p.h.download(dx.ref()).values, dx_ref) < tol);
+  CHECK(relative_error(p.h.download(v.grad_a).values, grads_ref[0].a) < tol);
+  CHECK(relative_error(p.h.download(v.grad_b).values, grads_ref[0].b) < tol);
+}
+
 TEST_CASE_TEMPLATE_DEFINE("edge cases: T = 0, empty experts, every row on one expert", H, edge_cases) {
   SUBCASE("T = 0") {
     Problem<H> p(4, 32, 16, 0, DType::bf16);
@@ -207,6 +304,10 @@ TEST_CASE_TEMPLATE_DEFINE("edge cases: T = 0, empty experts, every row on one ex
     CHECK(p.forward().size() == 0);
     CHECK(p.backward(HostTensor(DType::bf16, {0, 16})).size() == 0);
     for (float g : p.h.download(p.layer->adapter("ad").grad_a).values) REQUIRE(g == 0.0f);
+    p.poison_grads("ad");  // overwriting with no rows writes zero gradients
+    p.backward(HostTensor(DType::bf16, {0, 16}), WriteMode::overwrite);
+    for (float g : p.h.download(p.layer->adapter("ad").grad_a).values) REQUIRE(g == 0.0f);
+    for (float g : p.h.download(p.layer->adapter("ad").grad_b).values) REQUIRE(g == 0.0f);
   }
   SUBCASE("empty experts and one full expert") {
     for (Spread spread : {Spread::one_expert, Spread::skewed}) {
@@ -390,6 +491,8 @@ TEST_CASE_TEMPLATE_DEFINE("AdamW trains the adapters towards a teacher", H, trai
   TEST_CASE_TEMPLATE_INVOKE(factor_shapes, H);                       \
   TEST_CASE_TEMPLATE_INVOKE(kaiming, H);                             \
   TEST_CASE_TEMPLATE_INVOKE(against_reference, H);                   \
+  TEST_CASE_TEMPLATE_INVOKE(overwrite_grads, H);                     \
+  TEST_CASE_TEMPLATE_INVOKE(overwriting_base, H);                    \
   TEST_CASE_TEMPLATE_INVOKE(edge_cases, H);                          \
   TEST_CASE_TEMPLATE_INVOKE(adapters, H);                            \
   TEST_CASE_TEMPLATE_INVOKE(identity, H);                            \

@@ -4,8 +4,8 @@
 ///
 /// A base computes, for each expert e of `[first_expert, last_expert)` with rows
 /// `[offsets[e], offsets[e+1])`: forward `out_t = W_e in_t` (in `[T, in]`, out `[T, out]`) or
-/// backward_input `out_t = W_eᵀ in_t` (in `[T, out]`, out `[T, in]`), overwriting out; fp32
-/// accumulation, out rounded once to `dtype`. The weights of the range may live in a scratch (a
+/// backward_input `out_t = W_eᵀ in_t` (in `[T, out]`, out `[T, in]`), overwriting out or adding
+/// into it (`mode`); fp32 accumulation, out rounded once to `dtype`. The weights of the range may live in a scratch (a
 /// dequantized chunk), so they are passed per call.
 #pragma once
 
@@ -14,6 +14,7 @@
 
 #include "moelora/core/dtype.hpp"
 #include "moelora/core/segments.hpp"
+#include "moelora/core/write_mode.hpp"
 #include "moelora/host/backend.hpp"
 #include "moelora/host/convert.hpp"
 #include "moelora/host/gemm.hpp"
@@ -37,11 +38,14 @@ struct GroupedGemmArgs {
   const std::int64_t* offsets = nullptr;  ///< `[E+1]` row offsets in host memory
   const void* in = nullptr;             ///< all T rows (the range's rows are read)
   void* out = nullptr;                  ///< all T rows (the range's rows are written)
+  WriteMode mode = WriteMode::overwrite;  ///< accumulate: out_t += product (β = 1)
 
   /// Features of an input row and of an output row.
   [[nodiscard]] std::int64_t k() const { return direction == GemmDirection::forward ? in_features : out_features; }
   [[nodiscard]] std::int64_t m() const { return direction == GemmDirection::forward ? out_features : in_features; }
   [[nodiscard]] std::int64_t rows(std::int64_t e) const { return offsets[e + 1] - offsets[e]; }
+  /// β of the GEMM: 1 when adding into out, else 0.
+  [[nodiscard]] float beta() const { return mode == WriteMode::accumulate ? 1.0f : 0.0f; }
 };
 
 template <class Backend>
@@ -67,10 +71,12 @@ class GroupedGemm<HostBackend> {
       host::load_as_float(host::element(g.weights, g.dtype, (e - g.first_expert) * w_elems), g.dtype, w_.size(),
                           w_.data(), DType::fp32);
       host::load_as_float(host::element(g.in, g.dtype, g.offsets[e] * k), g.dtype, a_.size(), a_.data(), DType::fp32);
-      // c [n, m] = a [n, k] · op(W_e), W_e `[out, in]`: transposed for forward.
+      void* out = host::element(g.out, g.dtype, g.offsets[e] * m);
+      if (g.mode == WriteMode::accumulate) host::load_as_float(out, g.dtype, c_.size(), c_.data(), DType::fp32);
+      // c [n, m] (+)= a [n, k] · op(W_e), W_e `[out, in]`: transposed for forward.
       host::gemm(host::Op::n, g.direction == GemmDirection::forward ? host::Op::t : host::Op::n, n, m, k, 1.0f,
-                 a_.data(), w_.data(), 0.0f, c_.data());
-      host::store_from_float(c_.data(), c_.size(), host::element(g.out, g.dtype, g.offsets[e] * m), g.dtype);
+                 a_.data(), w_.data(), g.beta(), c_.data());
+      host::store_from_float(c_.data(), c_.size(), out, g.dtype);
     }
   }
 

@@ -1,8 +1,9 @@
 /// \file
 /// \brief GroupedLinear<Backend>: the reference frozen grouped base, W `[E, out, in]` per expert.
 ///
-/// `forward`: `y_t = W_e x_t`; `backward_input`: `dx_t = W_eᵀ dy_t` (overwriting); fp32
-/// accumulation, outputs rounded once to the weight dtype (bf16, fp16 or fp32). The GEMMs are the
+/// `forward`: `y_t = W_e x_t`; `backward_input`: `dx_t = W_eᵀ dy_t` (overwriting, or adding with
+/// `WriteMode::accumulate`: an AccumulatingGroupedLinearBase); fp32 accumulation, outputs rounded
+/// once to the weight dtype (bf16, fp16 or fp32). The GEMMs are the
 /// backend's GroupedGemm: OpenBLAS on the host, cuBLAS on the GPU (`cuda/grouped_linear.hpp`).
 #pragma once
 
@@ -78,16 +79,18 @@ class GroupedLinear : public GroupedWeights<Backend> {
     return gemm_.strategy();
   }
 
-  void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream) {
-    gemm_.run(gemm_args(GemmDirection::forward, x, segments, y, stream), stream);
+  void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
+               WriteMode mode = WriteMode::overwrite) {
+    gemm_.run(gemm_args(GemmDirection::forward, x, segments, y, mode, stream), stream);
   }
-  void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream) {
-    gemm_.run(gemm_args(GemmDirection::backward_input, dy, segments, dx, stream), stream);
+  void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream,
+                      WriteMode mode = WriteMode::overwrite) {
+    gemm_.run(gemm_args(GemmDirection::backward_input, dy, segments, dx, mode, stream), stream);
   }
 
  private:
   GroupedGemmArgs gemm_args(GemmDirection direction, ConstTensorRef in, const ExpertSegments& segments, TensorRef out,
-                            stream_type stream) {
+                            WriteMode mode, stream_type stream) {
     return {direction,
             this->weight().data,
             0,
@@ -97,7 +100,8 @@ class GroupedLinear : public GroupedWeights<Backend> {
             this->dtype(),
             gemm_.host_offsets(segments, stream),
             in.data,
-            out.data};
+            out.data,
+            mode};
   }
 
   GroupedGemm<Backend> gemm_;

@@ -12,7 +12,8 @@
 /// - with an input quantizer, a `[T, in]` scratch for Q(x).
 ///
 /// Forward `y_t = Q(W)_e · Qin(x_t)`; backward_input `dx_t = Q(W)_eᵀ dy_t` (the input quantizer is
-/// passed straight through). The LoRA branch of GroupedLoRA sees the raw x and its own factors.
+/// passed straight through); each overwrites its output or adds into it (`WriteMode`). The LoRA
+/// branch of GroupedLoRA sees the raw x and its own factors.
 #pragma once
 
 #include <algorithm>
@@ -152,18 +153,20 @@ class QuantizedGroupedLinear {
   /// Caps the dequantization scratch (at least one expert is always dequantized at a time).
   void set_dequant_budget(std::size_t bytes) { dequant_budget_ = bytes; }
 
-  void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream) {
+  void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
+               WriteMode mode = WriteMode::overwrite) {
     if (input_quantizer_ && segments.rows > 0) {
       const Shape rows{1, segments.rows, in_};
       quantized_x_.reserve(rows.numel() * dtype_size(dtype_));
       input_quantizer_->fake_quantize({x.data, dtype_, rows}, {quantized_x_.data(), dtype_, rows}, stream);
       x.data = quantized_x_.data();
     }
-    run(GemmDirection::forward, x, segments, y, stream);
+    run(GemmDirection::forward, x, segments, y, mode, stream);
   }
 
-  void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream) {
-    run(GemmDirection::backward_input, dy, segments, dx, stream);
+  void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream,
+                      WriteMode mode = WriteMode::overwrite) {
+    run(GemmDirection::backward_input, dy, segments, dx, mode, stream);
   }
 
  private:
@@ -176,11 +179,11 @@ class QuantizedGroupedLinear {
     else return GroupedGemm<Backend>(linalg.blas(), in, out);
   }
 
-  void run(GemmDirection direction, ConstTensorRef in, const ExpertSegments& segments, TensorRef out,
+  void run(GemmDirection direction, ConstTensorRef in, const ExpertSegments& segments, TensorRef out, WriteMode mode,
            stream_type stream) {
     require_weights();
     const std::int64_t* offsets = gemm_.host_offsets(segments, stream);
-    GroupedGemmArgs args{direction, source_.data(), 0, experts_, out_, in_, dtype_, offsets, in.data, out.data};
+    GroupedGemmArgs args{direction, source_.data(), 0, experts_, out_, in_, dtype_, offsets, in.data, out.data, mode};
     if (!weight_quantizer_) return gemm_.run(args, stream);
     const std::size_t expert_bytes = static_cast<std::size_t>(out_ * in_) * dtype_size(dtype_);
     const auto chunk = std::clamp<std::int64_t>(static_cast<std::int64_t>(dequant_budget_ / expert_bytes), 1, experts_);

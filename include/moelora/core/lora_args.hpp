@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "moelora/core/dtype.hpp"
+#include "moelora/core/write_mode.hpp"
 
 namespace moelora {
 
@@ -30,27 +31,32 @@ struct FactorsRef {
   float scale = 1.0f;
 };
 
-/// `h_t = round(A_e x_t)`, `y_t += scale · B_e h_t`. Numerics: x is rounded to the factor dtype,
-/// products accumulate in fp32, h is rounded to the factor dtype, y is rounded to its own dtype once.
+/// `h_t = round(A_e x_t)`, `y_t += scale · B_e h_t` (or `=`, by `y_mode`). Numerics: x is rounded
+/// to the factor dtype, products accumulate in fp32, h is rounded to the factor dtype, y is rounded
+/// to its own dtype once.
 struct LoraForwardArgs {
   LoraShape shape;
   FactorsRef factors;
   const void* x = nullptr;  ///< `[T, in]`
-  void* y = nullptr;        ///< `[T, out]`, accumulated into
+  void* y = nullptr;        ///< `[T, out]`
   void* h = nullptr;        ///< `[T, r]`, written; saved for the backward pass
+  WriteMode y_mode = WriteMode::accumulate;
 };
 
 /// `u_t = round(scale · B_eᵀ dy_t)`, `dB_e += scale · Σ dy_t h_tᵀ`, `dA_e += Σ u_t x_tᵀ`,
-/// `dx_t += A_eᵀ u_t`. dy and x are rounded to the factor dtype first; sums accumulate in fp32.
+/// `dx_t += A_eᵀ u_t`, each `+=` or `=` by its mode. dy and x are rounded to the factor dtype first;
+/// sums accumulate in fp32.
 struct LoraBackwardArgs {
   LoraShape shape;
   FactorsRef factors;
   const void* x = nullptr;      ///< `[T, in]`
   const void* dy = nullptr;     ///< `[T, out]`
   const void* h = nullptr;      ///< `[T, r]`, as the forward saved it
-  void* dx = nullptr;           ///< `[T, in]`, accumulated into; null: no input gradient
-  float* grad_a = nullptr;      ///< `[E, r, in]` fp32, accumulated into; null: A frozen
-  float* grad_b = nullptr;      ///< `[E, out, r]` fp32, accumulated into; null: B frozen
+  void* dx = nullptr;           ///< `[T, in]`; null: no input gradient
+  float* grad_a = nullptr;      ///< `[E, r, in]` fp32; null: A frozen
+  float* grad_b = nullptr;      ///< `[E, out, r]` fp32; null: B frozen
+  WriteMode dx_mode = WriteMode::accumulate;
+  WriteMode grad_mode = WriteMode::accumulate;  ///< of both gradients
 };
 
 /// Kaiming-uniform A (bound √(6/in), counter-based RNG keyed by seed) and zero B.

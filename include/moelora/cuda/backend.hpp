@@ -252,12 +252,14 @@ struct CudaBackend {
         cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, expand_grid, kExpandThreads, expand_smem_bytes<kNFrag, IoT>(),
                             stream,
                             ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
-                                         static_cast<std::int32_t>(f.rank), f.scale});
+                                         static_cast<std::int32_t>(f.rank), f.scale,
+                                         args.y_mode == WriteMode::accumulate});
       });
       return;
     }
     GenericParams p = generic_params(s, f, workspace);
     p.x = args.x, p.h = args.h, p.y = args.y;
+    p.add_y = args.y_mode == WriteMode::accumulate;
     cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
       using IoT = device_t<io.value>;
       using FT = device_t<ft.value>;
@@ -273,6 +275,7 @@ struct CudaBackend {
     const LoraShape& s = args.shape;
     const FactorsRef& f = args.factors;
     const bool needs_u = args.grad_a || args.dx;
+    const bool add_grads = args.grad_mode == WriteMode::accumulate, add_dx = args.dx_mode == WriteMode::accumulate;
     // The fp32 scratch holds u [T, r] (the generic path; the tensor-core path keeps the rounded u
     // at its start) and, behind it, the fp32 sums of a projection computed in slices.
     float* u = needs_u ? workspace.scratch(2 * s.rows * f.rank) : nullptr;
@@ -285,6 +288,12 @@ struct CudaBackend {
         using FT = typename decltype(ft)::type;
         constexpr int kNFrag = decltype(nfrag)::value;
         FT* u_rounded = reinterpret_cast<FT*>(u);  // round(scale · B_eᵀ dy) [T, r], at the scratch's start
+        if (!add_grads && (args.grad_a || args.grad_b)) {
+          const std::int64_t slice_a = f.rank * s.in, slice_b = s.out * f.rank;
+          const auto chunks = static_cast<unsigned>((std::max(slice_a, slice_b) + 1023) / 1024);
+          cuda_detail::launch(zero_unowned_grads_kernel<kGroupRows>, dim3(chunks, static_cast<unsigned>(s.experts)),
+                              256, 0, stream, args.grad_a, slice_a, args.grad_b, slice_b, workspace.segments().offsets);
+        }
         if (needs_u)
           project<IoT, FT, kNFrag, true>(args.dy, f.b, u_rounded, s.out, f.rank, f.scale, s.out, workspace, stream,
                                          u + s.rows * f.rank);
@@ -293,19 +302,20 @@ struct CudaBackend {
           cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
                               GradBLayout<kNFrag>{}.bytes, stream,
                               GradBParams{args.dy, args.h, args.grad_b, workspace.row_groups(), s.out,
-                                          static_cast<std::int32_t>(f.rank), f.scale});
+                                          static_cast<std::int32_t>(f.rank), f.scale, add_grads});
         }
         if (!needs_u) return;
         const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
         cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(in_slices, groups), kBackwardThreads,
                             BackwardXLayout<kNFrag, IoT>{}.bytes, stream,
                             BackwardXParams{args.x, f.a, u_rounded, args.dx, args.grad_a, workspace.row_groups(),
-                                            s.in, static_cast<std::int32_t>(f.rank)});
+                                            s.in, static_cast<std::int32_t>(f.rank), add_dx, add_grads});
       });
       return;
     }
     GenericParams p = generic_params(s, f, workspace);
     p.x = args.x, p.dy = args.dy, p.u = u, p.dx = args.dx, p.grad_a = args.grad_a, p.grad_b = args.grad_b;
+    p.add_dx = add_dx, p.add_grads = add_grads;
     p.h = const_cast<void*>(args.h);  // read only in the backward kernels
     cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
       using IoT = device_t<io.value>;

@@ -5,6 +5,7 @@
 /// Streams are a tag: every operation completes before it returns.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdlib>
@@ -77,6 +78,7 @@ struct HostBackend {
     const FactorsRef& f = args.factors;
     const std::int64_t r = f.rank;
     std::vector<float> a, b, x, h, delta;
+    const float y_beta = args.y_mode == WriteMode::accumulate ? 1.0f : 0.0f;
     for (std::int64_t e = 0; e < s.experts; ++e) {
       const auto [row0, n] = expert_rows(workspace.segments(), e);
       if (n == 0) continue;
@@ -87,8 +89,9 @@ struct HostBackend {
       round_in_place(h, f.dtype);
       host::store_from_float(h.data(), h.size(), host::element(args.h, f.dtype, row0 * r), f.dtype);
       void* y = host::element(args.y, s.io_dtype, row0 * s.out);
-      load(y, s.io_dtype, n * s.out, DType::fp32, delta);
-      host::gemm(host::Op::n, host::Op::t, n, s.out, r, f.scale, h.data(), b.data(), 1.0f, delta.data());
+      delta.assign(static_cast<std::size_t>(n * s.out), 0.0f);
+      if (y_beta != 0.0f) load(y, s.io_dtype, n * s.out, DType::fp32, delta);
+      host::gemm(host::Op::n, host::Op::t, n, s.out, r, f.scale, h.data(), b.data(), y_beta, delta.data());
       host::store_from_float(delta.data(), delta.size(), y, s.io_dtype);
     }
   }
@@ -98,9 +101,15 @@ struct HostBackend {
     const FactorsRef& f = args.factors;
     const std::int64_t r = f.rank;
     std::vector<float> a, b, x, dy, h, u, dx;
+    const float grad_beta = args.grad_mode == WriteMode::accumulate ? 1.0f : 0.0f;
+    const float dx_beta = args.dx_mode == WriteMode::accumulate ? 1.0f : 0.0f;
     for (std::int64_t e = 0; e < s.experts; ++e) {
       const auto [row0, n] = expert_rows(workspace.segments(), e);
-      if (n == 0) continue;
+      if (n == 0) {  // no rows: the gradients are zero, written as such when overwriting
+        if (grad_beta == 0.0f && args.grad_a) std::fill_n(args.grad_a + e * r * s.in, r * s.in, 0.0f);
+        if (grad_beta == 0.0f && args.grad_b) std::fill_n(args.grad_b + e * s.out * r, s.out * r, 0.0f);
+        continue;
+      }
       load_factors(f, s, e, a, b);
       load(host::element(args.dy, s.io_dtype, row0 * s.out), s.io_dtype, n * s.out, f.dtype, dy);
       u.resize(static_cast<std::size_t>(n * r));
@@ -108,16 +117,18 @@ struct HostBackend {
       round_in_place(u, f.dtype);
       if (args.grad_b) {
         load(host::element(args.h, f.dtype, row0 * r), f.dtype, n * r, f.dtype, h);
-        host::gemm(host::Op::t, host::Op::n, s.out, r, n, f.scale, dy.data(), h.data(), 1.0f,
+        host::gemm(host::Op::t, host::Op::n, s.out, r, n, f.scale, dy.data(), h.data(), grad_beta,
                    args.grad_b + e * s.out * r);
       }
       if (args.grad_a || args.dx) load(host::element(args.x, s.io_dtype, row0 * s.in), s.io_dtype, n * s.in, f.dtype, x);
       if (args.grad_a)
-        host::gemm(host::Op::t, host::Op::n, r, s.in, n, 1.0f, u.data(), x.data(), 1.0f, args.grad_a + e * r * s.in);
+        host::gemm(host::Op::t, host::Op::n, r, s.in, n, 1.0f, u.data(), x.data(), grad_beta,
+                   args.grad_a + e * r * s.in);
       if (args.dx) {
         void* dx_rows = host::element(args.dx, s.io_dtype, row0 * s.in);
-        load(dx_rows, s.io_dtype, n * s.in, DType::fp32, dx);
-        host::gemm(host::Op::n, host::Op::n, n, s.in, r, 1.0f, u.data(), a.data(), 1.0f, dx.data());
+        dx.assign(static_cast<std::size_t>(n * s.in), 0.0f);
+        if (dx_beta != 0.0f) load(dx_rows, s.io_dtype, n * s.in, DType::fp32, dx);
+        host::gemm(host::Op::n, host::Op::n, n, s.in, r, 1.0f, u.data(), a.data(), dx_beta, dx.data());
         host::store_from_float(dx.data(), dx.size(), dx_rows, s.io_dtype);
       }
     }

@@ -5,8 +5,10 @@
 ///   dB pass: `dB_e += scale · Σ dy_t h_tᵀ`;
 ///   x pass:  `dx_t += A_eᵀ u_t` and `dA_e += Σ u_t x_tᵀ`.
 /// A block keeps its factor-gradient slice in registers while it streams the group's rows through
-/// a cp.async ring, then adds it to global memory once: a plain read-modify-write when the group is
-/// its expert's only one, fp32 vector atomics otherwise.
+/// a cp.async ring, then adds it to global memory once: a plain read-modify-write (or a store, when
+/// overwriting) when the group is its expert's only one, fp32 vector atomics otherwise. When
+/// overwriting, `zero_unowned_grads_kernel` first zeroes the slices of experts that have no rows or
+/// several groups.
 #pragma once
 
 #include "moelora/kernels/lora_forward.cuh"
@@ -28,30 +30,55 @@ struct SmemLayout {
   }
 };
 
-/// Adds the `[Rows, Cols]` fp32 tile `src` (row stride `src_ld`) times `scale` into the row-major
-/// global matrix `dst` (row stride `ld`), rows < `rows`, columns < `cols` (multiples of 4): with
-/// vector atomics when other blocks add to the same elements (`shared`), else read-modify-write.
+/// How a block's gradient slice reaches global memory.
+enum class TileUpdate {
+  store,       ///< dst = src: the block owns the elements and overwrites them
+  add,         ///< dst += src: the block owns the elements
+  atomic_add,  ///< dst += src with vector atomics: other blocks add to the same elements
+};
+
+/// The update of a group's gradient slice: atomic when other row groups share the group's expert,
+/// else a store when overwriting and an add when accumulating.
+__device__ __forceinline__ TileUpdate gradient_update(const TileSchedule& s, const RowTile& group, bool add_grads) {
+  if (s.offsets[group.expert + 1] - s.offsets[group.expert] != group.rows) return TileUpdate::atomic_add;
+  return add_grads ? TileUpdate::add : TileUpdate::store;
+}
+
+/// Writes the `[Rows, Cols]` fp32 tile `src` (row stride `src_ld`) times `scale` into the row-major
+/// global matrix `dst` (row stride `ld`), rows < `rows`, columns < `cols` (multiples of 4).
 template <int Rows, int Cols, int Threads>
-__device__ __forceinline__ void add_tile(float* dst, std::int64_t ld, const float* src, int src_ld, int rows, int cols,
-                                         float scale, bool shared) {
+__device__ __forceinline__ void update_tile(float* dst, std::int64_t ld, const float* src, int src_ld, int rows,
+                                            int cols, float scale, TileUpdate update) {
   for (int i = static_cast<int>(threadIdx.x); i < Rows * Cols / 4; i += Threads) {
     const int r = i / (Cols / 4), c = (i % (Cols / 4)) * 4;
     if (r >= rows || c >= cols) continue;
     const float* s = src + r * src_ld + c;
     const float4 v = make_float4(scale * s[0], scale * s[1], scale * s[2], scale * s[3]);
     float4* to = reinterpret_cast<float4*>(dst + r * ld + c);
-    if (shared) {
+    if (update == TileUpdate::atomic_add) {
       atomicAdd(to, v);
-    } else {
+    } else if (update == TileUpdate::add) {
       const float4 old = *to;
       *to = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
+    } else {
+      *to = v;
     }
   }
 }
 
-/// Whether other row groups share the group's expert (so its gradient slice needs atomics).
-__device__ __forceinline__ bool expert_is_shared(const TileSchedule& s, const RowTile& group) {
-  return s.offsets[group.expert + 1] - s.offsets[group.expert] != group.rows;
+/// Before overwriting gradients: zeroes the gradient slices (`[E, slice_a]` and `[E, slice_b]`
+/// fp32, either pointer may be null) of the experts whose row groups will not store them: those
+/// with no rows and those with more than `GroupRows` rows (several groups, which add atomically).
+/// Grid (⌈max slice / 1024⌉, E), 256 threads of one float4 each; slices are multiples of 4 floats.
+template <int GroupRows>
+__global__ void zero_unowned_grads_kernel(float* grad_a, std::int64_t slice_a, float* grad_b, std::int64_t slice_b,
+                                          const std::int64_t* offsets) {
+  const std::int64_t e = blockIdx.y, count = offsets[e + 1] - offsets[e];
+  if (count > 0 && count <= GroupRows) return;
+  const std::int64_t i = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  if (grad_a && i < slice_a) *reinterpret_cast<float4*>(grad_a + e * slice_a + i) = zero;
+  if (grad_b && i < slice_b) *reinterpret_cast<float4*>(grad_b + e * slice_b + i) = zero;
 }
 
 // ---- dB ------------------------------------------------------------------------------------------
@@ -64,6 +91,7 @@ struct GradBParams {
   std::int64_t out;
   std::int32_t rank;
   float scale;
+  bool add_grads;  // dB += (else dB =)
 };
 
 inline constexpr int kGradBCols = 128;  ///< dB rows (out columns) of one dB block
@@ -136,9 +164,9 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
 #pragma unroll
   for (int j = 0; j < 2 * NFrag; ++j) store_acc(stage_out, kOutLd, warp * 16, j * 8, acc[j]);
   __syncthreads();
-  add_tile<kGradBCols, kN, kGradBThreads>(p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank,
-                                      p.rank, stage_out, kOutLd, n_valid, p.rank, p.scale,
-                                      expert_is_shared(p.groups, group));
+  update_tile<kGradBCols, kN, kGradBThreads>(
+      p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank, stage_out, kOutLd, n_valid,
+      p.rank, p.scale, gradient_update(p.groups, group, p.add_grads));
 }
 
 // ---- dx and dA -----------------------------------------------------------------------------------
@@ -152,6 +180,8 @@ struct BackwardXParams {
   TileSchedule groups;
   std::int64_t in;
   std::int32_t rank;
+  bool add_dx;     // dx += (else dx =: the dx tile starts at zero, nothing is read)
+  bool add_grads;  // dA += (else dA =)
 };
 
 inline constexpr int kBackwardThreads = 2 * kWarps * 32;  ///< warps 0–3: dx; warps 4–7: dA
@@ -214,7 +244,9 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
     const std::int64_t row0 = static_cast<std::int64_t>(t) * kSubTile;
     if (p.grad_a) load_tile<kSubTile, kChunk, kBackwardThreads>(x_tile(t), kLdC, x + row0 * p.in, p.in, rows, k_valid);
     load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t), kLdN, u + row0 * p.rank, p.rank, rows, p.rank);
-    if (dx) load_tile<kSubTile, kChunk, kBackwardThreads>(dx_tile(t), kLdC, dx + row0 * p.in, p.in, rows, k_valid);
+    if (dx)
+      load_tile<kSubTile, kChunk, kBackwardThreads>(dx_tile(t), kLdC, dx + row0 * p.in, p.in, p.add_dx ? rows : 0,
+                                                    k_valid);
   };
   ring_fill<kXStages>(tiles, load);  // the A slice travels with the first group
 
@@ -287,9 +319,9 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
       for (int j = 0; j < 2; ++j) store_acc(da_stage, kStageLd, f * 16, (warp - kWarps) * 16 + j * 8, da[f][j]);
   }
   __syncthreads();
-  add_tile<kN, kChunk, kBackwardThreads>(p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0,
-                                         p.in, da_stage, kStageLd, p.rank, k_valid, 1.0f,
-                                         expert_is_shared(p.groups, group));
+  update_tile<kN, kChunk, kBackwardThreads>(p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0,
+                                            p.in, da_stage, kStageLd, p.rank, k_valid, 1.0f,
+                                            gradient_update(p.groups, group, p.add_grads));
 }
 
 }  // namespace moelora::kernels

@@ -148,6 +148,7 @@ struct ExpandParams {
   std::int64_t out;
   std::int32_t rank;
   float scale;
+  bool add_y;     // y += delta (else y = delta: the y tile starts at zero, nothing is read)
 };
 
 inline constexpr int kExpandCols = 128;  ///< output columns per expand block
@@ -170,8 +171,8 @@ struct alignas(2 * sizeof(T)) Pair {
   T v[2];
 };
 
-/// Grid (128-row tile slots, ceil(out / 128)); rank ≤ RankTile, a multiple of 8. The y tile, h and
-/// the B slice arrive by cp.async (no registers hold data in flight, so three blocks fit an SM);
+/// Grid (128-row tile slots, ceil(out / 128)); rank ≤ RankTile, a multiple of 8. The y tile (zeros
+/// when overwriting), h and the B slice arrive by cp.async (no registers hold data in flight, so three blocks fit an SM);
 /// warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, adds the products
 /// to its rows of the y tile in fp32, rounding once, and finally stores its rows with 16-byte
 /// vectors.
@@ -194,7 +195,8 @@ __global__ void __launch_bounds__(kExpandThreads, 3) lora_expand_kernel(ExpandPa
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   IoT* y = static_cast<IoT*>(p.y) + tile.row0 * p.out + n0;
 
-  load_tile<kExpandRows, kExpandCols, kExpandThreads>(ys, kLdY, static_cast<const IoT*>(y), p.out, tile.rows, n_valid);
+  load_tile<kExpandRows, kExpandCols, kExpandThreads>(ys, kLdY, static_cast<const IoT*>(y), p.out,
+                                                      p.add_y ? tile.rows : 0, n_valid);
   load_tile<kExpandRows, kN, kExpandThreads>(hs, kLd, static_cast<const FT*>(p.h) + tile.row0 * p.rank, p.rank,
                                              tile.rows, p.rank);
   load_tile<kExpandCols, kN, kExpandThreads>(

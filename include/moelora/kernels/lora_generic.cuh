@@ -47,6 +47,7 @@ struct GenericParams {
   void* dx;        // [T, in]
   float* grad_a;   // [E, r, in]
   float* grad_b;   // [E, out, r]
+  bool add_y, add_dx, add_grads;  // accumulate into y, dx, the gradients (else overwrite them)
 };
 
 /// h[t, j] = round(Σ_k x[t, k] A_e[j, k])
@@ -64,7 +65,7 @@ __global__ void generic_shrink_kernel(GenericParams p) {
   }
 }
 
-/// y[t, n] += scale · Σ_j h[t, j] B_e[n, j]
+/// y[t, n] (+)= scale · Σ_j h[t, j] B_e[n, j]
 template <class IoT, class FT>
 __global__ void generic_expand_kernel(GenericParams p) {
   MOELORA_GRID_STRIDE(i, p.rows * p.out) {
@@ -76,7 +77,7 @@ __global__ void generic_expand_kernel(GenericParams p) {
     float acc = 0.0f;
     for (std::int32_t j = 0; j < p.rank; ++j) acc += to_float(h[j]) * to_float(b[j]);
     IoT* y = static_cast<IoT*>(p.y) + i;
-    *y = from_float<IoT>(to_float(*y) + p.scale * acc);
+    *y = from_float<IoT>((p.add_y ? to_float(*y) : 0.0f) + p.scale * acc);
   }
 }
 
@@ -95,7 +96,7 @@ __global__ void generic_u_kernel(GenericParams p) {
   }
 }
 
-/// grad_b[e, n, j] += scale · Σ_{t ∈ e} dy[t, n] h[t, j]
+/// grad_b[e, n, j] (+)= scale · Σ_{t ∈ e} dy[t, n] h[t, j]
 template <class IoT, class FT>
 __global__ void generic_grad_b_kernel(GenericParams p) {
   MOELORA_GRID_STRIDE(i, p.experts * p.out * p.rank) {
@@ -103,11 +104,11 @@ __global__ void generic_grad_b_kernel(GenericParams p) {
     float acc = 0.0f;
     for (std::int64_t t = p.offsets[e]; t < p.offsets[e + 1]; ++t)
       acc += as_factor<FT>(static_cast<const IoT*>(p.dy)[t * p.out + n]) * to_float(static_cast<const FT*>(p.h)[t * p.rank + j]);
-    p.grad_b[i] += p.scale * acc;
+    p.grad_b[i] = (p.add_grads ? p.grad_b[i] : 0.0f) + p.scale * acc;
   }
 }
 
-/// grad_a[e, j, k] += Σ_{t ∈ e} round(scale · u[t, j]) x[t, k]
+/// grad_a[e, j, k] (+)= Σ_{t ∈ e} round(scale · u[t, j]) x[t, k]
 template <class IoT, class FT>
 __global__ void generic_grad_a_kernel(GenericParams p) {
   MOELORA_GRID_STRIDE(i, p.experts * p.rank * p.in) {
@@ -115,11 +116,11 @@ __global__ void generic_grad_a_kernel(GenericParams p) {
     float acc = 0.0f;
     for (std::int64_t t = p.offsets[e]; t < p.offsets[e + 1]; ++t)
       acc += as_factor<FT>(p.scale * p.u[t * p.rank + j]) * as_factor<FT>(static_cast<const IoT*>(p.x)[t * p.in + k]);
-    p.grad_a[i] += acc;
+    p.grad_a[i] = (p.add_grads ? p.grad_a[i] : 0.0f) + acc;
   }
 }
 
-/// dx[t, k] += Σ_j round(scale · u[t, j]) A_e[j, k]
+/// dx[t, k] (+)= Σ_j round(scale · u[t, j]) A_e[j, k]
 template <class IoT, class FT>
 __global__ void generic_dx_kernel(GenericParams p) {
   MOELORA_GRID_STRIDE(i, p.rows * p.in) {
@@ -130,7 +131,7 @@ __global__ void generic_dx_kernel(GenericParams p) {
     float acc = 0.0f;
     for (std::int32_t j = 0; j < p.rank; ++j) acc += as_factor<FT>(p.scale * p.u[t * p.rank + j]) * to_float(a[j * p.in]);
     IoT* dx = static_cast<IoT*>(p.dx) + i;
-    *dx = from_float<IoT>(to_float(*dx) + acc);
+    *dx = from_float<IoT>((p.add_dx ? to_float(*dx) : 0.0f) + acc);
   }
 }
 
