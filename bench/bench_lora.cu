@@ -1,7 +1,8 @@
 // The GPU benchmark of issue #2: for every shape of DESIGN.md §8, rank 16 and 64, uniform and Zipf
 // counts: base forward, the LoRA delta forward alone (device counts, in-place add) against its byte
-// floor, and the whole layer's forward + backward against the base's. Writes JSON for
-// bench/report.py, which joins it with bench/torch_anchors.py. Run: bench/run.sh
+// floor, the LoRA branch's forward + backward (fresh outputs, and accumulating into existing ones),
+// and the whole layer's forward + backward against the base's. Writes JSON for bench/report.py,
+// which joins it with bench/torch_anchors.py. Run: bench/run.sh
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -29,6 +30,19 @@ struct PrecomputedBase {
   void backward_input(ConstTensorRef, const ExpertSegments&, TensorRef, cudaStream_t) const {}
 };
 
+/// A base whose output is zero, modelling AccumulatingGroupedLinearBase: GroupedLoRA<ZeroBase>
+/// computes the LoRA branch alone into fresh outputs (y = delta, dx = its input gradient), the work
+/// of torch's `(grouped_mm(grouped_mm(x, Aᵀ), Bᵀ) * scale).backward(dy)`.
+struct ZeroBase : PrecomputedBase {
+  void forward(ConstTensorRef, const ExpertSegments&, TensorRef y, cudaStream_t stream, WriteMode mode) const {
+    if (mode == WriteMode::overwrite) CudaBackend::fill_zero(y.data, static_cast<std::size_t>(y.numel()) * 2, stream);
+  }
+  void backward_input(ConstTensorRef, const ExpertSegments&, TensorRef dx, cudaStream_t stream, WriteMode mode) const {
+    if (mode == WriteMode::overwrite) CudaBackend::fill_zero(dx.data, static_cast<std::size_t>(dx.numel()) * 2, stream);
+  }
+  using PrecomputedBase::backward_input, PrecomputedBase::forward;
+};
+
 }  // namespace moelora::bench
 
 namespace {
@@ -36,6 +50,7 @@ namespace {
 using namespace moelora;
 using moelora::bench::median_ms;
 using bench::PrecomputedBase;
+using bench::ZeroBase;
 
 __global__ void fill_uniform(__nv_bfloat16* data, std::int64_t n, std::uint64_t seed, float scale) {
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -60,7 +75,9 @@ double copy_bandwidth(cudaStream_t stream) {
 struct Record {
   std::string shape, counts;
   std::int64_t rank;
-  double base_fwd, lora_fwd, floor_fwd, lora_fwdbwd, base_fwdbwd, branch_fwdbwd;
+  double base_fwd, lora_fwd, floor_fwd, lora_fwdbwd, base_fwdbwd;
+  double branch_fwdbwd;        // LoRA branch into fresh y, dx and gradients (torch's branch semantics)
+  double branch_accum_fwdbwd;  // LoRA branch added into existing y, dx and gradients
 };
 
 Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind, double copy_gbps, int iters,
@@ -88,18 +105,29 @@ Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind
     fill(v.b.data, v.b.numel(), 21, 0.02f, stream);  // never time on zeros
   };
 
-  Record r{s.name, kind, rank, 0, 0, 0, 0, 0, 0};
+  Record r{s.name, kind, rank, 0, 0, 0, 0, 0, 0, 0};
   {
     GroupedLoRA<PrecomputedBase> delta(PrecomputedBase{s.experts, s.in, s.out});
     delta.add_adapter("bench", config, stream);
     randomize_b(delta);
     delta.reserve(s.rows);
     r.lora_fwd = median_ms(stream, iters, [&] { delta.forward(xr, dev_counts, yr, stream); });
-    r.branch_fwdbwd = median_ms(stream, iters, [&] {
+    r.branch_accum_fwdbwd = median_ms(stream, iters, [&] {
       delta.forward(xr, dev_counts, yr, stream);
       delta.backward(xr, dev_counts, dyr, dxr, stream);
     });
     delta.workspace().check_counts(stream);
+  }
+  {
+    GroupedLoRA<ZeroBase> branch(ZeroBase{{s.experts, s.in, s.out}});
+    branch.add_adapter("bench", config, stream);
+    randomize_b(branch);
+    branch.reserve(s.rows);
+    r.branch_fwdbwd = median_ms(stream, iters, [&] {
+      branch.forward(xr, dev_counts, yr, stream);
+      branch.backward(xr, dev_counts, dyr, dxr, stream, WriteMode::overwrite);
+    });
+    branch.workspace().check_counts(stream);
   }
   r.floor_fwd = bench::forward_floor_bytes(s, rank) / (copy_gbps * 1e6);
   {
@@ -118,9 +146,9 @@ Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind
     layer.add_adapter("bench", config, stream);
     randomize_b(layer);
     layer.reserve(s.rows);
-    r.lora_fwdbwd = median_ms(stream, iters, [&] {
+    r.lora_fwdbwd = median_ms(stream, iters, [&] {  // fresh gradients, as torch's step (grads set to None)
       layer.forward(xr, host_counts, yr, stream);
-      layer.backward(xr, host_counts, dyr, dxr, stream);
+      layer.backward(xr, host_counts, dyr, dxr, stream, WriteMode::overwrite);
     });
   }
   return r;
@@ -162,17 +190,18 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "%s: copy bandwidth %.0f GB/s\n", prop.name, copy_gbps);
 
   std::vector<Record> records;
-  std::printf("%-20s %3s %-7s %9s %9s %9s %6s %10s %10s %10s %8s\n", "shape", "r", "counts", "base fwd", "LoRA fwd",
-              "floor", "%floor", "LoRA f+b", "base f+b", "layer f+b", "overhead");
+  std::printf("%-20s %3s %-7s %9s %9s %9s %6s %10s %10s %10s %10s %8s\n", "shape", "r", "counts", "base fwd",
+              "LoRA fwd", "floor", "%floor", "LoRA f+b", "f+b (+=)", "base f+b", "layer f+b", "overhead");
   for (const auto& s : bench::kShapes) {
     if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), s.name) == wanted.end()) continue;
     for (const std::int64_t rank : ranks)
       for (const std::string& kind : count_kinds) {
         const Record r = measure(s, rank, kind, copy_gbps, iters, strategy, handle, stream);
         records.push_back(r);
-        std::printf("%-20s %3lld %-7s %9.3f %9.3f %9.3f %5.0f%% %10.3f %10.3f %10.3f %7.0f%%\n", r.shape.c_str(),
-                    static_cast<long long>(r.rank), r.counts.c_str(), r.base_fwd, r.lora_fwd, r.floor_fwd,
-                    100.0 * r.floor_fwd / r.lora_fwd, r.branch_fwdbwd, r.base_fwdbwd, r.lora_fwdbwd,
+        std::printf("%-20s %3lld %-7s %9.3f %9.3f %9.3f %5.0f%% %10.3f %10.3f %10.3f %10.3f %7.0f%%\n",
+                    r.shape.c_str(), static_cast<long long>(r.rank), r.counts.c_str(), r.base_fwd, r.lora_fwd,
+                    r.floor_fwd, 100.0 * r.floor_fwd / r.lora_fwd, r.branch_fwdbwd, r.branch_accum_fwdbwd,
+                    r.base_fwdbwd, r.lora_fwdbwd,
                     100.0 * (r.lora_fwdbwd - r.base_fwdbwd) / r.base_fwdbwd);
         std::fflush(stdout);
       }
@@ -187,7 +216,8 @@ int main(int argc, char** argv) {
         << ", \"T\": " << s.rows << ", \"rank\": " << r.rank << ", \"counts\": \"" << r.counts
         << "\", \"base_fwd_ms\": " << r.base_fwd << ", \"lora_fwd_ms\": " << r.lora_fwd
         << ", \"floor_fwd_ms\": " << r.floor_fwd << ", \"lora_fwdbwd_ms\": " << r.lora_fwdbwd
-        << ", \"base_fwdbwd_ms\": " << r.base_fwdbwd << ", \"branch_fwdbwd_ms\": " << r.branch_fwdbwd << "}" << (i + 1 < records.size() ? ",\n" : "\n");
+        << ", \"base_fwdbwd_ms\": " << r.base_fwdbwd << ", \"branch_fwdbwd_ms\": " << r.branch_fwdbwd
+        << ", \"branch_accum_fwdbwd_ms\": " << r.branch_accum_fwdbwd << "}" << (i + 1 < records.size() ? ",\n" : "\n");
   }
   out << "]}\n";
   cublasDestroy(handle);

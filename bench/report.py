@@ -24,7 +24,7 @@ FORWARD_COLUMNS = [
     "gmm LoRA fwd", "loop LoRA fwd", "ours vs gmm fwd",
 ]
 TRAINING_COLUMNS = [
-    "shape", "r", "counts", "ours LoRA f+b", "gmm LoRA f+b", "ours vs gmm (LoRA)", "base f+b",
+    "shape", "r", "counts", "ours LoRA f+b", "gmm LoRA f+b", "ours vs gmm (LoRA)", "ours LoRA f+b (+=)", "base f+b",
     "torch base f+b", "ours layer f+b", "gmm layer f+b", "loop layer f+b", "ours vs gmm (layer)",
 ]
 
@@ -95,13 +95,16 @@ def build(ours, torch_doc, date):
     training = [
         "",
         "**Forward + backward.** LoRA f+b is the LoRA branch alone: the delta forward and its "
-        "backward (dA, dB and the LoRA part of dx); ours adds into y and dx in place, torch's "
-        "grouped_mm branch writes fresh tensors. Layer f+b is the whole training step, base "
-        "included (ours: the cuBLAS reference base; torch: `torch._grouped_mm`).",
+        "backward (dA, dB and the LoRA part of dx), written into fresh y, dx and gradients as "
+        "torch's grouped_mm branch writes them (ours: `WriteMode::overwrite` gradients over a base "
+        "whose output is zero). LoRA f+b (+=) is ours adding into existing y, dx and fp32 "
+        "gradients instead (gradient accumulation). Layer f+b is the whole training step, base "
+        "included, fresh gradients on both sides (ours: the cuBLAS reference base, which adds its "
+        "products after the LoRA kernels wrote y and dx; torch: `torch._grouped_mm`).",
         "",
     ] + header(TRAINING_COLUMNS)
 
-    floor_pcts, fb_ratios, branch_ratios = [], [], []  # (value, row label) for the summary
+    floor_pcts, fb_ratios, branch_ratios, accum_ratios = [], [], [], []  # (value, row label) for the summary
     for k in keys:
         o, t = ours_recs.get(k), torch_recs.get(k)
         label = f"{k[0]} r={k[1]} {k[2]}"
@@ -118,19 +121,23 @@ def build(ours, torch_doc, date):
         fwd_x = ratio(gmm_fwd, lora_fwd)
         fb_x = ratio(gmm_fb, lora_fb)
         branch_x = ratio(gmm_branch, branch_fb)
+        accum_x = ratio(gmm_branch, num(o, "branch_accum_fwdbwd_ms"))
         if pct_floor is not None:
             floor_pcts.append((pct_floor, label))
         if fb_x is not None:
             fb_ratios.append((fb_x, label))
         if branch_x is not None:
             branch_ratios.append((branch_x, label))
+        if accum_x is not None:
+            accum_ratios.append((accum_x, label))
 
         lines.append("| " + " | ".join([
             k[0], str(k[1]), k[2], f_ms(num(o, "base_fwd_ms")), f_ms(num(t, "base_fwd_ms")), f_ms(lora_fwd),
             f_ms(floor), f_pct(pct_floor), f_ms(gmm_fwd), f_ms(num(t, "loop_fwd_ms")), f_x(fwd_x),
         ]) + " |")
         training.append("| " + " | ".join([
-            k[0], str(k[1]), k[2], f_ms(branch_fb), f_ms(gmm_branch), f_x(branch_x), f_ms(num(o, "base_fwdbwd_ms")),
+            k[0], str(k[1]), k[2], f_ms(branch_fb), f_ms(gmm_branch), f_x(branch_x),
+            f_ms(num(o, "branch_accum_fwdbwd_ms")), f_ms(num(o, "base_fwdbwd_ms")),
             f_ms(torch_base_fb), f_ms(lora_fb), f_ms(gmm_fb), f_ms(num(t, "loop_fwdbwd_ms")), f_x(fb_x),
         ]) + " |")
     lines += training
@@ -144,7 +151,8 @@ def build(ours, torch_doc, date):
                      f"max {hi[0]:.1f}% ({hi[1]})")
     else:
         lines.append("- % of floor (LoRA fwd): no data")
-    for name, values in (("LoRA branch f+b", branch_ratios), ("whole layer f+b", fb_ratios)):
+    for name, values in (("LoRA branch f+b", branch_ratios), ("LoRA branch f+b (+=, more work than torch's)", accum_ratios),
+                         ("whole layer f+b", fb_ratios)):
         if values:
             wins = sum(1 for v, _ in values if v >= 1.0)
             worst = min(values)
