@@ -224,8 +224,8 @@ int distill(const Options& o, Teacher teacher, Student student, const Activation
     double mse = 0.0;
     compare(download(y), b.y_teacher, &dy_host, &mse);
     Backend::copy_from_host(dy.data(), dy_host.data(), dy.bytes(), stream);
-    layer.zero_grad(stream);
-    layer.backward(rows_of(b.x, o.in), counts, rows_of(dy, o.out), TensorRef{}, stream);
+    // One micro-batch per step: the backward writes fresh gradients (no zero_grad needed).
+    layer.backward(rows_of(b.x, o.in), counts, rows_of(dy, o.out), TensorRef{}, stream, WriteMode::overwrite);
     optimizer.step(layer, stream);
     progress(step, o.steps, mse);
   }

@@ -107,8 +107,8 @@ int train(Base base, typename Backend::stream_type stream) {
     if (step % 10 == 0) std::printf("step %2d  loss %.5f\n", step, loss);
     if (step == 60) break;
     Backend::copy_from_host(dy.data(), grad.data(), dy.bytes(), stream);
-    layer.zero_grad(stream);
-    layer.backward(ref(x, kIn), tokens_per_expert, ref(dy, kOut), ref(dx, kIn), stream);
+    layer.backward(ref(x, kIn), tokens_per_expert, ref(dy, kOut), ref(dx, kIn), stream,
+                   WriteMode::overwrite);  // fresh gradients: no zero_grad before it
     optimizer.step(layer, stream);
   }
   layer.set_enabled("domain", false);
