@@ -337,13 +337,20 @@ TEST_CASE("quant: NF4: blocks of 64 with their absmax, nearest code value, odd r
   CHECK(section_at<float>(blob, at.scales, 1) == 0.0f);
 }
 
-TEST_CASE("quant: NF4 thresholds and bins give the division's code: random values, ±3 ulps of every threshold, ±d, ±0") {
-  using Codec = SchemeCodec<Scheme::nf4>;
+namespace {
+
+/// A binned codec's thresholds and bins against its division: random values, ±3 ulps of every
+/// threshold, ±0 and the ends of the bins' range (±d for NF4; ±8d for NVFP4, whose bins code |x|),
+/// for the x that bin_scale admits.
+template <Scheme S>
+void check_binned_codec() {
+  using Codec = SchemeCodec<S>;
+  constexpr double kRange = static_cast<double>(Codec::kBins - Codec::kBinOrigin) / Codec::kBinUnit;  // of x/d
   std::uint8_t bins[Codec::kBins + 1];
   for (int n = 0; n <= Codec::kBins; ++n) bins[n] = Codec::bin_code(n);
   CHECK(bins[0] == 0);
-  CHECK(bins[Codec::kBins / 2] == 7);  // u = 32: x = 0
-  CHECK(bins[Codec::kBins] == 15);
+  CHECK(bins[Codec::kBinOrigin] == Codec::encode(0.0f, {1.0f, 1.0f}));  // u = origin: x = 0
+  CHECK(bins[Codec::kBins] == Codec::kThresholds);
   Rng rng;
   INFO("seed ", rng.seed);
   std::vector<float> divisors = {1.0f, 2.0f, 0.02f, 3.0f, 0x1p-120f, 0x1p120f, std::nextafter(1.0f, 2.0f), std::nextafter(1.0f, 0.0f)};
@@ -351,32 +358,47 @@ TEST_CASE("quant: NF4 thresholds and bins give the division's code: random value
   for (const float d : divisors) {
     CAPTURE(d);
     const GroupScale scale{d, d};
+    const auto range = static_cast<float>(kRange * d);  // exact: a power of two times d
     float t[Codec::kThresholds + 1];
-    for (int k = 0; k <= Codec::kThresholds; ++k) t[k] = code_threshold(k < Codec::kThresholds ? Codec::boundary(k) : 1.0, d);
-    const float s = Codec::bin_scale(scale);
+    for (int k = 0; k <= Codec::kThresholds; ++k) t[k] = code_threshold(k < Codec::kThresholds ? Codec::boundary(k) : kSpareBoundary, d);
+    const float s = Codec::bin_scale(scale, d);
     REQUIRE(s != 0.0f);
-    std::vector<float> xs = {d, -d, 0.0f, -0.0f, std::nextafter(d, 0.0f), std::nextafter(-d, 0.0f)};
+    std::vector<float> xs = {range, -range, 0.0f, -0.0f, std::nextafter(range, 0.0f), std::nextafter(-range, 0.0f)};
     for (int k = 0; k < Codec::kThresholds; ++k) {
       float up = t[k], down = t[k];
-      xs.push_back(t[k]);
+      xs.push_back(t[k]), xs.push_back(-t[k]);
       for (int u = 0; u < 3; ++u) {
         up = std::nextafter(up, INFINITY), down = std::nextafter(down, -INFINITY);
-        xs.push_back(up), xs.push_back(down);
+        xs.push_back(up), xs.push_back(down), xs.push_back(-up), xs.push_back(-down);
       }
     }
-    for (int i = 0; i < 2000; ++i) xs.push_back(static_cast<float>((2.0 * rng.uniform() - 1.0) * d));
+    for (int i = 0; i < 2000; ++i) xs.push_back(static_cast<float>((2.0 * rng.uniform() - 1.0) * range));
     for (const float x : xs) {
-      if (std::fabs(x) > d) continue;
+      if (std::fabs(x) > range || std::fabs(x) * s > static_cast<float>(Codec::kBins)) continue;  // bin_scale's bound
       CAPTURE(x);
-      const std::uint8_t want = Codec::encode(x, scale);
+      const std::uint32_t want = Codec::encode(x, scale);
       CHECK(Codec::encode_below(x, t) == want);
       CHECK(Codec::encode_binned(x, s, bins, t) == want);
     }
   }
-  CHECK(Codec::bin_scale({0x1p-121f, 0x1p-121f}) == 0.0f);  // such groups use encode_below
-  CHECK(Codec::bin_scale({0x1p121f, 0x1p121f}) == 0.0f);
-  CHECK(Codec::bin_scale({kNaN, kNaN}) == 0.0f);
-  CHECK(Codec::bin_scale({INFINITY, INFINITY}) == 0.0f);
+  CHECK(Codec::bin_scale({0x1p-121f, 0x1p-121f}, 0.0f) == 0.0f);  // such groups use encode_below
+  CHECK(Codec::bin_scale({0x1p121f, 0x1p121f}, 0.0f) == 0.0f);
+  CHECK(Codec::bin_scale({kNaN, kNaN}, 0.0f) == 0.0f);
+  CHECK(Codec::bin_scale({INFINITY, INFINITY}, 0.0f) == 0.0f);
+}
+
+}  // namespace
+
+TEST_CASE("quant: NF4 thresholds and bins give the division's code: random values, ±3 ulps of every threshold, ±d, ±0") {
+  check_binned_codec<Scheme::nf4>();
+}
+
+TEST_CASE("quant: NVFP4 thresholds and bins give the division's code for |x| up to 8·sb; larger blocks use the search") {
+  using Codec = SchemeCodec<Scheme::nvfp4>;
+  check_binned_codec<Scheme::nvfp4>();
+  CHECK(Codec::bin_scale({1.0f, 1.0f}, 8.0f) != 0.0f);
+  CHECK(Codec::bin_scale({1.0f, 1.0f}, std::nextafter(8.0f, 9.0f)) == 0.0f);  // an element could pass bin 32
+  CHECK(Codec::bin_scale({1.0f, 1.0f}, kNaN) == 0.0f);
 }
 
 TEST_CASE("quant: MXFP4: blocks of 32, E8M0 scale 2^(floor(log2 amax) - 2), E2M1 saturating") {

@@ -103,14 +103,17 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
   };
   /// Grid (rows, tiles along the row) of the group and dequantize kernels: a thread per 8-element
   /// chunk of each of `slabs` slabs of a tile, the chunks of a row rounded up to whole groups of
-  /// `lanes` threads; blocks of a multiple of 32 threads, at most kQuantTileThreads.
+  /// `lanes` threads; blocks of 1 to kQuantTileThreads/32 warps, the number that launches the
+  /// fewest warps per row (the largest on a tie), e.g. 2 for rows of 1792 chunks in 4 slabs (7
+  /// tiles of 256 chunks, not 3.5 of 512).
   static Launch tile_grid(std::int64_t rows, std::int64_t in, int lanes, int slabs) {
     const std::int64_t chunks = (in + kernels::kQuantChunk - 1) / kernels::kQuantChunk;
     const std::int64_t per_row = (chunks + lanes - 1) / lanes * lanes;
-    const std::int64_t per_slab = (per_row + slabs - 1) / slabs;
-    const auto threads = static_cast<unsigned>(std::min<std::int64_t>(kernels::kQuantTileThreads, (per_slab + 31) / 32 * 32));
-    const std::int64_t per_tile = std::int64_t{threads} * slabs;
-    return {dim3(static_cast<unsigned>(rows), static_cast<unsigned>((per_row + per_tile - 1) / per_tile)), threads};
+    const auto tiles = [&](std::int64_t warps) { return (per_row + 32 * warps * slabs - 1) / (32 * warps * slabs); };
+    std::int64_t warps = kernels::kQuantTileThreads / 32;
+    for (std::int64_t w = warps - 1; w >= 1; --w)
+      if (tiles(w) * w < tiles(warps) * warps) warps = w;
+    return {dim3(static_cast<unsigned>(rows), static_cast<unsigned>(tiles(warps))), static_cast<unsigned>(32 * warps)};
   }
 
   /// Reduces the tensor amax of w into the scratch (bits of |x|; slot 0 when shared).

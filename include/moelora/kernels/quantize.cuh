@@ -15,7 +15,7 @@
 /// group's scale (NVFP4, NF4, MXFP4), or the 16 values of an INT4 group, one per lane of the group,
 /// fetched by shuffles. NVFP4 and NF4 encode by comparing with the group's code thresholds
 /// (SchemeCodec::encode_below), computed once per group by its lanes, instead of a division per
-/// element; NF4 looks the candidate code of each element up by its approximate bin and makes one
+/// element; NF4 and NVFP4 look the candidate code of each element up by its approximate bin and make one
 /// comparison (quant::count_below_binned).
 #pragma once
 
@@ -81,38 +81,60 @@ struct SchemeLayout {
     if constexpr (kBinned) return Codec::kBins + 1;
     else return 1;
   }();
-  /// Thresholds each lane of a group computes (k = lane in group + i·kLanes; k = kThresholds is padding).
-  static constexpr int kThresholdsPerLane = (kThresholds + kLanes - 1) / kLanes;
-  /// Floats per group in the threshold scratch: the thresholds and one padding slot.
-  static constexpr int kThresholdStride = kThresholds + 1;
+  /// Thresholds each lane of a group computes (k = lane in group + i·kLanes; k ≥ kThresholds: the
+  /// spare threshold +∞), and floats per group in the threshold scratch.
+  static constexpr int kThresholdsPerLane = (kThresholds + kLanes) / kLanes;
+  static constexpr int kThresholdStride = kThresholdsPerLane * kLanes;
   /// Entries of the block's decode table: 256 code values (8-bit), 16 unit values, or none (INT4).
   static constexpr int kTableSize = Codec::kBits == 8 ? 256 : requires { Codec::unit_value(std::uint8_t{}); } ? 16 : 0;
 };
 
-/// Shared memory of a group or dequantize kernel block: the decode table and, for threshold
-/// schemes, the code boundaries, the candidate code of each bin (binned schemes) and each warp's
-/// group thresholds (one set per slab of the Slabs a thread has).
+/// The compile-time constants of a threshold scheme, in device memory (read once per block): each
+/// threshold slot's code boundary (the spare +∞ past kThresholds) and, for binned schemes, the
+/// candidate code of each bin, four to a word (bin n in byte n % 4 of word n / 4, little endian).
+template <quant::Scheme S>
+struct SchemeConstants {
+  using Layout = SchemeLayout<S>;
+  static constexpr int kBinWords = (Layout::kBinTable + 3) / 4;
+  double boundaries[Layout::kThresholdStride];
+  std::uint32_t bin_words[kBinWords];
+  constexpr SchemeConstants() : boundaries{}, bin_words{} {
+    for (int k = 0; k < Layout::kThresholdStride; ++k)
+      boundaries[k] = k < Layout::kThresholds ? quant::SchemeCodec<S>::boundary(k) : quant::kSpareBoundary;
+    if constexpr (Layout::kBinned)
+      for (int n = 0; n < Layout::kBinTable; ++n)
+        bin_words[n / 4] |= static_cast<std::uint32_t>(quant::SchemeCodec<S>::bin_code(n)) << (8 * (n % 4));
+  }
+};
+template <quant::Scheme S>
+__device__ constexpr SchemeConstants<S> kSchemeConstants{};
+
+/// Shared memory of a group or dequantize kernel block: the decode table and, for binned schemes,
+/// the candidate code of each bin and, for threshold schemes, each warp's group thresholds (one
+/// set per slab of the Slabs a thread has).
 template <quant::Scheme S, int Slabs>
 struct QuantShared {
   using Layout = SchemeLayout<S>;
   static constexpr int kGroupsPerWarp = 32 / Layout::kLanes;
   float table[Layout::kTableSize > 0 ? Layout::kTableSize : 1];
-  double boundaries[Layout::kThresholdStride];
-  std::uint8_t bins[Layout::kBinTable];
+  union {
+    std::uint8_t bins[Layout::kBinTable];
+    std::uint32_t bin_words[SchemeConstants<S>::kBinWords];
+  };
   float thresholds[Layout::kThresholded ? kQuantTileThreads / 32 : 1][Slabs]
                   [Layout::kThresholded ? kGroupsPerWarp * Layout::kThresholdStride : 1];
 };
 
 /// Fills the block's shared constants: the decode table under `scale` (when `Decode`: the 256
 /// code values of 8-bit schemes, whose scale is the block's; the 16 unit values otherwise) and the
-/// code boundaries of threshold schemes and the bin table of binned ones (when `Encode`); then
-/// synchronises the block. Every thread must call it.
+/// bin table of binned schemes (when `Encode`); then synchronises the block. Every thread must
+/// call it.
 template <quant::Scheme S, bool Decode, bool Encode, int Slabs>
 __device__ __forceinline__ void fill_shared(QuantShared<S, Slabs>& smem, quant::GroupScale scale) {
   using Codec = quant::SchemeCodec<S>;
   using Layout = SchemeLayout<S>;
   constexpr bool kTable = Decode && Layout::kTableSize > 0;
-  constexpr bool kBoundaries = Encode && Layout::kThresholded;
+  constexpr bool kBins = Encode && Layout::kBinned;
   if constexpr (kTable) {
     if constexpr (Layout::kTableSize == 256) {
       for (unsigned c = threadIdx.x; c < 256; c += blockDim.x) smem.table[c] = Codec::decode(static_cast<std::uint8_t>(c), scale);
@@ -120,13 +142,9 @@ __device__ __forceinline__ void fill_shared(QuantShared<S, Slabs>& smem, quant::
       smem.table[threadIdx.x] = Codec::unit_value(static_cast<std::uint8_t>(threadIdx.x));
     }
   }
-  if constexpr (kBoundaries) {
-    if (threadIdx.x < Layout::kThresholds) smem.boundaries[threadIdx.x] = Codec::boundary(static_cast<int>(threadIdx.x));
-    else if (threadIdx.x == Layout::kThresholds) smem.boundaries[threadIdx.x] = 1.0;  // padding
-    if constexpr (Layout::kBinned)
-      for (unsigned n = threadIdx.x; n < Layout::kBinTable; n += blockDim.x) smem.bins[n] = Codec::bin_code(static_cast<int>(n));
-  }
-  if constexpr (kTable || kBoundaries) __syncthreads();
+  if constexpr (kBins)
+    if (threadIdx.x < SchemeConstants<S>::kBinWords) smem.bin_words[threadIdx.x] = kSchemeConstants<S>.bin_words[threadIdx.x];
+  if constexpr (kTable || kBins) __syncthreads();
 }
 
 /// Decodes the codes of one group: what SchemeCodec<S>::decode returns, bit for bit. Every lane of
@@ -144,7 +162,7 @@ struct GroupDecoder {
       lane_value = Codec::decode(static_cast<std::uint8_t>(threadIdx.x & 15), scale);
     }
   }
-  __device__ __forceinline__ float operator()(std::uint8_t code) const {
+  __device__ __forceinline__ float operator()(std::uint32_t code) const {
     constexpr int kTableSize = SchemeLayout<S>::kTableSize;
     if constexpr (kTableSize == 256) return table[code];
     else if constexpr (kTableSize == 16) return table[code & 0xf] * scale.dec;
@@ -158,11 +176,11 @@ struct LaneBoundaries {
   using Layout = SchemeLayout<S>;
   double at[Layout::kThresholdsPerLane > 0 ? Layout::kThresholdsPerLane : 1];
 
-  template <int Slabs>
-  __device__ __forceinline__ explicit LaneBoundaries(const QuantShared<S, Slabs>& smem) {
+  __device__ __forceinline__ LaneBoundaries() {
+    if constexpr (Layout::kThresholded)
 #pragma unroll
-    for (int i = 0; i < Layout::kThresholdsPerLane; ++i)
-      at[i] = smem.boundaries[static_cast<int>(threadIdx.x % Layout::kLanes) + i * Layout::kLanes];
+      for (int i = 0; i < Layout::kThresholdsPerLane; ++i)
+        at[i] = kSchemeConstants<S>.boundaries[static_cast<int>(threadIdx.x % Layout::kLanes) + i * Layout::kLanes];
   }
   /// Writes the thresholds of this lane's group under `scale` into `group` (the group's slots of
   /// the warp's scratch) and synchronises the warp; returns `group`.
@@ -193,9 +211,20 @@ __device__ __forceinline__ std::uint32_t block_max_u32(std::uint32_t value) {
 template <bool Vec, class T>
 __device__ __forceinline__ void load_chunk(const T* row, std::int64_t c0, std::int64_t in, float (&v)[kQuantChunk]) {
   if constexpr (Vec) {
-    const Vec8<T> x = *reinterpret_cast<const Vec8<T>*>(row + c0);
+    Vec8<T> x{};  // Vec: the chunk is all in (in % 8 == 0) or all out
+    if (c0 < in) x = *reinterpret_cast<const Vec8<T>*>(row + c0);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      // A bf16 is the top half of its fp32: one shift or mask per element of each packed pair.
+      const auto& pairs = reinterpret_cast<const std::uint32_t(&)[kQuantChunk / 2]>(x);
 #pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) v[j] = to_float(x.v[j]);
+      for (int j = 0; j < kQuantChunk / 2; ++j) {
+        v[2 * j] = moelora::detail::bits_float(pairs[j] << 16);
+        v[2 * j + 1] = moelora::detail::bits_float(pairs[j] & 0xffff0000u);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) v[j] = to_float(x.v[j]);
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < kQuantChunk; ++j) v[j] = c0 + j < in ? to_float(row[c0 + j]) : 0.0f;
@@ -217,11 +246,12 @@ __device__ __forceinline__ void store_chunk(T* row, std::int64_t c0, std::int64_
   }
 }
 
-/// Stores the codes of elements [c0, c0 + 8) of a row whose codes start at `codes` (8-bit: one
-/// byte each; 4-bit: two per byte, low nibble first; codes of columns ≥ in must be 0).
+/// Stores the codes (each below 2^Bits) of elements [c0, c0 + 8) of a row whose codes start at
+/// `codes` (8-bit: one byte each; 4-bit: two per byte, low nibble first; codes of columns ≥ in
+/// must be 0).
 template <int Bits, bool Vec>
 __device__ __forceinline__ void store_codes(std::uint8_t* codes, std::int64_t c0, std::int64_t in,
-                                            const std::uint8_t (&c)[kQuantChunk]) {
+                                            const std::uint32_t (&c)[kQuantChunk]) {
   if constexpr (Bits == 8) {
     if constexpr (Vec) {
       uint2 packed;
@@ -235,14 +265,14 @@ __device__ __forceinline__ void store_codes(std::uint8_t* codes, std::int64_t c0
     }
   } else {
     if constexpr (Vec) {
-      std::uint32_t packed = 0;
+      std::uint32_t packed = 0;  // codes below 16: adding them packs them (an IMAD each)
 #pragma unroll
-      for (int j = 0; j < kQuantChunk; ++j) packed |= static_cast<std::uint32_t>(c[j] & 0xfu) << (4 * j);
+      for (int j = 0; j < kQuantChunk; ++j) packed += c[j] << (4 * j);
       *reinterpret_cast<std::uint32_t*>(codes + c0 / 2) = packed;
     } else {
 #pragma unroll
       for (int j = 0; j < kQuantChunk; j += 2)
-        if (c0 + j < in) codes[(c0 + j) / 2] = static_cast<std::uint8_t>((c[j] & 0xfu) | ((c[j + 1] & 0xfu) << 4));
+        if (c0 + j < in) codes[(c0 + j) / 2] = static_cast<std::uint8_t>(c[j] | (c[j + 1] << 4));
     }
   }
 }
@@ -250,7 +280,7 @@ __device__ __forceinline__ void store_codes(std::uint8_t* codes, std::int64_t c0
 /// Loads the codes of elements [c0, c0 + 8) (columns ≥ in: 0).
 template <int Bits, bool Vec>
 __device__ __forceinline__ void load_codes(const std::uint8_t* codes, std::int64_t c0, std::int64_t in,
-                                           std::uint8_t (&c)[kQuantChunk]) {
+                                           std::uint32_t (&c)[kQuantChunk]) {
   if constexpr (Bits == 8) {
     if constexpr (Vec) {
       const uint2 packed = *reinterpret_cast<const uint2*>(codes + c0);
@@ -341,17 +371,18 @@ __global__ void __launch_bounds__(kQuantTileThreads)
   float amax = 0.0f;
   if constexpr (Codec::kTensorAmax) amax = moelora::detail::bits_float(tensor_amax[shared ? 0 : e]);
   fill_shared<S, kFake, true>(smem, Codec::load(typename Codec::Stored{}, amax));  // 8-bit tables: the tensor's scale
-  const LaneBoundaries<S> boundaries(smem);
+  const LaneBoundaries<S> boundaries;
+
+  // This lane's group's thresholds in slab 0 of its warp's scratch; slab s is kThresholdSlab floats on.
+  constexpr int kThresholdSlab = sizeof(smem.thresholds[0][0]) / sizeof(float);
+  float* const group_thresholds = smem.thresholds[threadIdx.x / 32][0] +
+                                  static_cast<int>(threadIdx.x % 32) / Layout::kLanes * Layout::kThresholdStride;
 
   const In* x = w + row * g.in;
   float v[kSlabs][kQuantChunk];
 #pragma unroll
   for (int s = 0; s < kSlabs; ++s) {
-    const std::int64_t c0 = slab_chunk<kSlabs>(s) * kQuantChunk;
-    if (c0 < g.in) load_chunk<Vec>(x, c0, g.in, v[s]);
-    else
-#pragma unroll
-      for (int j = 0; j < kQuantChunk; ++j) v[s][j] = 0.0f;
+    load_chunk<Vec>(x, slab_chunk<kSlabs>(s) * kQuantChunk, g.in, v[s]);
   }
 
 #pragma unroll
@@ -370,12 +401,12 @@ __global__ void __launch_bounds__(kQuantTileThreads)
     typename Codec::Stored stored{};
     const quant::GroupScale scale = Codec::make(moelora::detail::bits_float(group_amax), amax, stored);
 
-    std::uint8_t codes[kQuantChunk];
+    std::uint32_t codes[kQuantChunk];
     if constexpr (Layout::kThresholded) {
-      float* group = smem.thresholds[threadIdx.x / 32][s] + (threadIdx.x % 32) / Layout::kLanes * Layout::kThresholdStride;
+      float* group = group_thresholds + s * kThresholdSlab;
       const float* t = boundaries.fill(group, scale);
       float bin_scale = 0.0f;  // binned schemes: 0 for a divisor out of the bins' range
-      if constexpr (Layout::kBinned) bin_scale = Codec::bin_scale(scale);
+      if constexpr (Layout::kBinned) bin_scale = Codec::bin_scale(scale, moelora::detail::bits_float(group_amax));
       if (bin_scale != 0.0f) {
         if constexpr (Layout::kBinned)
 #pragma unroll
@@ -432,11 +463,7 @@ __global__ void __launch_bounds__(kChannelThreads)
   float v[kChannelKeep][kQuantChunk];
 #pragma unroll
   for (int i = 0; i < kChannelKeep; ++i) {
-    const std::int64_t k = threadIdx.x + static_cast<std::int64_t>(i) * blockDim.x;
-    if (k < chunks) load_chunk<Vec>(x, k * kQuantChunk, g.in, v[i]);
-    else
-#pragma unroll
-      for (int j = 0; j < kQuantChunk; ++j) v[i][j] = 0.0f;
+    load_chunk<Vec>(x, (threadIdx.x + static_cast<std::int64_t>(i) * blockDim.x) * kQuantChunk, g.in, v[i]);
     reduce(v[i]);
   }
   for (std::int64_t k = kept + threadIdx.x; k < chunks; k += blockDim.x) {
@@ -451,7 +478,7 @@ __global__ void __launch_bounds__(kChannelThreads)
   if constexpr (!kFake)
     if (threadIdx.x == 0) static_cast<float*>(packed.scales)[row] = stored;
   const auto code_chunk = [&](std::int64_t c0, const float (&u)[kQuantChunk]) {
-    std::uint8_t codes[kQuantChunk];
+    std::uint32_t codes[kQuantChunk];
 #pragma unroll
     for (int j = 0; j < kQuantChunk; ++j) codes[j] = Vec || c0 + j < g.in ? Codec::encode(u[j], scale) : 0;
     if constexpr (kFake) {
@@ -491,7 +518,7 @@ __global__ void __launch_bounds__(kQuantTileThreads)
   fill_shared<S, true, false>(smem, Codec::load(row_stored, amax));  // 8-bit tables: the tensor's or row's scale
 
   const std::uint8_t* codes_row = packed.codes + row * g.code_row_bytes;
-  std::uint8_t codes[kDequantizeSlabs][kQuantChunk];
+  std::uint32_t codes[kDequantizeSlabs][kQuantChunk];
   typename Codec::Stored stored[kDequantizeSlabs];
 #pragma unroll
   for (int s = 0; s < kDequantizeSlabs; ++s) {

@@ -207,31 +207,39 @@ MOELORA_HOST_DEVICE inline std::uint32_t count_below(float x, const float* t) {
   return index;
 }
 
-// ---- bins: a code book on [-1, 1] with one exact comparison per element --------------------------
+// ---- bins: one exact comparison per element ---------------------------------------------------
 //
-// For |x| ≤ d (d: the group's divisor, its absmax), u = kBins/2 · (x/d + 1) lies in [0, kBins].
-// With s = RN(1/d) · kBins/2 = (kBins/2 / d)(1 + δ), |δ| ≤ 2^-24 (kBins/2 a power of two; d in
-// [2^-120, 2^120], so 1/d is a normal float), the real x·s is within kBins/2 · 2^-24 = 2^-19 of
-// u − kBins/2. One FMA, RN(x·s + kBins/2 + 2^23), lands in [2^23, 2^23 + kBins] where the floats
-// are the integers: it is 2^23 + n with |n − u| ≤ 1/2 + 2^-19 (no overflow, no other rounding).
-// The exact code is #{k : x/d > b_k} = #{k : u > U_k}, U_k = kBins/2 · (b_k + 1) (exact in double).
-// bin_base(n) counts the U_k < n − 1/2 − kBinMargin: each lies below u. Adjacent U_k are more
-// than 1 + 2·kBinMargin apart (static_assert), so the next boundary after those, k = bin_base(n),
-// is the only one that can lie below u: the one after it exceeds n + 1/2 + kBinMargin ≥ u. Hence
-// code = k + (x > t[k]) with t[k] the exact threshold (t[kThresholds]: any value ≥ d, e.g. the
-// padding threshold RD(1·d) = d).
+// A binned codec codes the x of a group (divisor d > 0) whose bin coordinate u = kBinUnit · x/d +
+// kBinOrigin lies in [0, kBins] (NF4: x/d ∈ [-1, 1], 32 bins per unit, origin 32; NVFP4: |x|/d ∈
+// [0, 8], 4 bins per unit, origin 0). With a bin scale s = (kBinUnit / d)(1 + δ), |δ| ≤
+// kBinScaleError (d in [2^-120, 2^120], so 1/d is a normal float), the real x·s is within
+// kBins · kBinScaleError ≤ 2^-15 of u − kBinOrigin. One FMA, RN(x·s + kBinOrigin + 2^23), lands in
+// [2^23, 2^23 + kBins] where the floats are the integers: it is 2^23 + n with |n − u| ≤ 1/2 + 2^-15
+// (no overflow, no other rounding).
+// The exact code is #{k : x/d > b_k} = #{k : u > U_k}, U_k = kBinUnit · b_k + kBinOrigin (exact in
+// double). bin_base(n) counts the U_k < n − 1/2 − kBinMargin: each lies below u. Adjacent U_k are
+// more than 1 + 2·kBinMargin apart (bins_separate), so the next boundary after those,
+// k = bin_base(n), is the only one that can lie below u: the one after it exceeds
+// n + 1/2 + kBinMargin ≥ u. Hence code = k + (x > t[k]) with t[k] the exact threshold (t[kThresholds]:
+// the spare threshold +∞, code_threshold(kSpareBoundary, d)).
 
 /// Margin, in bins, between the approximate bin of x and the boundaries it may skip.
 inline constexpr double kBinMargin = 0x1p-10;
+/// Bound on the relative error δ of a bin scale (bin_scale): 2^-24 on the host (RN(1/d)), 2^-22 on
+/// the device (rcp.approx, within 1 ulp); kBins · kBinScaleError must stay below kBinMargin.
+inline constexpr double kBinScaleError = 0x1p-22;
+/// Boundary of the spare threshold t[kThresholds]: +∞, so that x > t[kThresholds] never holds.
+inline constexpr double kSpareBoundary = INFINITY;
 
-/// For each boundary of a codec with kBins, kThresholds and sorted boundaries boundary(k) in
-/// (−1, 1): the first bin n with U_k < n − 1/2 − kBinMargin (U_k ≥ 0, so the cast is a floor).
+/// For each boundary of a binned codec (kBins, kBinUnit, kBinOrigin, kThresholds, sorted
+/// boundaries boundary(k)): the first bin n with U_k < n − 1/2 − kBinMargin (U_k ≥ 0, so the cast
+/// is a floor).
 template <class Codec>
 struct BinStarts {
   int at[Codec::kThresholds];
   constexpr BinStarts() : at{} {
     for (int k = 0; k < Codec::kThresholds; ++k)
-      at[k] = static_cast<int>((Codec::boundary(k) + 1.0) * (Codec::kBins / 2) + 0.5 + kBinMargin) + 1;
+      at[k] = static_cast<int>(Codec::boundary(k) * Codec::kBinUnit + Codec::kBinOrigin + 0.5 + kBinMargin) + 1;
   }
 };
 
@@ -246,32 +254,43 @@ MOELORA_HOST_DEVICE constexpr std::uint8_t bin_base(int n) {
   return static_cast<std::uint8_t>(count);
 }
 
-/// Whether adjacent boundaries are more than 1 + 2·kBinMargin bins apart (bin_base's condition).
+/// Whether adjacent boundaries are more than 1 + 2·kBinMargin bins apart and all lie strictly
+/// inside [0, kBins] (bin_base's conditions), with the scale error within the margin.
 template <class Codec>
 constexpr bool bins_separate() {
+  const auto bin = [](int k) { return Codec::boundary(k) * Codec::kBinUnit + Codec::kBinOrigin; };
   for (int k = 0; k + 1 < Codec::kThresholds; ++k)
-    if ((Codec::boundary(k + 1) - Codec::boundary(k)) * (Codec::kBins / 2) <= 1.0 + 2.0 * kBinMargin) return false;
-  return Codec::boundary(0) > -1.0 && Codec::boundary(Codec::kThresholds - 1) < 1.0;
+    if (bin(k + 1) - bin(k) <= 1.0 + 2.0 * kBinMargin) return false;
+  return Codec::kBins * kBinScaleError < kBinMargin && Codec::kBins < 256 && bin(0) > 0.0 &&
+         bin(Codec::kThresholds - 1) < Codec::kBins;
 }
 
-/// s = RN(1/d) · Bins/2 for a divisor d in [2^-120, 2^120]; 0 otherwise (NaN included): then the
-/// group must be encoded by count_below.
-template <int Bins>
+/// s = (kBinUnit / d)(1 + δ), |δ| ≤ kBinScaleError, for a divisor d in [2^-120, 2^120]; 0 otherwise
+/// (NaN included): then the group must be encoded by count_below. Only the choice of the candidate
+/// depends on s, never the code, so the device may use the approximate reciprocal.
+template <int Unit>
 MOELORA_HOST_DEVICE inline float bin_scale(float divisor) {
-  return divisor >= 0x1p-120f && divisor <= 0x1p120f ? (1.0f / divisor) * static_cast<float>(Bins / 2) : 0.0f;
+  if (!(divisor >= 0x1p-120f && divisor <= 0x1p120f)) return 0.0f;
+#if defined(__CUDA_ARCH__)
+  float inverse;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inverse) : "f"(divisor));
+#else
+  const float inverse = 1.0f / divisor;
+#endif
+  return inverse * static_cast<float>(Unit);
 }
 
-/// Code of x (|x| ≤ d) from its bin: base = bins[n] (bin_base), then one comparison with the
-/// exact threshold t[base]; s = bin_scale(d) ≠ 0. Equal to count_below (see above).
-template <int Bins>
+/// Code of x (bin coordinate in [0, Bins], see above) from its bin: base = bins[n] (bin_base), then
+/// one comparison with the exact threshold t[base]; s = bin_scale(d) ≠ 0. Equal to count_below.
+template <int Origin>
 MOELORA_HOST_DEVICE inline std::uint32_t count_below_binned(float x, float s, const std::uint8_t* bins, const float* t) {
-  constexpr float kOffset = 0x1p23f + static_cast<float>(Bins / 2);
+  constexpr float kOffset = 0x1p23f + static_cast<float>(Origin);
 #if defined(__CUDA_ARCH__)
   const float nearest = __fmaf_rn(x, s, kOffset);
 #else
   const float nearest = std::fma(x, s, kOffset);
 #endif
-  const std::uint32_t base = bins[detail::float_bits(nearest) & 0xffu];
+  const std::uint32_t base = bins[detail::float_bits(nearest) - detail::float_bits(0x1p23f)];  // 2^23 + n: bin n
   return base + (x > t[base] ? 1u : 0u);
 }
 
@@ -443,7 +462,24 @@ template <> struct SchemeCodec<Scheme::nvfp4> {
     const std::uint32_t bits = detail::float_bits(x);
     return static_cast<std::uint8_t>(((bits >> 28) & 0x8u) | count_below<kThresholds>(detail::bits_float(bits & 0x7fffffffu), t));
   }
+
+  /// Bins of the binned encoding of |x| (see count_below_binned): 4 per unit of |x|/sb over [0, 8].
+  /// |x|/sb may exceed 8 (tiny blocks: a subnormal E4M3 code, or sb < 1e-5 replaced by 1): then
+  /// `bin_scale` is 0 and the group uses encode_below. `encode_binned(x, s, bins, t)` equals
+  /// encode_below(x, t) when t[7] is the spare threshold.
+  static constexpr int kBins = 32, kBinUnit = 4, kBinOrigin = 0;
+  MOELORA_HOST_DEVICE static constexpr std::uint8_t bin_code(int n) { return bin_base<SchemeCodec>(n); }
+  MOELORA_HOST_DEVICE static float bin_scale(GroupScale s, float group_amax) {
+    const float scale = quant::bin_scale<kBinUnit>(divisor(s));
+    return group_amax * scale <= static_cast<float>(kBins) ? scale : 0.0f;  // RN(bmax·s) ≤ 32: every n ≤ 32
+  }
+  MOELORA_HOST_DEVICE static std::uint32_t encode_binned(float x, float s, const std::uint8_t* bins, const float* t) {
+    const std::uint32_t bits = detail::float_bits(x);
+    return ((bits >> 28) & 0x8u) + count_below_binned<kBinOrigin>(detail::bits_float(bits & 0x7fffffffu), s, bins, t);
+  }
 };
+
+static_assert(bins_separate<SchemeCodec<Scheme::nvfp4>>(), "an NVFP4 bin (plus margins) holds at most one boundary");
 
 /// NF4: blocks of 64, c = block absmax stored as fp32; code = nearest NF4 value of x / c; y = v·c.
 /// An all-zero block (c = 0) encodes with divisor 1 instead: its elements are ±0, code 7 either way.
@@ -472,14 +508,15 @@ template <> struct SchemeCodec<Scheme::nf4> {
     return static_cast<std::uint8_t>(count_below<kThresholds>(x, t));
   }
 
-  /// Bins of the binned encoding (see count_below_binned); `bin_code(n)` fills its table of
-  /// kBins + 1 candidate codes, `bin_scale(scale)` its per-group factor (0: use encode_below),
-  /// `encode_binned(x, s, bins, t)` equals encode_below(x, t) when |x| ≤ d and t[15] ≥ d.
-  static constexpr int kBins = 64;
+  /// Bins of the binned encoding (see count_below_binned): 32 per unit of x/c over [-1, 1].
+  /// `bin_code(n)` fills its table of kBins + 1 candidate codes, `bin_scale(scale, group_amax)` its
+  /// per-group factor (0: use encode_below; every |x| ≤ c, so the amax is not needed),
+  /// `encode_binned(x, s, bins, t)` equals encode_below(x, t) when t[15] is the spare threshold.
+  static constexpr int kBins = 64, kBinUnit = 32, kBinOrigin = 32;
   MOELORA_HOST_DEVICE static constexpr std::uint8_t bin_code(int n) { return bin_base<SchemeCodec>(n); }
-  MOELORA_HOST_DEVICE static float bin_scale(GroupScale s) { return quant::bin_scale<kBins>(divisor(s)); }
-  MOELORA_HOST_DEVICE static std::uint8_t encode_binned(float x, float s, const std::uint8_t* bins, const float* t) {
-    return static_cast<std::uint8_t>(count_below_binned<kBins>(x, s, bins, t));
+  MOELORA_HOST_DEVICE static float bin_scale(GroupScale s, float /*group_amax*/) { return quant::bin_scale<kBinUnit>(divisor(s)); }
+  MOELORA_HOST_DEVICE static std::uint32_t encode_binned(float x, float s, const std::uint8_t* bins, const float* t) {
+    return count_below_binned<kBinOrigin>(x, s, bins, t);
   }
 };
 
