@@ -139,6 +139,23 @@ TEST_CASE("quant: E2M1 codec: nearest magnitude of {0, .5, 1, 1.5, 2, 3, 4, 6}, 
   CHECK(std::signbit(e2m1_decode(8)));  // -0
 }
 
+TEST_CASE("quant: E2M1 index: the nearest magnitude by the midpoint search, for every float in [0, 8]") {
+  // The midpoint search: a on midpoint k takes the even index of its two neighbours.
+  const auto search = [](float a) {
+    std::uint32_t index = 0;
+    for (int k = 0; k < 7; ++k) index += k % 2 == 0 ? a > e2m1_midpoint(k) : a >= e2m1_midpoint(k);
+    return index;
+  };
+  std::uint64_t mismatches = 0;
+  const auto check = [&](std::uint32_t b) { mismatches += e2m1_index(std::bit_cast<float>(b)) != search(std::bit_cast<float>(b)); };
+  for (std::uint32_t b = 0; b <= bits(8.0f); ++b) check(b);                  // every float in [0, 8]
+  for (std::uint32_t b = bits(8.0f); b < 0x7f800000u; b += 4093) check(b);  // samples above
+  check(0x7f800000u);                                                        // +inf
+  CHECK(mismatches == 0);
+  CHECK(e2m1_encode(kNaN) == 0);
+  CHECK(e2m1_encode(-kNaN) == 8);
+}
+
 TEST_CASE("quant: NF4 and E8M0 codecs") {
   CHECK(nf4_encode(0.0f) == 7);
   CHECK(nf4_encode(1.0f) == 15);

@@ -16,7 +16,8 @@
 /// fetched by shuffles. NVFP4 and NF4 encode by comparing with the group's code thresholds
 /// (SchemeCodec::encode_below), computed once per group by its lanes, instead of a division per
 /// element; NF4 and NVFP4 look the candidate code of each element up by its approximate bin and make one
-/// comparison (quant::count_below_binned).
+/// comparison (quant::count_below_binned). MXFP4 computes each E2M1 index directly
+/// (quant::e2m1_index) and gathers a chunk's sign bits by byte permutes.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -246,12 +247,30 @@ __device__ __forceinline__ void store_chunk(T* row, std::int64_t c0, std::int64_
   }
 }
 
+/// Bit 4j + 3 set where v[j] has its sign bit set, nothing else: the sign bits of a chunk's E2M1
+/// nibbles. A byte permute (prmt) whose selector nibble has bit 3 set fills the output byte with
+/// the sign of the byte it picks (byte 3 of a float: its sign), so `even` holds 0xff in byte k
+/// where v[2k] is negative, `odd` where v[2k + 1] is: 6 permutes and 2 logic ops for 8 elements.
+__device__ __forceinline__ std::uint32_t chunk_sign_nibbles(const float (&v)[kQuantChunk]) {
+  const auto prmt = [](std::uint32_t a, std::uint32_t b, std::uint32_t selector) {
+    std::uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+    return r;
+  };
+  const auto f = [&](int k) { return moelora::detail::float_bits(v[k]); };
+  const auto signs = [&](int j) {  // bytes 0, 1: signs of v[j], v[j + 2]; bytes 2, 3: v[j + 4], v[j + 6]
+    return prmt(prmt(f(j), f(j + 2), 0xfbu), prmt(f(j + 4), f(j + 6), 0xfb00u), 0x7610u);
+  };
+  const std::uint32_t even = signs(0), odd = signs(1);
+  return ((even & 0x0f0f0f0fu) | (odd & 0xf0f0f0f0u)) & 0x88888888u;
+}
+
 /// Stores the codes (each below 2^Bits) of elements [c0, c0 + 8) of a row whose codes start at
-/// `codes` (8-bit: one byte each; 4-bit: two per byte, low nibble first; codes of columns ≥ in
-/// must be 0).
+/// `codes` (8-bit: one byte each; 4-bit: two per byte, low nibble first, or-ed with `extra`, bits
+/// of the packed nibbles; codes of columns ≥ in must be 0).
 template <int Bits, bool Vec>
 __device__ __forceinline__ void store_codes(std::uint8_t* codes, std::int64_t c0, std::int64_t in,
-                                            const std::uint32_t (&c)[kQuantChunk]) {
+                                            const std::uint32_t (&c)[kQuantChunk], std::uint32_t extra = 0) {
   if constexpr (Bits == 8) {
     if constexpr (Vec) {
       uint2 packed;
@@ -268,11 +287,11 @@ __device__ __forceinline__ void store_codes(std::uint8_t* codes, std::int64_t c0
       std::uint32_t packed = 0;  // codes below 16: adding them packs them (an IMAD each)
 #pragma unroll
       for (int j = 0; j < kQuantChunk; ++j) packed += c[j] << (4 * j);
-      *reinterpret_cast<std::uint32_t*>(codes + c0 / 2) = packed;
+      *reinterpret_cast<std::uint32_t*>(codes + c0 / 2) = packed | extra;
     } else {
 #pragma unroll
       for (int j = 0; j < kQuantChunk; j += 2)
-        if (c0 + j < in) codes[(c0 + j) / 2] = static_cast<std::uint8_t>(c[j] | (c[j + 1] << 4));
+        if (c0 + j < in) codes[(c0 + j) / 2] = static_cast<std::uint8_t>(c[j] | (c[j + 1] << 4) | (extra >> (4 * j)));
     }
   }
 }
@@ -402,6 +421,7 @@ __global__ void __launch_bounds__(kQuantTileThreads)
     const quant::GroupScale scale = Codec::make(moelora::detail::bits_float(group_amax), amax, stored);
 
     std::uint32_t codes[kQuantChunk];
+    std::uint32_t sign_bits = 0;  // or-ed into the packed codes (quantizing MXFP4: the signs)
     if constexpr (Layout::kThresholded) {
       float* group = group_thresholds + s * kThresholdSlab;
       const float* t = boundaries.fill(group, scale);
@@ -415,6 +435,21 @@ __global__ void __launch_bounds__(kQuantTileThreads)
 #pragma unroll
         for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode_below(v[s][j], t);
       }
+    } else if constexpr (requires { Codec::encode_magnitude(0.0f, scale); }) {
+      // MXFP4: Codec::encode codes a NaN as ±0 (index 0, its sign kept); with NaN replaced so,
+      // it is the magnitude index plus the sign bit (gathered per chunk when quantizing).
+      if (group_amax > 0x7f800000u)
+#pragma unroll
+        for (int j = 0; j < kQuantChunk; ++j)
+          if (v[s][j] != v[s][j])
+            v[s][j] = moelora::detail::bits_float(moelora::detail::float_bits(v[s][j]) & 0x80000000u);  // ±0
+#pragma unroll
+      for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode_magnitude(v[s][j], scale);
+      if constexpr (kFake)
+#pragma unroll
+        for (int j = 0; j < kQuantChunk; ++j) codes[j] |= (moelora::detail::float_bits(v[s][j]) >> 28) & 0x8u;
+      else
+        sign_bits = chunk_sign_nibbles(v[s]);
     } else {
 #pragma unroll
       for (int j = 0; j < kQuantChunk; ++j) codes[j] = Codec::encode(v[s][j], scale);
@@ -431,7 +466,7 @@ __global__ void __launch_bounds__(kQuantTileThreads)
       for (int j = 0; j < kQuantChunk; ++j) y[j] = decode(codes[j]);
       if (active) store_chunk<Vec>(out + row * g.in, c0, g.in, y);
     } else if (active) {
-      store_codes<Codec::kBits, Vec>(packed.codes + row * g.code_row_bytes, c0, g.in, codes);
+      store_codes<Codec::kBits, Vec>(packed.codes + row * g.code_row_bytes, c0, g.in, codes, sign_bits);
       if constexpr (Codec::kGroup > 0)
         if (chunk % Layout::kLanes == 0)
           static_cast<typename Codec::Stored*>(packed.scales)[row * g.groups_per_row + chunk / Layout::kLanes] = stored;

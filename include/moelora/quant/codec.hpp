@@ -104,18 +104,36 @@ MOELORA_HOST_DEVICE constexpr float e2m1_midpoint(int index) {
   }
 }
 
-/// FP4 E2M1 nibble of `value`: sign in bit 3 (the sign bit of `value`), magnitude index 0–7 of
-/// {0, 0.5, 1, 1.5, 2, 3, 4, 6}, rounded to nearest with ties to the even index, saturating at 6.
-/// The index is the number of midpoints below |value|, found by a binary search; |value| exactly
-/// on midpoint k takes index k + 1 when that is even (k odd), else k. NaN gets index 0.
+/// E2M1 magnitude index (0–7 of {0, 0.5, 1, 1.5, 2, 3, 4, 6}) of a ≥ 0, not NaN: the nearest
+/// magnitude, ties to the even index, saturating at 6. On [0, 2] the magnitudes are the multiples
+/// of 1/2, index RNE(2a); on [2, 4] the integers, index RNE(a) + 2; on [4, 8) the even integers,
+/// index RNE(a/2) + 4 (+0, +2, +4 are even: ties go to the even index). The three are
+/// nondecreasing in a and on each segment its own is the least (2a ≤ a + 2 ≤ a/2 + 4 on [0, 2],
+/// and so on), so the index is their minimum, capped at 7 (a ≥ 7). Each is one rounding:
+/// RN(y + 2^23 + c) = 2^23 + RNE(y) + c, the floats in [2^23, 2^24) being the integers (larger a
+/// give larger floats only), so the minimum is an unsigned min of their bits.
+MOELORA_HOST_DEVICE inline std::uint32_t e2m1_index(float a) {
+#if defined(__CUDA_ARCH__)  // __fadd_rn: a caller's multiply is not contracted into `once`
+  const float twice = __fmaf_rn(a, 2.0f, 0x1p23f);
+  const float once = __fadd_rn(a, 0x1p23f + 2.0f);
+  const float half = __fmaf_rn(a, 0.5f, 0x1p23f + 4.0f);
+#else
+  const float twice = std::fma(a, 2.0f, 0x1p23f);
+  const float once = a + (0x1p23f + 2.0f);
+  const float half = std::fma(a, 0.5f, 0x1p23f + 4.0f);
+#endif
+  const auto lower = [](std::uint32_t p, std::uint32_t q) { return p < q ? p : q; };
+  const std::uint32_t least = lower(lower(detail::float_bits(twice), detail::float_bits(once)),
+                                    lower(detail::float_bits(half), detail::float_bits(0x1p23f + 7.0f)));
+  return least - detail::float_bits(0x1p23f);
+}
+
+/// FP4 E2M1 nibble of `value`: sign in bit 3 (the sign bit of `value`), magnitude index
+/// e2m1_index(|value|) in bits 0–2; NaN gets index 0.
 MOELORA_HOST_DEVICE inline std::uint8_t e2m1_encode(float value) {
   const std::uint32_t bits = detail::float_bits(value);
   const float a = detail::bits_float(bits & 0x7fffffffu);
-  const bool upper = a >= e2m1_midpoint(3);                                    // index ≥ 4
-  const bool second = a >= (upper ? e2m1_midpoint(5) : e2m1_midpoint(1));      // index ≥ 6 or ≥ 2
-  const float last = upper ? (second ? e2m1_midpoint(6) : e2m1_midpoint(4)) : (second ? e2m1_midpoint(2) : e2m1_midpoint(0));
-  const std::uint32_t index = 4u * upper + 2u * second + (a > last);
-  return static_cast<std::uint8_t>(((bits >> 28) & 0x8u) | index);
+  return static_cast<std::uint8_t>(((bits >> 28) & 0x8u) | (a == a ? e2m1_index(a) : 0u));
 }
 
 /// The value of an E2M1 nibble (bits 4–7 of `code` ignored).
@@ -537,6 +555,14 @@ template <> struct SchemeCodec<Scheme::mxfp4> {
     return load(stored, tensor_amax);
   }
   MOELORA_HOST_DEVICE static std::uint8_t encode(float x, GroupScale s) { return e2m1_encode(x * s.enc); }
+  /// The magnitude index (bits 0–2) of encode(x, s) for an x that is not NaN: no NaN test, no sign.
+  MOELORA_HOST_DEVICE static std::uint32_t encode_magnitude(float x, GroupScale s) {
+#if defined(__CUDA_ARCH__)
+    return e2m1_index(fabsf(x) * s.enc);  // |x| is a free operand modifier of the multiply
+#else
+    return e2m1_index(std::fabs(x) * s.enc);
+#endif
+  }
   MOELORA_HOST_DEVICE static float unit_value(std::uint8_t code) { return e2m1_decode(code); }
   MOELORA_HOST_DEVICE static float decode(std::uint8_t code, GroupScale s) { return unit_value(code) * s.dec; }
 };
