@@ -35,10 +35,10 @@ struct PrecomputedBase {
 /// of torch's `(grouped_mm(grouped_mm(x, Aᵀ), Bᵀ) * scale).backward(dy)`.
 struct ZeroBase : PrecomputedBase {
   void forward(ConstTensorRef, const ExpertSegments&, TensorRef y, cudaStream_t stream, WriteMode mode) const {
-    if (mode == WriteMode::overwrite) CudaBackend::fill_zero(y.data, static_cast<std::size_t>(y.numel()) * 2, stream);
+    if (mode == WriteMode::overwrite) CudaBackend::fill_zero(y.data, y.bytes(), stream);
   }
   void backward_input(ConstTensorRef, const ExpertSegments&, TensorRef dx, cudaStream_t stream, WriteMode mode) const {
-    if (mode == WriteMode::overwrite) CudaBackend::fill_zero(dx.data, static_cast<std::size_t>(dx.numel()) * 2, stream);
+    if (mode == WriteMode::overwrite) CudaBackend::fill_zero(dx.data, dx.bytes(), stream);
   }
   using PrecomputedBase::backward_input, PrecomputedBase::forward;
 };

@@ -223,7 +223,7 @@ class GroupedLoRA {
                             dx_mode,
                             grads};
       backend_type::lora_backward(args, workspace_, stream);
-      if (dx.data) dx_mode = WriteMode::accumulate;
+      dx_mode = WriteMode::accumulate;
     }
     if constexpr (AccumulatingGroupedLinearBase<Base>)
       if (lora_first) base_.backward_input(dy, segments, dx, stream, WriteMode::accumulate);

@@ -44,8 +44,6 @@ struct GroupedGemmArgs {
   [[nodiscard]] std::int64_t k() const { return direction == GemmDirection::forward ? in_features : out_features; }
   [[nodiscard]] std::int64_t m() const { return direction == GemmDirection::forward ? out_features : in_features; }
   [[nodiscard]] std::int64_t rows(std::int64_t e) const { return offsets[e + 1] - offsets[e]; }
-  /// β of the GEMM: 1 when adding into out, else 0.
-  [[nodiscard]] float beta() const { return mode == WriteMode::accumulate ? 1.0f : 0.0f; }
 };
 
 template <class Backend>
@@ -75,7 +73,7 @@ class GroupedGemm<HostBackend> {
       if (g.mode == WriteMode::accumulate) host::load_as_float(out, g.dtype, c_.size(), c_.data(), DType::fp32);
       // c [n, m] (+)= a [n, k] · op(W_e), W_e `[out, in]`: transposed for forward.
       host::gemm(host::Op::n, g.direction == GemmDirection::forward ? host::Op::t : host::Op::n, n, m, k, 1.0f,
-                 a_.data(), w_.data(), g.beta(), c_.data());
+                 a_.data(), w_.data(), gemm_beta(g.mode), c_.data());
       host::store_from_float(c_.data(), c_.size(), out, g.dtype);
     }
   }

@@ -17,4 +17,8 @@ enum class WriteMode : std::uint8_t {
   overwrite,   ///< out = result
 };
 
+/// β of a GEMM `C = α·A·B + β·C` that treats C in `mode`: 1 adds, 0 overwrites (BLAS and cuBLAS do
+/// not read C when β = 0).
+constexpr float gemm_beta(WriteMode mode) { return mode == WriteMode::accumulate ? 1.0f : 0.0f; }
+
 }  // namespace moelora

@@ -76,7 +76,7 @@ class GroupedGemm<CudaBackend> {
     MOELORA_CUBLAS_CHECK(cublasSetStream(handle_, stream));
 
     if (strategy_ == GemmStrategy::per_expert) {
-      const float one = 1.0f, beta = g.beta();
+      const float one = 1.0f, beta = gemm_beta(g.mode);
       for (std::int64_t e = g.first_expert; e < g.last_expert; ++e) {
         const auto n = static_cast<int>(g.rows(e));
         if (n == 0) continue;
@@ -111,7 +111,7 @@ class GroupedGemm<CudaBackend> {
     per_group(ops_, op_w), per_group(no_transpose_, CUBLAS_OP_N);
     per_group(ms_, static_cast<int>(m)), per_group(ks_, static_cast<int>(k)), per_group(ldas_, lda);
     per_group(ldbs_, static_cast<int>(k)), per_group(ldcs_, static_cast<int>(m)), per_group(group_sizes_, 1);
-    per_group(alphas_, 1.0f), per_group(betas_, g.beta());
+    per_group(alphas_, 1.0f), per_group(betas_, gemm_beta(g.mode));
     MOELORA_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(
         handle_, ops_.data(), no_transpose_.data(), ms_.data(), ns_.data(), ks_.data(), alphas_.data(), device, type,
         ldas_.data(), device + groups, type, ldbs_.data(), betas_.data(),

@@ -78,7 +78,6 @@ struct HostBackend {
     const FactorsRef& f = args.factors;
     const std::int64_t r = f.rank;
     std::vector<float> a, b, x, h, delta;
-    const float y_beta = args.y_mode == WriteMode::accumulate ? 1.0f : 0.0f;
     for (std::int64_t e = 0; e < s.experts; ++e) {
       const auto [row0, n] = expert_rows(workspace.segments(), e);
       if (n == 0) continue;
@@ -89,9 +88,9 @@ struct HostBackend {
       round_in_place(h, f.dtype);
       host::store_from_float(h.data(), h.size(), host::element(args.h, f.dtype, row0 * r), f.dtype);
       void* y = host::element(args.y, s.io_dtype, row0 * s.out);
-      delta.assign(static_cast<std::size_t>(n * s.out), 0.0f);
-      if (y_beta != 0.0f) load(y, s.io_dtype, n * s.out, DType::fp32, delta);
-      host::gemm(host::Op::n, host::Op::t, n, s.out, r, f.scale, h.data(), b.data(), y_beta, delta.data());
+      load_output(y, s.io_dtype, n * s.out, args.y_mode, delta);
+      host::gemm(host::Op::n, host::Op::t, n, s.out, r, f.scale, h.data(), b.data(), gemm_beta(args.y_mode),
+                 delta.data());
       host::store_from_float(delta.data(), delta.size(), y, s.io_dtype);
     }
   }
@@ -101,8 +100,7 @@ struct HostBackend {
     const FactorsRef& f = args.factors;
     const std::int64_t r = f.rank;
     std::vector<float> a, b, x, dy, h, u, dx;
-    const float grad_beta = args.grad_mode == WriteMode::accumulate ? 1.0f : 0.0f;
-    const float dx_beta = args.dx_mode == WriteMode::accumulate ? 1.0f : 0.0f;
+    const float grad_beta = gemm_beta(args.grad_mode);
     for (std::int64_t e = 0; e < s.experts; ++e) {
       const auto [row0, n] = expert_rows(workspace.segments(), e);
       if (n == 0) {  // no rows: the gradients are zero, written as such when overwriting
@@ -126,9 +124,8 @@ struct HostBackend {
                    args.grad_a + e * r * s.in);
       if (args.dx) {
         void* dx_rows = host::element(args.dx, s.io_dtype, row0 * s.in);
-        dx.assign(static_cast<std::size_t>(n * s.in), 0.0f);
-        if (dx_beta != 0.0f) load(dx_rows, s.io_dtype, n * s.in, DType::fp32, dx);
-        host::gemm(host::Op::n, host::Op::n, n, s.in, r, 1.0f, u.data(), a.data(), dx_beta, dx.data());
+        load_output(dx_rows, s.io_dtype, n * s.in, args.dx_mode, dx);
+        host::gemm(host::Op::n, host::Op::n, n, s.in, r, 1.0f, u.data(), a.data(), gemm_beta(args.dx_mode), dx.data());
         host::store_from_float(dx.data(), dx.size(), dx_rows, s.io_dtype);
       }
     }
@@ -166,6 +163,12 @@ struct HostBackend {
   static void load(const void* data, DType dtype, std::int64_t n, DType round, std::vector<float>& out) {
     out.resize(static_cast<std::size_t>(n));
     host::load_as_float(data, dtype, out.size(), out.data(), round);
+  }
+  /// Sizes `out` for n output elements and, when accumulating, loads their old values as fp32 (an
+  /// overwriting GEMM, β = 0, does not read them).
+  static void load_output(const void* data, DType dtype, std::int64_t n, WriteMode mode, std::vector<float>& out) {
+    if (mode == WriteMode::accumulate) load(data, dtype, n, DType::fp32, out);
+    else out.resize(static_cast<std::size_t>(n));
   }
   static void load_factors(const FactorsRef& f, const LoraShape& s, std::int64_t e, std::vector<float>& a,
                            std::vector<float>& b) {
