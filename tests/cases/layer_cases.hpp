@@ -379,14 +379,14 @@ TEST_CASE_TEMPLATE_DEFINE("adapter identity: seeds from names, stable views, opt
   p.h.write(first.grad_a, random_tensor(p.rng, DType::fp32, first.grad_a.shape));
   optimizer.step(*p.layer, p.h.stream());
   optimizer.step(*p.layer, p.h.stream());
-  CHECK(optimizer.steps("first") == 2);
+  CHECK(optimizer.steps("first", p.h.stream()) == 2);
   const std::uint64_t old_id = first.id;
   p.layer->remove_adapter("first");
   p.layer->add_adapter("first", adapter_config(8), p.h.stream());
   CHECK(p.layer->adapter("first").id != old_id);
   CHECK(p.h.download(p.layer->adapter("first").a).values == a1.values);  // same name, same seed, same A
   optimizer.step(*p.layer, p.h.stream());
-  CHECK(optimizer.steps("first") == 1);  // a new instance starts a new state
+  CHECK(optimizer.steps("first", p.h.stream()) == 1);  // a new instance starts a new state
 }
 
 TEST_CASE_TEMPLATE_DEFINE("frozen factors get no gradient; the base never changes", H, frozen) {
@@ -482,7 +482,7 @@ TEST_CASE_TEMPLATE_DEFINE("AdamW trains the adapters towards a teacher", H, trai
     p.layer->backward(p.x_dev.ref(), p.device_counts(), dy_dev.ref(), TensorRef{}, p.h.stream());
     optimizer.step(*p.layer, p.h.stream());
   }
-  CHECK(optimizer.steps("student") == 40);
+  CHECK(optimizer.steps("student", p.h.stream()) == 40);
   CHECK(last < 0.5 * first);
 }
 

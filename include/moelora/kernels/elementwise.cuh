@@ -1,12 +1,11 @@
 /// \file
-/// \brief Element-wise kernels: Kaiming-uniform factor init and the AdamW update.
+/// \brief Element-wise kernels: Kaiming-uniform factor init.
 #pragma once
 
 #include <cstdint>
 
 #include "moelora/core/random.hpp"
 #include "moelora/kernels/common.cuh"
-#include "moelora/optim/adamw_math.hpp"
 
 namespace moelora::kernels {
 
@@ -16,19 +15,6 @@ __global__ void kaiming_uniform_kernel(FT* a, std::int64_t count, float bound, s
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
     a[i] = from_float<FT>(__fmul_rn(2.0f * uniform01(seed, 0, static_cast<std::uint64_t>(i)) - 1.0f, bound));
-}
-
-/// AdamW over `p.count` parameters of device type FT (see AdamWArgs).
-template <class FT>
-__global__ void adamw_kernel(AdamWArgs p) {
-  FT* param = static_cast<FT*>(p.param);
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < p.count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const float w = p.master && !p.first_step ? p.master[i] : to_float(param[i]);
-    const float updated = adamw_update(w, p.grad[i], p.m[i], p.v[i], p.config, p.step);
-    if (p.master) p.master[i] = updated;
-    param[i] = from_float<FT>(updated);
-  }
 }
 
 }  // namespace moelora::kernels
