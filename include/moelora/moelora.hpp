@@ -15,8 +15,10 @@
 #include "moelora/grouped_lora.hpp"
 #include "moelora/host/backend.hpp"
 #include "moelora/host/linalg.hpp"
+#include "moelora/host/loss.hpp"
 #include "moelora/host/quantize.hpp"
 #include "moelora/init/svd_init.hpp"
+#include "moelora/loss/mse.hpp"
 #include "moelora/optim/adamw.hpp"
 #include "moelora/policies/policy_set.hpp"
 
@@ -24,5 +26,6 @@
 #include "moelora/cuda/backend.hpp"
 #include "moelora/cuda/grouped_linear.hpp"
 #include "moelora/cuda/linalg.hpp"
+#include "moelora/cuda/loss.hpp"
 #include "moelora/cuda/quantize.hpp"
 #endif

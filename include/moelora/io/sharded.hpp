@@ -182,20 +182,22 @@ struct ShardContents {
   }
 };
 
+/// Writes rank `layout`'s file in `dir`: `contents` and the metadata of the file comment, plus `extra`.
 inline void write_shard(const std::filesystem::path& dir, const ShardLayout& layout, const GlobalSizes& sizes,
-                        std::string_view prefix, const nlohmann::ordered_json& adapters, const ShardContents& contents) {
+                        std::string_view prefix, const nlohmann::ordered_json& adapters, const ShardContents& contents,
+                        Metadata extra = {}) {
   const nlohmann::ordered_json placement = {{"tp", layout.tp},
                                             {"tp_rank", layout.tp_rank},
                                             {"ep", layout.ep},
                                             {"ep_rank", layout.ep_rank},
                                             {"mode", tp_mode_name(layout.mode)}};
-  write_safetensors(dir / shard_file_name(layout.tp_rank, layout.ep_rank), contents.tensors,
-                    {{"format", "pt"},
-                     {"moelora.layout", placement.dump()},
-                     {"moelora.layer", sizes_json(sizes).dump()},
-                     {"moelora.prefix", std::string(prefix)},
-                     {"moelora.adapters", adapters.dump()},
-                     {"moelora.slices", contents.slices.dump()}});
+  extra.insert({{"format", "pt"},
+                {"moelora.layout", placement.dump()},
+                {"moelora.layer", sizes_json(sizes).dump()},
+                {"moelora.prefix", std::string(prefix)},
+                {"moelora.adapters", adapters.dump()},
+                {"moelora.slices", contents.slices.dump()}});
+  write_safetensors(dir / shard_file_name(layout.tp_rank, layout.ep_rank), contents.tensors, extra);
 }
 
 /// One stored slice of a global factor.

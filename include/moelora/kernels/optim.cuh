@@ -11,10 +11,10 @@
 #include <cub/block/block_reduce.cuh>
 
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #include "moelora/kernels/common.cuh"
+#include "moelora/kernels/vec4.cuh"
 #include "moelora/optim/multi_tensor.hpp"
 
 namespace moelora::kernels {
@@ -39,32 +39,6 @@ struct ChunkRange {
 __device__ __forceinline__ ChunkRange chunk_range(const OptimTensor& t, std::int64_t c) {
   const std::int64_t begin = (c - t.first_chunk) * kOptimChunk;
   return {begin, begin + kOptimChunk < t.count ? begin + kOptimChunk : t.count};
-}
-
-/// Four consecutive elements as fp32 (a 16-byte or 8-byte vector load).
-template <class T>
-__device__ __forceinline__ void load4(const T* p, float (&out)[4]) {
-  if constexpr (sizeof(T) == 4) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-  } else {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    T e[4];
-    std::memcpy(e, &raw, sizeof(raw));
-    for (int j = 0; j < 4; ++j) out[j] = to_float(e[j]);
-  }
-}
-template <class T>
-__device__ __forceinline__ void store4(T* p, const float (&in)[4]) {
-  if constexpr (sizeof(T) == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(in[0], in[1], in[2], in[3]);
-  } else {
-    T e[4];
-    for (int j = 0; j < 4; ++j) e[j] = from_float<T>(in[j]);
-    uint2 raw;
-    std::memcpy(&raw, e, sizeof(raw));
-    *reinterpret_cast<uint2*>(p) = raw;
-  }
 }
 
 /// Whether this block is the last of the grid to arrive at `counter` (thread 0 asks; every thread

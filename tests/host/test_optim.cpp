@@ -1,0 +1,212 @@
+// The optimizer step and its checkpoints on the host backend: every shared case (resume, clipping,
+// non-finite skips, loss scaling, schedule, bad files), plus what needs no second backend: the
+// schedule's formula, settings validation, layers of several types in one step, the MSE loss
+// against fp64, and sharded optimizer state across TP/EP layouts.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "cases/optim_cases.hpp"
+#include "moelora/io/sharded_optimizer.hpp"
+
+using namespace moelora;
+using namespace moelora::testing;
+
+MOELORA_OPTIM_CASES(HostHarness);
+
+TEST_CASE("schedule: warm-up, then constant, linear or cosine decay to the floor") {
+  const float lr = 0.1f;
+  CHECK(scheduled_lr({}, lr, 1) == lr);
+  CHECK(scheduled_lr({}, lr, 1000) == lr);
+  const LrSchedule warm_constant{ScheduleKind::constant, 4, 0, 0.0f};
+  for (std::int64_t t = 1; t <= 4; ++t)
+    CHECK(scheduled_lr(warm_constant, lr, t) == static_cast<float>(static_cast<double>(lr) * static_cast<double>(t) / 4.0));
+  CHECK(scheduled_lr(warm_constant, lr, 5) == lr);
+  const LrSchedule linear{ScheduleKind::linear, 2, 12, 0.2f};
+  const LrSchedule cosine{ScheduleKind::cosine, 2, 12, 0.2f};
+  for (std::int64_t t = 2; t <= 14; ++t) {
+    const double p = std::min(1.0, static_cast<double>(t - 2) / 10.0);
+    const double floor = static_cast<double>(0.2f);
+    CHECK(scheduled_lr(linear, lr, t) == static_cast<float>(static_cast<double>(lr) * (floor + (1 - floor) * (1 - p))));
+    CHECK(scheduled_lr(cosine, lr, t) ==
+          static_cast<float>(static_cast<double>(lr) * (floor + (1 - floor) * 0.5 * (1 + std::cos(M_PI * p)))));
+  }
+  CHECK(scheduled_lr(cosine, lr, 12) == static_cast<float>(static_cast<double>(lr) * static_cast<double>(0.2f)));
+  CHECK(scheduled_lr(cosine, lr, 100) == scheduled_lr(cosine, lr, 12));
+  CHECK(parse_schedule_kind("cosine") == ScheduleKind::cosine);
+  check_error([] { parse_schedule_kind("exponential"); }, ErrorCode::invalid_argument, "accepted: constant, linear, cosine");
+}
+
+TEST_CASE("AdamW settings are validated, naming the field") {
+  using Opt = AdamW<HostHarness::Layer>;
+  const auto bad = [](auto change, const std::string& needle) {
+    AdamWConfig c;
+    change(c);
+    check_error([&] { Opt{c}; }, ErrorCode::invalid_argument, needle);
+  };
+  bad([](AdamWConfig& c) { c.lr = 0.0f; }, "lr must be finite and > 0");
+  bad([](AdamWConfig& c) { c.lr = std::nanf(""); }, "lr must be finite and > 0");
+  bad([](AdamWConfig& c) { c.beta2 = 1.0f; }, "betas must be in [0, 1)");
+  bad([](AdamWConfig& c) { c.eps = -1.0f; }, "eps must be >= 0");
+  bad([](AdamWConfig& c) { c.weight_decay = -0.1f; }, "weight_decay must be >= 0");
+  bad([](AdamWConfig& c) { c.max_grad_norm = -1.0f; }, "max_grad_norm must be finite and >= 0");
+  bad([](AdamWConfig& c) { c.schedule = {ScheduleKind::cosine, 10, 10, 0.0f}; }, "needs total_steps > warmup_steps");
+  bad([](AdamWConfig& c) { c.schedule.min_lr_ratio = 2.0f; }, "min_lr_ratio must be in [0, 1]");
+  bad([](AdamWConfig& c) { c.schedule.warmup_steps = -1; }, "warmup_steps must be >= 0");
+  bad([](AdamWConfig& c) { c.loss_scaling = {true, 0.0f}; }, "init_scale must be finite and > 0");
+  bad([](AdamWConfig& c) { c.loss_scaling = {true, 1.0f, 1.0f}; }, "growth_factor must be > 1");
+  bad([](AdamWConfig& c) { c.loss_scaling = {true, 1.0f, 2.0f, 1.0f}; }, "backoff_factor must be in (0, 1)");
+  bad([](AdamWConfig& c) { c.loss_scaling = {true, 1.0f, 2.0f, 0.5f, 0}; }, "growth_interval must be >= 1");
+  bad([](AdamWConfig& c) { c.loss_scaling.enabled = true, c.skip_nonfinite = false; }, "loss scaling needs skip_nonfinite");
+  Opt ok{AdamWConfig{}};
+  check_error([&] { ok.set_lr(-1.0f); }, ErrorCode::invalid_argument, "lr must be finite and > 0");
+  CHECK(ok.config().lr == 1e-3f);
+}
+
+TEST_CASE("one step over layers of different types clips by their joint norm") {
+  HostHarness h;
+  Rng rng;
+  INFO("seed " << rng.seed);
+  const HostTensor w = random_tensor(rng, DType::bf16, {3, 24, 32}, 0.1f);
+  HostHarness::Layer plain(h.make_base(w));
+  HostHarness::QuantizedLayer quantized(h.make_quantized_base(w, quant::parse_quant_spec("nvfp4")));
+  plain.add_adapter("p", adapter_config(4, 1.0, "bf16"), {});
+  quantized.add_adapter("q", adapter_config(8, 1.0, "fp16"), {});
+  double sum = 0.0;
+  for (const AdapterView& v : {plain.adapter("p"), quantized.adapter("q")})
+    for (const TensorRef& g : {v.grad_a, v.grad_b}) {
+      const HostTensor values = random_tensor(rng, DType::fp32, g.shape);
+      h.write(g, values);
+      for (float x : values.values) sum += double(x) * x;
+    }
+  AdamWConfig c;
+  c.max_grad_norm = 1.0f;
+  AdamW<HostHarness::Layer> optimizer(c);
+  const float* norm = optimizer.step({plain, quantized}, {});
+  CHECK(std::abs(*norm - std::sqrt(sum)) <= 1e-6 * std::sqrt(sum));
+  CHECK(optimizer.steps("p", {}, 0) == 1);
+  CHECK(optimizer.steps("q", {}, 1) == 1);
+  CHECK(optimizer.steps("q", {}, 0) == 0);  // group 0 is the plain layer
+}
+
+TEST_CASE("MSE loss: the loss in fp64 and dy = round(2 · weight · scale · (y − t)), empty and odd sizes") {
+  HostHarness h;
+  Rng rng;
+  INFO("seed " << rng.seed);
+  for (const DType dtype : kAllDTypes) {
+    for (const std::int64_t count : {std::int64_t{0}, std::int64_t{1}, std::int64_t{1027}}) {
+      const HostTensor y = random_tensor(rng, dtype, {count}), target = random_tensor(rng, dtype, {count});
+      HostTensor dy(dtype, {count}, std::numeric_limits<float>::quiet_NaN());
+      const float scale = 8.0f, weight = 1.0f / 3.0f;
+      double loss = 0.5;
+      std::vector<std::byte> yb = y.encode(), tb = target.encode(), db = dy.encode();
+      loss::mse_loss({yb.data(), tb.data(), db.data(), dtype, count, weight, &scale, &loss}, {});
+      dy.decode(db);
+      double expected = 0.0;
+      for (std::int64_t i = 0; i < count; ++i) {
+        const double d = double(y[i]) - target[i];
+        expected += d * d;
+        CHECK(dy[i] == round_as(dtype, (2.0f * weight * scale) * (y[i] - target[i])));
+      }
+      CHECK(std::abs(loss - 0.5 - weight * expected) <= 1e-12 * (1.0 + expected));
+    }
+  }
+  check_error([] { loss::mse_loss({nullptr, nullptr, nullptr, DType::bf16, 4}, {}); }, ErrorCode::invalid_argument,
+              "need data for 4 elements");
+}
+
+namespace {
+
+constexpr std::int64_t kE = 4, kIn = 48, kOut = 32;
+
+/// A host layer of `experts` × `in` → `out` with a bf16 and an fp32 adapter, and trained state.
+struct RankModel {
+  HostHarness h;
+  HostHarness::Layer layer;
+  AdamW<HostHarness::Layer> optimizer;
+
+  RankModel(std::int64_t experts, std::int64_t in, std::int64_t out, const AdamWConfig& config)
+      : layer(h.make_base(HostTensor(DType::bf16, {experts, out, in}, 0.01f))), optimizer(config) {
+    layer.add_adapter("style", adapter_config(8, 1.0, "bf16"), {});
+    layer.add_adapter("domain", adapter_config(4, 1.0, "fp32"), {});
+  }
+};
+
+/// Rows `[r0, r0 + nr)` and columns `[c0, c0 + nc)` of every expert of an `[E, R, C]` tensor, for
+/// experts `[e0, e0 + ne)`.
+std::vector<float> cut(const HostTensor& t, std::int64_t e0, std::int64_t ne, std::int64_t r0, std::int64_t nr,
+                       std::int64_t c0, std::int64_t nc) {
+  std::vector<float> out;
+  for (std::int64_t e = e0; e < e0 + ne; ++e)
+    for (std::int64_t r = r0; r < r0 + nr; ++r)
+      for (std::int64_t c = c0; c < c0 + nc; ++c) out.push_back(t[static_cast<std::size_t>((e * t.shape[1] + r) * t.shape[2] + c)]);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("sharded optimizer state: saved by one layout, loaded bit for bit by others; strict") {
+  Rng rng;
+  INFO("seed " << rng.seed);
+  AdamWConfig config;
+  config.max_grad_norm = 1.0f;
+  RankModel full(kE, kIn, kOut, config);
+  for (int step = 0; step < 3; ++step) {
+    for (const char* name : {"style", "domain"}) {
+      const AdapterView v = full.layer.adapter(name);
+      full.h.write(v.grad_a, random_tensor(rng, DType::fp32, v.grad_a.shape));
+      full.h.write(v.grad_b, random_tensor(rng, DType::fp32, v.grad_b.shape));
+    }
+    full.optimizer.step(full.layer, {});
+  }
+  full.layer.add_adapter("fresh", adapter_config(4, 1.0, "bf16"), {});  // no state yet
+  TempPath dir;
+  io::save_sharded_optimizer(full.optimizer, full.layer, io::ShardLayout{}, dir.path, "m.", {});
+  io::write_sharded_optimizer_index(dir.path);
+
+  for (const io::ShardGrid grid : {io::ShardGrid{2, 2, io::TpMode::column}, io::ShardGrid{4, 1, io::TpMode::row},
+                                   io::ShardGrid{1, 4, io::TpMode::column}}) {
+    for (std::int64_t e = 0; e < grid.ep; ++e)
+      for (std::int64_t t = 0; t < grid.tp; ++t) {
+        const io::ShardLayout layout{grid.tp, t, grid.ep, e, grid.mode};
+        INFO("tp " << t << "/" << grid.tp << " ep " << e << "/" << grid.ep << " " << io::tp_mode_name(grid.mode));
+        const bool column = grid.mode == io::TpMode::column;
+        const std::int64_t ne = kE / grid.ep, nin = column ? kIn : kIn / grid.tp, nout = column ? kOut / grid.tp : kOut;
+        RankModel rank(ne, nin, nout, config);
+        rank.layer.add_adapter("fresh", adapter_config(4, 1.0, "bf16"), {});
+        io::load_sharded_optimizer(rank.optimizer, rank.layer, layout, dir.path, "m.", {});
+        CHECK(rank.optimizer.counters({}) == full.optimizer.counters({}));
+        CHECK_FALSE(rank.optimizer.state("fresh"));
+        for (const char* name : {"style", "domain"}) {
+          const auto mine = *rank.optimizer.state(name);
+          const auto all = *full.optimizer.state(name);
+          CHECK(*mine.a.step == 3);
+          CHECK(*mine.b.step == 3);
+          const std::int64_t r = full.layer.adapter(name).config.rank;
+          for (const auto& [local, global] : {std::pair{mine.a.m, all.a.m}, std::pair{mine.a.v, all.a.v},
+                                              std::pair{mine.a.master, all.a.master}}) {
+            if (!global.data) continue;
+            CHECK(full.h.download(local).values == cut(full.h.download(global), e * ne, ne, 0, r, column ? 0 : t * nin, nin));
+          }
+          for (const auto& [local, global] : {std::pair{mine.b.m, all.b.m}, std::pair{mine.b.v, all.b.v},
+                                              std::pair{mine.b.master, all.b.master}}) {
+            if (!global.data) continue;
+            CHECK(full.h.download(local).values == cut(full.h.download(global), e * ne, ne, column ? t * nout : 0, nout, 0, r));
+          }
+        }
+      }
+  }
+
+  // Strict: another prefix, another adapter set, a layer of the wrong size.
+  RankModel other(kE, kIn, kOut, config);
+  check_error([&] { io::load_sharded_optimizer(other.optimizer, other.layer, io::ShardLayout{}, dir.path, "x.", {}); },
+              ErrorCode::invalid_argument, "its keys use the prefix \"m.\", not \"x.\"");
+  check_error([&] { io::load_sharded_optimizer(other.optimizer, other.layer, io::ShardLayout{}, dir.path, "m.", {}); },
+              ErrorCode::invalid_argument, "unexpected adapter \"fresh\"");
+  other.layer.add_adapter("fresh", adapter_config(4, 1.0, "bf16"), {});
+  const io::ShardLayout half{1, 0, 2, 1, io::TpMode::column};
+  check_error([&] { io::load_sharded_optimizer(other.optimizer, other.layer, half, dir.path, "m.", {}); },
+              ErrorCode::invalid_argument, "the layer holds 4 experts but rank ep 1/2 of the checkpoint's 4 holds 2");
+  CHECK_FALSE(other.optimizer.state("style"));
+}
