@@ -1,14 +1,17 @@
 // The optimizer step and its checkpoints on the host backend: every shared case (resume, clipping,
 // non-finite skips, loss scaling, schedule, bad files), plus what needs no second backend: the
 // schedule's formula, settings validation, layers of several types in one step, the MSE loss
-// against fp64, and sharded optimizer state across TP/EP layouts.
+// against fp64, sharded optimizer state across TP/EP layouts, and the norm over TP x EP ranks.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 
 #include "cases/optim_cases.hpp"
 #include "moelora/io/sharded_optimizer.hpp"
+#include "moelora/parallel/host_thread_communicator.hpp"
 
 using namespace moelora;
 using namespace moelora::testing;
@@ -209,4 +212,107 @@ TEST_CASE("sharded optimizer state: saved by one layout, loaded bit for bit by o
   check_error([&] { io::load_sharded_optimizer(other.optimizer, other.layer, half, dir.path, "m.", {}); },
               ErrorCode::invalid_argument, "the layer holds 4 experts but rank ep 1/2 of the checkpoint's 4 holds 2");
   CHECK_FALSE(other.optimizer.state("style"));
+}
+
+namespace {
+
+/// A rank's single fp32 adapter under tensor-parallel mode `Mode`, without a base: the smallest
+/// TrainableLayer (the optimizer needs nothing else).
+template <class Mode>
+struct RankAdapters {
+  using backend_type = HostBackend;
+  struct policies {
+    using parallel_mode = Mode;
+  };
+  ResolvedAdapterConfig config{4, 1.0f, true, DType::fp32, InitMethod::kaiming_zeros, true, 0, 0};
+  HostTensor a, b, grad_a, grad_b;
+
+  [[nodiscard]] std::vector<std::string> adapter_names() const { return {"ad"}; }
+  AdapterView adapter(std::string_view /*name*/) {
+    const auto ref = [](HostTensor& t) { return TensorRef{t.values.data(), DType::fp32, t.shape}; };
+    return {"ad", 0, config, ref(a), ref(b), ref(grad_a), ref(grad_b)};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("TP x EP: every rank clips by the norm of the whole layer and skips the same steps") {
+  Rng rng;
+  INFO("seed " << rng.seed);
+  constexpr std::int64_t kExperts = 4, kRank = 4, kInF = 16, kOutF = 12, kTp = 2, kEp = 2;
+  RankAdapters<policy::NoTensorParallel> whole;
+  whole.a = random_tensor(rng, DType::fp32, {kExperts, kRank, kInF}, 0.3f);
+  whole.b = random_tensor(rng, DType::fp32, {kExperts, kOutF, kRank}, 0.3f);
+  whole.grad_a = random_tensor(rng, DType::fp32, whole.a.shape);
+  whole.grad_b = random_tensor(rng, DType::fp32, whole.b.shape);
+  double sum = 0.0;
+  for (const HostTensor* g : {&whole.grad_a, &whole.grad_b})
+    for (float x : g->values) sum += double(x) * x;
+  AdamWConfig config;
+  config.lr = 1e-2f;
+  config.max_grad_norm = static_cast<float>(std::sqrt(sum) / 3);
+
+  // Column mode: A replicated, B's rows split over TP; experts split over EP.
+  const auto slice = [](const HostTensor& t, std::int64_t e0, std::int64_t ne, std::int64_t r0, std::int64_t nr) {
+    HostTensor out(DType::fp32, {ne, nr, t.shape[2]});
+    out.values = cut(t, e0, ne, r0, nr, 0, t.shape[2]);
+    return out;
+  };
+  std::vector<RankAdapters<policy::ColumnParallel>> ranks(kTp * kEp);
+  for (std::int64_t e = 0; e < kEp; ++e)
+    for (std::int64_t t = 0; t < kTp; ++t) {
+      auto& r = ranks[static_cast<std::size_t>(e * kTp + t)];
+      const std::int64_t ne = kExperts / kEp, nout = kOutF / kTp;
+      r.a = slice(whole.a, e * ne, ne, 0, kRank), r.grad_a = slice(whole.grad_a, e * ne, ne, 0, kRank);
+      r.b = slice(whole.b, e * ne, ne, t * nout, nout), r.grad_b = slice(whole.grad_b, e * ne, ne, t * nout, nout);
+    }
+
+  AdamW<RankAdapters<policy::NoTensorParallel>> reference(config);
+  reference.step(whole, {});
+  const float reference_norm = reference.last_norm({});
+  CHECK(std::abs(reference_norm - std::sqrt(sum)) <= 1e-6 * std::sqrt(sum));
+
+  parallel::HostThreadGroup tp_groups[kEp] = {parallel::HostThreadGroup(kTp), parallel::HostThreadGroup(kTp)};
+  parallel::HostThreadGroup ep_groups[kTp] = {parallel::HostThreadGroup(kEp), parallel::HostThreadGroup(kEp)};
+  std::vector<float> norms(ranks.size());
+  std::vector<AdamW<RankAdapters<policy::ColumnParallel>>::Counters> counters(ranks.size());
+  std::vector<std::vector<float>> moments(ranks.size() * 2);  // each rank's m of A and of B after the first step
+  parallel::run_ranks(kTp * kEp, [&](parallel::HostThreadCommunicator& world) {
+    const auto r = static_cast<std::size_t>(world.rank());
+    const int e = world.rank() / kTp, t = world.rank() % kTp;
+    parallel::HostThreadCommunicator tp(tp_groups[static_cast<std::size_t>(e)], t), ep(ep_groups[static_cast<std::size_t>(t)], e);
+    auto& mine = ranks[r];
+    AdamW<RankAdapters<policy::ColumnParallel>> optimizer(config);
+    const NormGroups<parallel::HostThreadCommunicator> groups{&tp, &ep};
+    norms[r] = *optimizer.step({mine}, {}, groups);
+    const auto state = *optimizer.state("ad");
+    const auto* m_a = static_cast<const float*>(state.a.m.data);
+    const auto* m_b = static_cast<const float*>(state.b.m.data);
+    moments[2 * r].assign(m_a, m_a + state.a.m.numel());
+    moments[2 * r + 1].assign(m_b, m_b + state.b.m.numel());
+    const std::vector<float> a_before = mine.a.values, b_before = mine.b.values;
+    if (world.rank() == 3) mine.grad_b[5] = std::numeric_limits<float>::infinity();  // one rank overflows
+    optimizer.step({mine}, {}, groups);
+    CHECK(mine.a.values == a_before);
+    CHECK(mine.b.values == b_before);
+    counters[r] = optimizer.counters({});
+  });
+  const auto whole_state = *reference.state("ad");
+  HostTensor m_a(DType::fp32, whole.a.shape), m_b(DType::fp32, whole.b.shape);
+  std::copy_n(static_cast<const float*>(whole_state.a.m.data), m_a.size(), m_a.values.begin());
+  std::copy_n(static_cast<const float*>(whole_state.b.m.data), m_b.size(), m_b.values.begin());
+  for (std::size_t r = 0; r < ranks.size(); ++r) {
+    INFO("rank " << r);
+    const std::int64_t e = static_cast<std::int64_t>(r) / kTp, t = static_cast<std::int64_t>(r) % kTp;
+    const std::int64_t ne = kExperts / kEp, nout = kOutF / kTp;
+    CHECK(std::abs(norms[r] - reference_norm) <= 1e-6 * reference_norm);
+    CHECK(counters[r].step == 1);
+    CHECK(counters[r].skipped == 1);
+    // The clip coefficient of the whole layer: the moments are the single rank's slices.
+    CHECK(relative_error(moments[2 * r], slice(m_a, e * ne, ne, 0, kRank).values) < 1e-5);
+    CHECK(relative_error(moments[2 * r + 1], slice(m_b, e * ne, ne, t * nout, nout).values) < 1e-5);
+    CHECK(relative_error(ranks[r].a.values, slice(whole.a, e * ne, ne, 0, kRank).values) < 1e-6);
+    CHECK(relative_error(ranks[r].b.values, slice(whole.b, e * ne, ne, t * nout, nout).values) < 1e-6);
+    CHECK(ranks[r].a.values == ranks[static_cast<std::size_t>(e * kTp)].a.values);  // replicas stay identical
+  }
 }

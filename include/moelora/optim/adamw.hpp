@@ -6,12 +6,15 @@
 #pragma once
 
 #include <algorithm>
+#include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <map>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -20,6 +23,8 @@
 #include "moelora/optim/adamw_math.hpp"
 #include "moelora/optim/layer_ref.hpp"
 #include "moelora/optim/multi_tensor.hpp"
+#include "moelora/optim/norm_groups.hpp"
+#include "moelora/parallel/communicator.hpp"
 
 namespace moelora {
 
@@ -93,7 +98,21 @@ class AdamW {
   /// Allocation and synchronisation happen only at an adapter's first step (its state) and when the
   /// set of stepped tensors changed since the last step (a table uploaded to backend memory); a
   /// step after one with the same adapters does neither, and can be captured in a CUDA graph.
-  const float* step(std::initializer_list<layer_ref> layers, stream_type stream) { return run(layers, stream); }
+  const float* step(std::initializer_list<layer_ref> layers, stream_type stream) { return run(layers, stream, nullptr); }
+
+  /// One step of adapters sharded over ranks: as `step(layers, stream)`, with the gradient
+  /// statistics summed over `groups` (see NormGroups) before the decision, so that every rank
+  /// clips by the same global norm and skips the same steps. Every rank of a group must call it
+  /// with the same settings, in the same order as its other collectives.
+  template <parallel::Communicator Comm>
+    requires std::same_as<typename Comm::backend_type, backend_type>
+  const float* step(std::initializer_list<layer_ref> layers, stream_type stream, const NormGroups<Comm>& groups) {
+    return run(layers, stream, [&](float* sums) {
+      using parallel::CommElement, parallel::ReduceOp;
+      if (groups.tp) groups.tp->all_reduce(sums, sums, 1, CommElement::fp32, ReduceOp::sum, stream);
+      if (groups.ep) groups.ep->all_reduce(sums, sums, 2, CommElement::fp32, ReduceOp::sum, stream);
+    });
+  }
 
   /// Reads the counters (synchronises the stream).
   [[nodiscard]] Counters counters(stream_type stream) {
@@ -222,7 +241,10 @@ class AdamW {
     });
   }
 
-  const float* run(std::initializer_list<layer_ref> layers, stream_type stream) {
+  /// The step; `reduce(sums, stream)` (or nullptr: none) sums the statistics across ranks.
+  template <class Reduce>
+  const float* run(std::initializer_list<layer_ref> layers, stream_type stream, Reduce&& reduce) {
+    constexpr bool kReduced = !std::is_same_v<std::remove_cvref_t<Reduce>, std::nullptr_t>;
     ensure_control(stream);
     std::vector<OptimTensor> table;
     std::int64_t chunks = 0;
@@ -243,8 +265,8 @@ class AdamW {
       }
       ++group;
     }
-    if (table.empty()) return &control()->norm;
-    if (table != uploaded_) {
+    if (table.empty() && !kReduced) return &control()->norm;
+    if (table != uploaded_ && !table.empty()) {
       table_.reserve(table.size() * sizeof(OptimTensor));
       backend_type::copy_from_host(table_.data(), table.data(), table.size() * sizeof(OptimTensor), stream);
       uploaded_ = table;
@@ -257,9 +279,17 @@ class AdamW {
     batch.partials = partials_.template as<double>();
     batch.config = config_;
     batch.use_stats = config_.needs_grad_stats();
-    batch.finish_in_stats = true;
-    if (batch.use_stats) backend_type::optim_grad_stats(batch, stream);
-    backend_type::optim_update(batch, stream);
+    batch.finish_in_stats = !kReduced;
+    if (batch.use_stats) {
+      // A rank with nothing to step still takes part in the reduction, with zero sums.
+      if (table.empty()) backend_type::fill_zero(control()->reduced, sizeof(control()->reduced), stream);
+      else backend_type::optim_grad_stats(batch, stream);
+      if constexpr (kReduced) {
+        reduce(control()->reduced);
+        backend_type::optim_finish_stats(batch, stream);
+      }
+    }
+    if (!table.empty()) backend_type::optim_update(batch, stream);
     return &control()->norm;
   }
 
