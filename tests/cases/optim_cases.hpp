@@ -174,14 +174,18 @@ TEST_CASE_TEMPLATE_DEFINE("clipping: the global norm over several layers is the 
   INFO("seed " << t.rng.seed);
   using Layer = typename Training<H>::Layer;
   // Two layers; in each, "style" and "domain" are stepped, a frozen and a disabled adapter are not.
-  std::vector<Layer> layers;
-  for (int l = 0; l < 2; ++l) {
-    layers.push_back(t.make_layer());
-    layers.back().add_adapter("frozen", adapter_config(4, 1.0, "bf16"), t.h.stream());
-    layers.back().set_trainable("frozen", false, t.h.stream());
-    layers.back().add_adapter("off", adapter_config(4, 1.0, "bf16"), t.h.stream());
-    layers.back().set_enabled("off", false);
-  }
+  const auto make_layers = [&] {
+    std::vector<Layer> layers;
+    for (int l = 0; l < 2; ++l) {
+      layers.push_back(t.make_layer());
+      layers.back().add_adapter("frozen", adapter_config(4, 1.0, "bf16"), t.h.stream());
+      layers.back().set_trainable("frozen", false, t.h.stream());
+      layers.back().add_adapter("off", adapter_config(4, 1.0, "bf16"), t.h.stream());
+      layers.back().set_enabled("off", false);
+    }
+    return layers;
+  };
+  std::vector<Layer> layers = make_layers();
   double sum = 0.0;
   std::vector<std::vector<HostTensor>> grads(2);
   for (int l = 0; l < 2; ++l) {
@@ -200,16 +204,11 @@ TEST_CASE_TEMPLATE_DEFINE("clipping: the global norm over several layers is the 
 
   // Reference: an optimizer without the statistics pass on gradients scaled by the clip coefficient.
   const auto run = [&](AdamWConfig config, float prescale) {
-    std::vector<Layer> copies;
+    std::vector<Layer> copies = make_layers();
     for (int l = 0; l < 2; ++l) {
-      copies.push_back(t.make_layer());
-      copies.back().add_adapter("frozen", adapter_config(4, 1.0, "bf16"), t.h.stream());
-      copies.back().set_trainable("frozen", false, t.h.stream());
-      copies.back().add_adapter("off", adapter_config(4, 1.0, "bf16"), t.h.stream());
-      copies.back().set_enabled("off", false);
       std::size_t k = 0;
       for (const char* name : {"style", "domain", "off"}) {
-        const AdapterView v = copies.back().adapter(name);
+        const AdapterView v = copies[static_cast<std::size_t>(l)].adapter(name);
         for (const TensorRef& g : {v.grad_a, v.grad_b}) {
           HostTensor values = grads[static_cast<std::size_t>(l)][k++];
           for (float& x : values.values) x *= prescale;

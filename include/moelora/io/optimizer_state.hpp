@@ -294,6 +294,30 @@ struct LoadedState {
   std::array<std::int64_t, 2> steps{};                 ///< A's and B's step counts
 };
 
+/// For every adapter of `layer`: its entry in `entries` (checked by `stated`); for one with state,
+/// `read(view, loaded)` fills the fields and step counts and returns false when something was
+/// missing (having named it in `problems`). Entries for adapters the layer lacks are problems too.
+/// Returns what can be installed once `problems` is empty.
+template <class Layer, class Read>
+std::vector<LoadedState> read_states(Layer& layer, const nlohmann::json& entries, std::vector<std::string>& problems,
+                                     Read&& read) {
+  std::vector<LoadedState> loaded;
+  if (!entries.is_array()) {
+    if (!entries.is_null()) problems.push_back(std::string(kOptimizerAdaptersKey) + " is not a list");
+    return loaded;
+  }
+  const std::vector<std::string> names = layer.adapter_names();
+  for (const std::string& name : names) {
+    const AdapterView view = layer.adapter(name);
+    const std::optional<bool> has_state = stated(entries, view, problems);
+    if (!has_state) continue;
+    LoadedState l{name, *has_state, {}, {}};
+    if (!*has_state || read(view, l)) loaded.push_back(std::move(l));
+  }
+  unexpected_adapters(entries, names, problems);
+  return loaded;
+}
+
 /// Installs checked state into `optimizer` for `layer`'s adapters (group `group`): the settings
 /// when `on_settings` takes the file's, each adapter's state (or none), the counters; on `stream`.
 template <class Optimizer, class Layer>
@@ -375,18 +399,11 @@ void load_optimizer(Optimizer& optimizer, Layer& layer, const std::filesystem::p
       settings_for_load(metadata_json(file, kOptimizerSettingsKey, problems), optimizer.config(), on_settings, problems);
   const nlohmann::json entries = metadata_json(file, kOptimizerAdaptersKey, problems);
 
-  std::vector<LoadedState> loaded;
-  const std::vector<std::string> names = layer.adapter_names();
-  for (const std::string& name : names) {
-    const AdapterView view = layer.adapter(name);
-    const std::optional<bool> has_state = entries.is_array() ? stated(entries, view, problems) : std::nullopt;
-    if (!has_state) continue;
-    LoadedState l{name, *has_state, {}, {}};
+  const std::vector<LoadedState> loaded = read_states(layer, entries, problems, [&](const AdapterView& view, LoadedState& l) {
     bool complete = true;
     std::size_t i = 0, f = 0;
     for (const TensorRef& factor : {view.a, view.b}) {
-      if (!*has_state) break;
-      const std::string key = factor_key(prefix, f == 0 ? 'a' : 'b', name);
+      const std::string key = factor_key(prefix, f == 0 ? 'a' : 'b', view.name);
       for (const std::string_view field : {kExpAvg, kExpAvgSq, kMaster}) {
         const std::size_t slot = i++;
         if (field == kMaster && factor.dtype == DType::fp32) continue;
@@ -402,9 +419,8 @@ void load_optimizer(Optimizer& optimizer, Layer& layer, const std::filesystem::p
       complete &= steps.has_value();
       ++f;
     }
-    if (complete) loaded.push_back(std::move(l));
-  }
-  if (entries.is_array()) unexpected_adapters(entries, names, problems);
+    return complete;
+  });
   const Counters counters = read_counters<Counters>(tensors, prefix, expected, problems);
   for (const TensorBytes& t : file.tensors())
     if (std::find(expected.begin(), expected.end(), t.name) == expected.end()) problems.push_back("unexpected " + t.name);

@@ -104,6 +104,13 @@ struct GlobalSizes {
   std::int64_t out = 0;
 };
 
+/// The whole layer's sizes when `layer` holds rank `layout`'s local shapes.
+template <class Layer>
+GlobalSizes global_sizes(const Layer& layer, const ShardLayout& layout) {
+  return {layer.num_experts() * layout.ep, layer.in_features() * (layout.mode == TpMode::row ? layout.tp : 1),
+          layer.out_features() * (layout.mode == TpMode::column ? layout.tp : 1)};
+}
+
 /// A block `[row0, row0 + rows) × [col0, col0 + cols)` of a 2-D factor.
 struct Region {
   std::int64_t row0 = 0, rows = 0, col0 = 0, cols = 0;
@@ -438,9 +445,7 @@ void save_sharded(Layer& layer, const ShardLayout& layout, const std::filesystem
   using Backend = typename Layer::backend_type;
   using policy::Factor;
   layout.validate();
-  const GlobalSizes sizes{layer.num_experts() * layout.ep,
-                          layer.in_features() * (layout.mode == TpMode::row ? layout.tp : 1),
-                          layer.out_features() * (layout.mode == TpMode::column ? layout.tp : 1)};
+  const GlobalSizes sizes = global_sizes(layer, layout);
   detail::ShardContents contents;
   nlohmann::ordered_json adapters = nlohmann::ordered_json::array();
   for (const std::string& name : layer.adapter_names()) {

@@ -53,9 +53,7 @@ void save_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
   using Backend = typename Layer::backend_type;
   using policy::Factor;
   layout.validate();
-  const GlobalSizes sizes{layer.num_experts() * layout.ep,
-                          layer.in_features() * (layout.mode == TpMode::row ? layout.tp : 1),
-                          layer.out_features() * (layout.mode == TpMode::column ? layout.tp : 1)};
+  const GlobalSizes sizes = global_sizes(layer, layout);
   const bool first_rank = layout.tp_rank == 0 && layout.ep_rank == 0;
   detail::ShardContents contents;
   nlohmann::ordered_json adapters = nlohmann::ordered_json::array(), entries = nlohmann::ordered_json::array();
@@ -130,18 +128,12 @@ void load_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
       settings_for_load(metadata_json(first, kOptimizerSettingsKey, problems), optimizer.config(), on_settings, problems);
   const nlohmann::json entries = metadata_json(first, kOptimizerAdaptersKey, problems);
 
-  std::vector<LoadedState> loaded;
   std::vector<std::vector<std::byte>> staging;  // the gathered slices (moving a vector keeps its bytes in place)
   std::vector<std::string> expected;
-  const std::vector<std::string> names = layer.adapter_names();
-  for (const std::string& name : names) {
-    const AdapterView view = layer.adapter(name);
-    const std::optional<bool> has_state = entries.is_array() ? stated(entries, view, problems) : std::nullopt;
-    if (!has_state) continue;
-    LoadedState l{name, *has_state, {}, {}};
+  const std::vector<LoadedState> loaded = read_states(layer, entries, problems, [&](const AdapterView& view, LoadedState& l) {
     bool complete = true;
+    const std::string name(view.name);
     for (const auto& [which, f, factor] : {std::tuple{'a', Factor::a, view.a}, std::tuple{'b', Factor::b, view.b}}) {
-      if (!*has_state) break;
       const std::int64_t rank = view.config.rank;
       const Region region = local_region(layout, sizes, f, rank);
       if (region.rows * region.cols * layer.num_experts() != factor.numel()) {
@@ -175,9 +167,8 @@ void load_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
         }
       }
     }
-    if (complete) loaded.push_back(std::move(l));
-  }
-  if (entries.is_array()) unexpected_adapters(entries, names, problems);
+    return complete;
+  });
   const Counters counters = read_counters<Counters>(scalars, prefix, expected, problems);
   std::sort(expected.begin(), expected.end());
   for (const auto& [key, files] : checkpoint.weight_map())
