@@ -52,7 +52,7 @@ TEST_CASE("optimizer: the GPU follows the host within fp32 rounding (clipping, s
   for (const char* name : {"style", "domain"}) {
     CHECK(relative_error(gpu.h.download(gpu_layer.adapter(name).a).values, host.h.download(host_layer.adapter(name).a).values) < 1e-2);
     CHECK(relative_error(gpu.h.download(gpu_layer.adapter(name).b).values, host.h.download(host_layer.adapter(name).b).values) < 1e-2);
-    const auto gs = *gpu_opt.state(name), hs = *host_opt.state(name);
+    const AdamWAdapterState gs = *gpu_opt.state(name), hs = *host_opt.state(name);
     CHECK(relative_error(gpu.h.download(gs.a.m).values, host.h.download(hs.a.m).values) < 1e-5);
     CHECK(relative_error(gpu.h.download(gs.b.v).values, host.h.download(hs.b.v).values) < 1e-5);
   }

@@ -28,6 +28,29 @@
 
 namespace moelora {
 
+/// One factor's AdamW state, as views into backend memory.
+struct AdamWFactorState {
+  TensorRef m;         ///< first moment, fp32, the factor's shape
+  TensorRef v;         ///< second moment, fp32, the factor's shape
+  TensorRef master;    ///< fp32 master weights of a 16-bit factor; null data for an fp32 factor
+  std::int64_t* step;  ///< the factor's step count (one int64)
+};
+
+/// One adapter's AdamW state: the adapter instance (`AdapterView::id`) it belongs to and its factors'.
+struct AdamWAdapterState {
+  std::uint64_t adapter_id;
+  AdamWFactorState a, b;
+};
+
+/// The optimizer-wide counters of AdamW.
+struct AdamWCounters {
+  std::int64_t step = 0;            ///< updates applied (the schedule's step)
+  std::int64_t skipped = 0;         ///< steps skipped because a gradient was not finite
+  std::int64_t growth_tracker = 0;  ///< finite steps since the loss scale last changed
+  float loss_scale = 1.0f;          ///< the dynamic loss scale (1 without loss scaling)
+  friend bool operator==(const AdamWCounters&, const AdamWCounters&) = default;
+};
+
 /// AdamW for the adapters of one or several layers on `Layer`'s backend (layers of other types on
 /// that backend are stepped through `LayerRef`). A step covers every trainable, enabled adapter of
 /// the layers it is given; frozen or disabled adapters keep their state and are not stepped.
@@ -47,26 +70,9 @@ class AdamW {
   using stream_type = typename backend_type::stream_type;
   using layer_ref = LayerRef<backend_type>;
 
-  /// One factor's state, as views into backend memory.
-  struct FactorState {
-    TensorRef m;         ///< first moment, fp32, the factor's shape
-    TensorRef v;         ///< second moment, fp32, the factor's shape
-    TensorRef master;    ///< fp32 master weights of a 16-bit factor; null data for an fp32 factor
-    std::int64_t* step;  ///< the factor's step count (one int64)
-  };
-  /// One adapter's state: the adapter instance (`AdapterView::id`) it belongs to and its factors'.
-  struct AdapterState {
-    std::uint64_t adapter_id;
-    FactorState a, b;
-  };
-  /// The optimizer-wide counters.
-  struct Counters {
-    std::int64_t step = 0;            ///< updates applied (the schedule's step)
-    std::int64_t skipped = 0;         ///< steps skipped because a gradient was not finite
-    std::int64_t growth_tracker = 0;  ///< finite steps since the loss scale last changed
-    float loss_scale = 1.0f;          ///< the dynamic loss scale (1 without loss scaling)
-    friend bool operator==(const Counters&, const Counters&) = default;
-  };
+  using FactorState = AdamWFactorState;
+  using AdapterState = AdamWAdapterState;
+  using Counters = AdamWCounters;
 
   /// Throws ErrorCode::invalid_argument for invalid settings (validate_adamw_config).
   explicit AdamW(AdamWConfig config = {}) : config_(validate_adamw_config(config)) {}
