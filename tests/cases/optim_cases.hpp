@@ -109,9 +109,9 @@ struct Training {
       const AdapterView v = layer.adapter(name);
       s.tensors.push_back(h.download(v.a).values);
       s.tensors.push_back(h.download(v.b).values);
-      const auto state = optimizer.state(name);
+      const std::optional<AdamWAdapterState> state = optimizer.state(name);
       if (!state) continue;
-      for (const auto& f : {state->a, state->b}) {
+      for (const AdamWFactorState& f : {state->a, state->b}) {
         for (const TensorRef& t : {f.m, f.v, f.master})
           if (t.data) s.tensors.push_back(h.download(t).values);
         std::int64_t steps = 0;
@@ -225,7 +225,7 @@ TEST_CASE_TEMPLATE_DEFINE("clipping: the global norm over several layers is the 
       for (const char* name : {"style", "domain", "frozen", "off"}) {
         results.push_back(t.h.download(copies[static_cast<std::size_t>(l)].adapter(name).a).values);
         results.push_back(t.h.download(copies[static_cast<std::size_t>(l)].adapter(name).b).values);
-        if (const auto state = optimizer.state(name, l))
+        if (const std::optional<AdamWAdapterState> state = optimizer.state(name, l))
           for (const TensorRef& m : {state->a.m, state->b.m, state->a.v, state->b.v}) results.push_back(t.h.download(m).values);
       }
     return std::pair{results, optimizer.last_norm(t.h.stream())};

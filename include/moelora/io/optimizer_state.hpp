@@ -29,6 +29,7 @@
 #include <map>
 #include <optional>
 #include <span>
+#include <utility>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -40,6 +41,7 @@
 #include "moelora/grouped_lora.hpp"
 #include "moelora/io/safetensors.hpp"
 #include "moelora/io/state_dict.hpp"
+#include "moelora/optim/adamw.hpp"
 #include "moelora/optim/adamw_math.hpp"
 
 namespace moelora::io {
@@ -59,6 +61,12 @@ inline std::string optimizer_key(std::string_view factor, std::string_view field
 /// The key of optimizer counter `counter` ("step", "skipped", "growth_tracker", "loss_scale").
 inline std::string optimizer_counter_key(std::string_view prefix, std::string_view counter) {
   return std::string(prefix) + "optimizer." + std::string(counter);
+}
+
+/// A factor's state tensors with their field names: exp_avg, exp_avg_sq, master (null data for an
+/// fp32 factor).
+inline std::array<std::pair<std::string_view, TensorRef>, 3> state_fields(const AdamWFactorState& f) {
+  return {{{kExpAvg, f.m}, {kExpAvgSq, f.v}, {kMaster, f.master}}};
 }
 
 /// What a load does with the file's settings: require them to equal the optimizer's, or take them.
@@ -261,8 +269,8 @@ inline void unexpected_adapters(const nlohmann::json& entries, const std::vector
 
 /// The adapter state of `view` in `optimizer` (group `group`) if it belongs to this adapter instance.
 template <class Optimizer>
-auto current_state(Optimizer& optimizer, const AdapterView& view, int group) {
-  auto state = optimizer.state(view.name, group);
+std::optional<AdamWAdapterState> current_state(Optimizer& optimizer, const AdapterView& view, int group) {
+  std::optional<AdamWAdapterState> state = optimizer.state(view.name, group);
   if (state && state->adapter_id != view.id) state.reset();  // a stale state the next step drops
   return state;
 }
@@ -331,9 +339,9 @@ void install_states(Optimizer& optimizer, Layer& layer, const std::vector<Loaded
       optimizer.clear_state(l.name, group);
       continue;
     }
-    const auto state = optimizer.reset_state(layer.adapter(l.name), stream, group);
+    const AdamWAdapterState state = optimizer.reset_state(layer.adapter(l.name), stream, group);
     std::size_t i = 0, f = 0;
-    for (const auto& factor : {state.a, state.b}) {
+    for (const AdamWFactorState& factor : {state.a, state.b}) {
       for (const TensorRef& dst : {factor.m, factor.v, factor.master}) {
         const std::span<const std::byte> src = l.fields[i++];
         if (dst.data) Backend::copy_from_host(dst.data, src.data(), src.size(), stream);
@@ -360,12 +368,12 @@ void save_optimizer(Optimizer& optimizer, Layer& layer, const std::filesystem::p
   };
   for (const std::string& name : layer.adapter_names()) {
     const AdapterView view = layer.adapter(name);
-    const auto state = current_state(optimizer, view, group);
+    const std::optional<AdamWAdapterState> state = current_state(optimizer, view, group);
     adapters.push_back(optimizer_adapter_entry(view, state.has_value()));
     if (!state) continue;
     for (const auto& [which, factor] : {std::pair{'a', state->a}, std::pair{'b', state->b}}) {
       const std::string key = factor_key(prefix, which, name);
-      for (const auto& [field, t] : {std::pair{kExpAvg, factor.m}, std::pair{kExpAvgSq, factor.v}, std::pair{kMaster, factor.master}})
+      for (const auto& [field, t] : state_fields(factor))
         if (t.data) add(optimizer_key(key, field), StDType::F32, st_shape(t.shape), t.data, t.bytes());
       add(optimizer_key(key, kStep), StDType::I64, {}, factor.step, sizeof(std::int64_t));
     }

@@ -60,7 +60,7 @@ void save_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
   for (const std::string& name : layer.adapter_names()) {
     const AdapterView view = layer.adapter(name);
     adapters.push_back(adapter_settings(name, view.config));
-    const auto state = current_state(optimizer, view, group);
+    const std::optional<AdamWAdapterState> state = current_state(optimizer, view, group);
     entries.push_back(optimizer_adapter_entry(view, state.has_value()));
     if (!state) continue;
     for (const auto& [which, f, factor] : {std::tuple{'a', Factor::a, state->a}, std::tuple{'b', Factor::b, state->b}}) {
@@ -72,7 +72,7 @@ void save_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
       const policy::TpAxis axis = factor_axis(layout.mode, f);
       if (axis == policy::TpAxis::none && layout.tp_rank != 0) continue;  // replicated: tp_rank 0 writes it
       const Region region = local_region(layout, sizes, f, view.config.rank);
-      for (const auto& [field, t] : {std::pair{kExpAvg, factor.m}, std::pair{kExpAvgSq, factor.v}, std::pair{kMaster, factor.master}}) {
+      for (const auto& [field, t] : state_fields(factor)) {
         if (!t.data) continue;
         std::vector<std::byte> all(t.bytes());
         Backend::copy_to_host(all.data(), t.data, all.size(), stream);
