@@ -60,7 +60,6 @@ TEST_CASE("optimizer: the GPU follows the host within fp32 rounding (clipping, s
 
 TEST_CASE("MSE loss on the GPU: dy bit for bit the host's, the loss within fp64 rounding") {
   CudaHarness gpu;
-  HostHarness host;
   Rng rng;
   INFO("seed " << rng.seed);
   for (const DType dtype : kAllDTypes) {

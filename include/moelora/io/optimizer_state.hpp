@@ -183,52 +183,49 @@ T scalar_of(const TensorBytes& t) {
   return value;
 }
 
-/// The counters' keys, dtypes and places in Optimizer::Counters.
-template <class Counters>
+/// One counter as a 0-d tensor: its name (key suffix), dtype (I64, or F32 for the loss scale) and
+/// where its value lives.
 struct CounterField {
   std::string_view name;
   StDType dtype;
-  std::int64_t Counters::*integer;
-  float Counters::*real;
-};
-template <class Counters>
-constexpr CounterField<Counters> kCounterFields[] = {
-    {"step", StDType::I64, &Counters::step, nullptr},
-    {"skipped", StDType::I64, &Counters::skipped, nullptr},
-    {"growth_tracker", StDType::I64, &Counters::growth_tracker, nullptr},
-    {"loss_scale", StDType::F32, nullptr, &Counters::loss_scale},
+  void* value;
 };
 
+/// The fields of `counters`, in file order.
+inline std::array<CounterField, 4> counter_fields(AdamWCounters& counters) {
+  return {{{"step", StDType::I64, &counters.step},
+           {"skipped", StDType::I64, &counters.skipped},
+           {"growth_tracker", StDType::I64, &counters.growth_tracker},
+           {"loss_scale", StDType::F32, &counters.loss_scale}}};
+}
+
 /// Appends `counters` as the 0-d counter tensors to `tensors` (their bytes kept in `storage`).
-template <class Counters>
-void add_counters(const Counters& counters, std::string_view prefix, std::vector<std::vector<std::byte>>& storage,
-                  std::vector<TensorBytes>& tensors) {
-  for (const CounterField<Counters>& f : kCounterFields<Counters>) {
-    std::vector<std::byte> bytes(f.integer ? sizeof(std::int64_t) : sizeof(float));
-    if (f.integer) std::memcpy(bytes.data(), &(counters.*f.integer), bytes.size());
-    else std::memcpy(bytes.data(), &(counters.*f.real), bytes.size());
-    storage.push_back(std::move(bytes));
+inline void add_counters(AdamWCounters counters, std::string_view prefix, std::vector<std::vector<std::byte>>& storage,
+                         std::vector<TensorBytes>& tensors) {
+  for (const CounterField& f : counter_fields(counters)) {
+    const auto* bytes = static_cast<const std::byte*>(f.value);
+    storage.emplace_back(bytes, bytes + st_dtype_size(f.dtype));
     tensors.push_back({optimizer_counter_key(prefix, f.name), f.dtype, {}, storage.back()});
   }
 }
 
 /// The counters recorded in `tensors`, checked (present, 0-d, non-negative, a finite positive loss
 /// scale); problems are appended and their expected keys to `expected`.
-template <class Counters>
-Counters read_counters(const std::map<std::string, const TensorBytes*, std::less<>>& tensors, std::string_view prefix,
-                       std::vector<std::string>& expected, std::vector<std::string>& problems) {
-  Counters counters;
-  for (const CounterField<Counters>& f : kCounterFields<Counters>) {
+inline AdamWCounters read_counters(const std::map<std::string, const TensorBytes*, std::less<>>& tensors,
+                                   std::string_view prefix, std::vector<std::string>& expected,
+                                   std::vector<std::string>& problems) {
+  AdamWCounters counters;
+  for (const CounterField& f : counter_fields(counters)) {
     const std::string key = optimizer_counter_key(prefix, f.name);
     expected.push_back(key);
     const TensorBytes* t = fitting(tensors, key, f.dtype, {}, problems);
     if (!t) continue;
-    if (f.integer) counters.*f.integer = scalar_of<std::int64_t>(*t);
-    else counters.*f.real = scalar_of<float>(*t);
-    const bool valid = f.integer ? counters.*f.integer >= 0
-                                 : (std::isfinite(counters.*f.real) && counters.*f.real > 0.0f);
-    if (!valid) problems.push_back(key + " holds an invalid value");
+    std::memcpy(f.value, t->bytes.data(), t->bytes.size());
   }
+  if (counters.step < 0 || counters.skipped < 0 || counters.growth_tracker < 0)
+    problems.push_back("the optimizer counters hold a negative count");
+  if (!(std::isfinite(counters.loss_scale) && counters.loss_scale > 0.0f))
+    problems.push_back(optimizer_counter_key(prefix, "loss_scale") + " is not a finite positive scale");
   return counters;
 }
 
@@ -330,7 +327,7 @@ std::vector<LoadedState> read_states(Layer& layer, const nlohmann::json& entries
 /// when `on_settings` takes the file's, each adapter's state (or none), the counters; on `stream`.
 template <class Optimizer, class Layer>
 void install_states(Optimizer& optimizer, Layer& layer, const std::vector<LoadedState>& loaded, const AdamWConfig& config,
-                    SettingsOnLoad on_settings, const typename Optimizer::Counters& counters,
+                    SettingsOnLoad on_settings, const AdamWCounters& counters,
                     typename Layer::stream_type stream, int group) {
   using Backend = typename Layer::backend_type;
   if (on_settings == SettingsOnLoad::from_file) optimizer.set_config(config);
@@ -395,7 +392,6 @@ template <class Optimizer, class Layer>
 void load_optimizer(Optimizer& optimizer, Layer& layer, const std::filesystem::path& path, std::string_view prefix,
                     typename Layer::stream_type stream, SettingsOnLoad on_settings = SettingsOnLoad::must_match,
                     int group = 0) {
-  using Counters = typename Optimizer::Counters;
   const SafetensorsFile file(path);
   const auto tensors = tensors_by_name(file);
   std::vector<std::string> problems, expected;
@@ -429,7 +425,7 @@ void load_optimizer(Optimizer& optimizer, Layer& layer, const std::filesystem::p
     }
     return complete;
   });
-  const Counters counters = read_counters<Counters>(tensors, prefix, expected, problems);
+  const AdamWCounters counters = read_counters(tensors, prefix, expected, problems);
   for (const TensorBytes& t : file.tensors())
     if (std::find(expected.begin(), expected.end(), t.name) == expected.end()) problems.push_back("unexpected " + t.name);
   require_no_problems(path.string(), problems);

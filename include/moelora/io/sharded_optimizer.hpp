@@ -106,7 +106,6 @@ void load_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
                             const std::filesystem::path& dir, std::string_view prefix,
                             typename Layer::stream_type stream, SettingsOnLoad on_settings = SettingsOnLoad::must_match,
                             int group = 0) {
-  using Counters = typename Optimizer::Counters;
   using policy::Factor;
   layout.validate();
   const std::filesystem::path folder = dir / kOptimizerFolder;
@@ -169,7 +168,7 @@ void load_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
     }
     return complete;
   });
-  const Counters counters = read_counters<Counters>(scalars, prefix, expected, problems);
+  const AdamWCounters counters = read_counters(scalars, prefix, expected, problems);
   std::sort(expected.begin(), expected.end());
   for (const auto& [key, files] : checkpoint.weight_map())
     if (!std::binary_search(expected.begin(), expected.end(), key)) problems.push_back("unexpected " + key);
