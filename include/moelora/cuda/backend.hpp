@@ -345,15 +345,15 @@ struct CudaBackend {
 
   /// The optimizer's passes (optim/multi_tensor.hpp; kernels in kernels/optim.cuh).
   static void optim_grad_stats(const OptimBatch& batch, cudaStream_t stream) {
-    cuda_detail::launch(kernels::optim_stats_kernel, dim3(static_cast<unsigned>(optim_blocks(batch.chunk_count))),
-                        kernels::kOptimThreads, 0, stream, batch);
+    const dim3 grid(static_cast<unsigned>(optim_blocks(batch.chunk_count)));
+    cuda_detail::launch(kernels::optim_stats_kernel<kernels::kOptimThreads>, grid, kernels::kOptimThreads, 0, stream, batch);
   }
   static void optim_finish_stats(const OptimBatch& batch, cudaStream_t stream) {
-    cuda_detail::launch(kernels::optim_finish_kernel, dim3(1), 1, 0, stream, batch);
+    cuda_detail::launch(kernels::optim_finish_kernel<1>, dim3(1), 1, 0, stream, batch);
   }
   static void optim_update(const OptimBatch& batch, cudaStream_t stream) {
-    cuda_detail::launch(kernels::optim_update_kernel, dim3(static_cast<unsigned>(optim_blocks(batch.chunk_count))),
-                        kernels::kOptimThreads, 0, stream, batch);
+    const dim3 grid(static_cast<unsigned>(optim_blocks(batch.chunk_count)));
+    cuda_detail::launch(kernels::optim_update_kernel<kernels::kOptimThreads>, grid, kernels::kOptimThreads, 0, stream, batch);
   }
 
  private:

@@ -58,9 +58,11 @@ __device__ __forceinline__ bool last_block(std::uint32_t* counter) {
 
 /// Statistics pass: Σg² (fp64; sharded and replicated tensors apart) and the non-finite flag over
 /// every gradient; per-block partials summed by the last block in a fixed order, which then decides
-/// the step (`finish_step`) or leaves the sums in `control->reduced` for a communicator.
-__global__ void __launch_bounds__(kOptimThreads) optim_stats_kernel(OptimBatch b) {
-  using Reduce = cub::BlockReduce<double, kOptimThreads>;
+/// the step (`finish_step`) or leaves the sums in `control->reduced` for a communicator. `Threads`
+/// threads a block (kOptimThreads).
+template <int Threads>
+__global__ void __launch_bounds__(Threads) optim_stats_kernel(OptimBatch b) {
+  using Reduce = cub::BlockReduce<double, Threads>;
   __shared__ typename Reduce::TempStorage temp;
   double sums[2] = {0.0, 0.0};  // [sharded, replicated]
   int nonfinite = 0;
@@ -68,7 +70,7 @@ __global__ void __launch_bounds__(kOptimThreads) optim_stats_kernel(OptimBatch b
     const OptimTensor t = tensor_of_chunk(b, c);
     const auto [begin, end] = chunk_range(t, c);
     double sum = 0.0;
-    for (std::int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kOptimThreads) {
+    for (std::int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * Threads) {
       float g[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (t.vectorized && i + 4 <= end) load4(t.grad + i, g);
       else
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kOptimThreads) optim_stats_kernel(OptimBatch b
   if (!last_block(&b.control->stats_blocks_done)) return;
 
   double total[2] = {0.0, 0.0};
-  for (unsigned i = threadIdx.x; i < gridDim.x; i += kOptimThreads) {
+  for (unsigned i = threadIdx.x; i < gridDim.x; i += Threads) {
     total[0] += __ldcg(b.partials + 2 * i);
     total[1] += __ldcg(b.partials + 2 * i + 1);
   }
@@ -110,19 +112,23 @@ __global__ void __launch_bounds__(kOptimThreads) optim_stats_kernel(OptimBatch b
   b.control->reduced[1] = any_nonfinite ? kNaN : static_cast<float>(replicated);
 }
 
-/// The step's decision from the sums a communicator reduced into `control->reduced` (one thread).
-__global__ void optim_finish_kernel(OptimBatch b) {
+/// The step's decision from the sums a communicator reduced into `control->reduced` (thread 0 of a
+/// `Threads`-thread block; launched with one).
+template <int Threads>
+__global__ void __launch_bounds__(Threads) optim_finish_kernel(OptimBatch b) {
+  if (threadIdx.x != 0) return;
   finish_step(*b.control, b.config,
               static_cast<double>(b.control->reduced[0]) + static_cast<double>(b.control->reduced[1]), false);
 }
 
-/// AdamW over elements `[begin, end)` of tensor `t` (parameters of device type T).
-template <class T>
+/// AdamW over elements `[begin, end)` of tensor `t` (parameters of device type T), by a block of
+/// `Threads` threads.
+template <int Threads, class T>
 __device__ __forceinline__ void adamw_chunk(const OptimTensor& t, std::int64_t begin, std::int64_t end,
                                             const AdamWConfig& config, const AdamWStep& s, float grad_scale,
                                             bool from_param) {
   T* param = static_cast<T*>(t.param);
-  for (std::int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * kOptimThreads) {
+  for (std::int64_t i = begin + 4 * threadIdx.x; i < end; i += 4 * Threads) {
     if (t.vectorized && i + 4 <= end) {
       float g[4], m[4], v[4], w[4];
       load4(t.grad + i, g);
@@ -148,7 +154,9 @@ __device__ __forceinline__ void adamw_chunk(const OptimTensor& t, std::int64_t b
 
 /// Update pass: AdamW over every tensor unless the step was skipped; each chunk's constants come
 /// from its tensor's step count and the schedule; the last block advances every step count.
-__global__ void __launch_bounds__(kOptimThreads) optim_update_kernel(OptimBatch b) {
+/// `Threads` threads a block (kOptimThreads).
+template <int Threads>
+__global__ void __launch_bounds__(Threads) optim_update_kernel(OptimBatch b) {
   if (b.use_stats && !b.control->apply) return;  // the same answer for every block: skip entirely
   const float grad_scale = b.use_stats ? b.control->grad_scale : 1.0f;
   __shared__ AdamWStep constants;
@@ -163,15 +171,15 @@ __global__ void __launch_bounds__(kOptimThreads) optim_update_kernel(OptimBatch 
     __syncthreads();
     const auto [begin, end] = chunk_range(t, c);
     switch (t.dtype) {
-      case DType::bf16: adamw_chunk<__nv_bfloat16>(t, begin, end, b.config, constants, grad_scale, from_param); break;
-      case DType::fp16: adamw_chunk<__half>(t, begin, end, b.config, constants, grad_scale, from_param); break;
-      case DType::fp32: adamw_chunk<float>(t, begin, end, b.config, constants, grad_scale, from_param); break;
+      case DType::bf16: adamw_chunk<Threads, __nv_bfloat16>(t, begin, end, b.config, constants, grad_scale, from_param); break;
+      case DType::fp16: adamw_chunk<Threads, __half>(t, begin, end, b.config, constants, grad_scale, from_param); break;
+      case DType::fp32: adamw_chunk<Threads, float>(t, begin, end, b.config, constants, grad_scale, from_param); break;
     }
     __syncthreads();
   }
   // Every block has read the step counts it needs before it is counted: the last one advances them.
   if (!last_block(&b.control->update_blocks_done)) return;
-  for (std::int32_t i = threadIdx.x; i < b.tensor_count; i += kOptimThreads) ++*b.tensors[i].step;
+  for (std::int32_t i = threadIdx.x; i < b.tensor_count; i += Threads) ++*b.tensors[i].step;
   if (threadIdx.x == 0) ++b.control->step;
 }
 
