@@ -172,10 +172,11 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
 // ---- dx and dA -----------------------------------------------------------------------------------
 
 struct BackwardXParams {
-  const void* x;   // [T, in]
-  const void* a;   // [E, r, in]
-  const void* u;   // [T, r] round(scale · B_eᵀ dy_t), factor dtype
-  void* dx;        // [T, in]; null: not needed
+  const void* x;         // [T, in]
+  const void* a;         // [E, r, in]
+  const void* u;         // [T, r] round(scale · B_eᵀ dy_t), factor dtype
+  const void* u_grad_a;  // [T, r]: the u of dA where it differs from dx's (SplitU kernels only)
+  void* dx;              // [T, in]; null: not needed
   float* grad_a;   // [E, r, in] fp32; null: A frozen
   TileSchedule groups;
   std::int64_t in;
@@ -190,17 +191,19 @@ inline constexpr int kBackwardThreads = 2 * kWarps * 32;  ///< warps 0–3: dx; 
 /// Ring depth of the x pass (three tiles a stage).
 inline constexpr int kXStages = 3;
 
-template <int NFrag, class IoT>
+/// SplitU: a second u tile per stage, the u of dA (a column-parallel layer's reduced u).
+template <int NFrag, class IoT, bool SplitU = false>
 struct BackwardXLayout {
   static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kLdC = kChunk + kPad;
   static constexpr int kXBytes = kSubTile * kLdC * 2, kUBytes = kSubTile * kLdN * 2;
   static constexpr int kDxBytes = kSubTile * kLdC * static_cast<int>(sizeof(IoT));
-  static constexpr int kStageBytes = kXBytes + kUBytes + kDxBytes;
+  static constexpr int kUTiles = SplitU ? 2 : 1;
+  static constexpr int kStageBytes = kXBytes + kUTiles * kUBytes + kDxBytes;
   int a, ring, bytes;
   constexpr BackwardXLayout() {
     SmemLayout s;
     a = s.take(kN * kLdC * 2);                         // A slice [kN][72]
-    ring = s.take(kXStages * kStageBytes);             // [stages] × (x [64][72], u [64][kLdN], dx [64][72])
+    ring = s.take(kXStages * kStageBytes);             // [stages] × (x [64][72], u [64][kLdN] (×2), dx [64][72])
     const int da_stage = kN * (kChunk + 4) * 4;        // dA slice [kN][68] fp32, after the ring
     bytes = s.used > da_stage ? s.used : da_stage;
   }
@@ -210,10 +213,11 @@ struct BackwardXLayout {
 /// rows in L2. Per sub-tile of the group, whose x, u and dx tiles arrive through a cp.async ring:
 /// warps 0–3 add u · A slice to their 16 rows of the dx tile (in fp32, rounding once) and store
 /// them; warps 4–7 accumulate dA columns
-/// [k0 + 16 (w − 4), +16) (all rank rows, in registers) += uᵀ · x tile.
-template <class IoT, class FT, int NFrag>
+/// [k0 + 16 (w − 4), +16) (all rank rows, in registers) += uᵀ · x tile. SplitU: dA's u rows come
+/// from `p.u_grad_a`, a second tile of the ring.
+template <class IoT, class FT, int NFrag, bool SplitU = false>
 __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(BackwardXParams p) {
-  using L = BackwardXLayout<NFrag, IoT>;
+  using L = BackwardXLayout<NFrag, IoT, SplitU>;
   constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kStageLd = kChunk + 4;
   constexpr int kDxVectors = 16 * (kChunk / 8) / 32;  // per lane
   constexpr L kLayout{};
@@ -230,10 +234,13 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   const IoT* x = static_cast<const IoT*>(p.x) + group.row0 * p.in + k0;
   IoT* dx = p.dx ? static_cast<IoT*>(p.dx) + group.row0 * p.in + k0 : nullptr;
   const FT* u = static_cast<const FT*>(p.u) + group.row0 * p.rank;
+  const FT* u_grad_a = SplitU ? static_cast<const FT*>(p.u_grad_a) + group.row0 * p.rank : u;
   const auto x_tile = [&](int t) { return reinterpret_cast<FT*>(ring + (t % kXStages) * L::kStageBytes); };
-  const auto u_tile = [&](int t) { return reinterpret_cast<FT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes); };
+  const auto u_tile = [&](int t, int which) {
+    return reinterpret_cast<FT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes + which * L::kUBytes);
+  };
   const auto dx_tile = [&](int t) {
-    return reinterpret_cast<IoT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes + L::kUBytes);
+    return reinterpret_cast<IoT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes + L::kUTiles * L::kUBytes);
   };
 
   load_tile<kN, kChunk, kBackwardThreads>(
@@ -243,7 +250,9 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
     const int rows = group.rows - t * kSubTile;
     const std::int64_t row0 = static_cast<std::int64_t>(t) * kSubTile;
     if (p.grad_a) load_tile<kSubTile, kChunk, kBackwardThreads>(x_tile(t), kLdC, x + row0 * p.in, p.in, rows, k_valid);
-    load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t), kLdN, u + row0 * p.rank, p.rank, rows, p.rank);
+    load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t, 0), kLdN, u + row0 * p.rank, p.rank, rows, p.rank);
+    if (SplitU && p.grad_a)
+      load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t, 1), kLdN, u_grad_a + row0 * p.rank, p.rank, rows, p.rank);
     if (dx)
       load_tile<kSubTile, kChunk, kBackwardThreads>(dx_tile(t), kLdC, dx + row0 * p.in, p.in, p.add_dx ? rows : 0,
                                                     k_valid);
@@ -254,7 +263,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   for (int t = 0; t < tiles; ++t) {
     ring_next<kXStages>(t, tiles, load);
     const FT* xs = x_tile(t);
-    const FT* us = u_tile(t);
+    const FT* us = u_tile(t, 0);
 
     if (warp < kWarps) {
       if (!dx) continue;
@@ -301,7 +310,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
 #pragma unroll
         for (int f = 0; f < NFrag; ++f) {
           Frag a;  // uᵀ rows [16 f, +16)
-          load_a_trans(a, us + m * kLdN + f * 16, kLdN);
+          load_a_trans(a, u_tile(t, SplitU ? 1 : 0) + m * kLdN + f * 16, kLdN);
           mma<FT>(da[f][0], a, b, 0);
           mma<FT>(da[f][1], a, b, 1);
         }
