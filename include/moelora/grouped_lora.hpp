@@ -304,8 +304,10 @@ class GroupedLoRA {
                             wants_grads ? slot.grad_b.template as<float>() : nullptr,
                             dx_mode,
                             grads,
-                            partial_u() ? SumAllReduce{&TpReduction::reduce, &reduction} : SumAllReduce{},
+                            {},
                             reduce_h ? slot.h_sums.template as<float>() : nullptr};
+      if (partial_u()) args.reduce_u = reduction.hook();
+      args.ordered_grads = kTensorParallel;  // the replicated factor's gradient: the same bits on every rank
       backend_type::lora_backward(args, workspace_, stream);
       dx_mode = WriteMode::accumulate;
     }
@@ -338,8 +340,10 @@ class GroupedLoRA {
     void sum(float* data, std::size_t count) const {
       comm->all_reduce(data, data, count, parallel::CommElement::fp32, parallel::ReduceOp::sum, stream);
     }
-    static void reduce(const void* self, float* data, std::size_t count) {
-      static_cast<const TpReduction*>(self)->sum(data, count);
+    /// This reduction as a backend's SumAllReduce hook (valid while `*this` lives).
+    [[nodiscard]] SumAllReduce hook() const {
+      return {[](const void* self, float* data, std::size_t count) { static_cast<const TpReduction*>(self)->sum(data, count); },
+              this};
     }
   };
 

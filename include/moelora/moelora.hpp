@@ -18,6 +18,7 @@
 #include "moelora/host/quantize.hpp"
 #include "moelora/init/svd_init.hpp"
 #include "moelora/optim/adamw.hpp"
+#include "moelora/parallel/amax_sync.hpp"
 #include "moelora/policies/policy_set.hpp"
 
 #if defined(__CUDACC__)

@@ -12,9 +12,12 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <exception>
 #include <filesystem>
+#include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -34,6 +37,32 @@ struct RankEnv {
   int tp_rank, ep_rank, tp_size, ep_size;
   [[nodiscard]] int index() const { return ep_rank * tp_size + tp_rank; }
 };
+
+/// Runs `rank(ep_rank, tp_rank)` on tp · ep threads, joins them and rethrows the first exception a
+/// rank threw; `on_failure()` runs on the failing thread right after (to release ranks that wait).
+template <class Rank, class OnFailure>
+void run_rank_threads(int tp, int ep, Rank&& rank, OnFailure&& on_failure) {
+  std::mutex mutex;
+  std::exception_ptr first;
+  std::vector<std::thread> threads;
+  for (int e = 0; e < ep; ++e) {
+    for (int t = 0; t < tp; ++t) {
+      threads.emplace_back([&, e, t] {
+        try {
+          rank(e, t);
+        } catch (...) {
+          {
+            const std::lock_guard lock(mutex);
+            if (!first) first = std::current_exception();
+          }
+          on_failure();
+        }
+      });
+    }
+  }
+  for (std::thread& thread : threads) thread.join();
+  if (first) std::rethrow_exception(first);
+}
 
 /// Which axis of a tensor a layout cuts over TP.
 enum class Cut { none, rows, cols };
@@ -94,14 +123,15 @@ struct GlobalProblem {
   std::vector<std::int64_t> counts, offsets;
   HostTensor a0, y, dx, grad_a, grad_b;  // the reference's Kaiming A, y, dx and gradients
 
-  GlobalProblem(std::int64_t e, std::int64_t i, std::int64_t o, std::int64_t r, std::int64_t t, DType d)
+  GlobalProblem(std::int64_t e, std::int64_t i, std::int64_t o, std::int64_t r, std::int64_t t, DType d,
+                Spread spread = Spread::skewed)
       : experts(e), in(i), out(o), rank(r), rows(t), dtype(d) {
     w = random_tensor(rng, dtype, {experts, out, in}, 0.1f);
     x = random_tensor(rng, dtype, {rows, in});
     a = random_tensor(rng, dtype, {experts, rank, in}, 0.3f);
     b = random_tensor(rng, dtype, {experts, out, rank}, 0.3f);
     dy = random_tensor(rng, dtype, {rows, out});
-    counts = make_counts(rng, experts, rows, Spread::skewed);
+    counts = make_counts(rng, experts, rows, spread);
     offsets = offsets_of(counts);
   }
 

@@ -1,9 +1,6 @@
 // Tensor and expert parallelism on the host backend: N ranks as N threads of one process, each TP
 // group a HostThreadGroup (plus one group of every rank, the TP × EP world).
-#include <exception>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "cases/parallel_cases.hpp"
@@ -25,30 +22,18 @@ struct HostRanks {
     std::vector<std::unique_ptr<parallel::HostThreadGroup>> groups;
     for (int e = 0; e < ep; ++e) groups.push_back(std::make_unique<parallel::HostThreadGroup>(tp));
     parallel::HostThreadGroup world(tp * ep);
-    std::mutex mutex;
-    std::exception_ptr first;
-    std::vector<std::thread> threads;
-    for (int e = 0; e < ep; ++e) {
-      for (int t = 0; t < tp; ++t) {
-        threads.emplace_back([&, e, t] {
-          try {
-            Harness h;
-            Comm tp_comm(*groups[static_cast<std::size_t>(e)], t), world_comm(world, e * tp + t);
-            testing::RankEnv<Harness, Comm> env{h, tp_comm, world_comm, t, e, tp, ep};
-            f(env);
-          } catch (...) {
-            {
-              const std::lock_guard lock(mutex);
-              if (!first) first = std::current_exception();
-            }
-            for (auto& g : groups) g->abort();
-            world.abort();
-          }
+    testing::run_rank_threads(
+        tp, ep,
+        [&](int e, int t) {
+          Harness h;
+          Comm tp_comm(*groups[static_cast<std::size_t>(e)], t), world_comm(world, e * tp + t);
+          testing::RankEnv<Harness, Comm> env{h, tp_comm, world_comm, t, e, tp, ep};
+          f(env);
+        },
+        [&] {
+          for (auto& g : groups) g->abort();
+          world.abort();
         });
-      }
-    }
-    for (std::thread& thread : threads) thread.join();
-    if (first) std::rethrow_exception(first);
   }
 };
 

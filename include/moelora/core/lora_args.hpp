@@ -81,6 +81,11 @@ struct LoraBackwardArgs {
   WriteMode grad_mode = WriteMode::accumulate;  ///< of both gradients
   SumAllReduce reduce_u;        ///< column-parallel: sums u over the group before dA
   const float* h_sums = nullptr;  ///< `[T, r]` fp32; row-parallel: the reduced h that dB uses
+  /// Sum each expert's rows into its gradients in a fixed order, so that the bits are the same on
+  /// every run and every rank (a tensor-parallel layer's replicated factor). The host backend and
+  /// the CUDA generic kernels always do; the CUDA tensor-core kernels otherwise add the partial
+  /// sums of an expert's row groups with atomics, in any order.
+  bool ordered_grads = false;
 };
 
 /// Kaiming-uniform A (bound √(6/fan_in), counter-based RNG keyed by seed) and zero B.

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "moelora/core/buffer.hpp"
@@ -205,6 +206,17 @@ struct CudaBackend {
       return multiprocessors_;
     }
 
+    /// Zeroed counters for ordered gradient adds (kernels::GradOrder) of the x pass (`x_slices`
+    /// column slices) and of the dB pass (`b_slices`) over `experts` experts, on `stream`.
+    std::pair<kernels::GradOrder, kernels::GradOrder> grad_orders(std::int64_t experts, std::int64_t x_slices,
+                                                                  std::int64_t b_slices, cudaStream_t stream) {
+      const auto count = static_cast<std::size_t>(2 + experts * (x_slices + b_slices));
+      orders_.reserve(count * sizeof(unsigned));
+      fill_zero(orders_.data(), count * sizeof(unsigned), stream);
+      unsigned* c = orders_.as<unsigned>();
+      return {{c, c + 2}, {c + 1, c + 2 + experts * x_slices}};
+    }
+
     /// An fp32 scratch of at least `count` elements, valid until the next call that asks for one.
     float* scratch(std::int64_t count) {
       scratch_.reserve(static_cast<std::size_t>(count) * sizeof(float));
@@ -236,7 +248,7 @@ struct CudaBackend {
 
     std::int64_t capacity_experts_ = 0;
     int multiprocessors_ = 0;
-    Buffer<CudaBackend> counts_, offsets_, tiles_, status_, scratch_;
+    Buffer<CudaBackend> counts_, offsets_, tiles_, status_, scratch_, orders_;
     std::vector<std::int64_t> host_counts_, host_offsets_;
     ExpertSegments segments_;
   };
@@ -303,6 +315,11 @@ struct CudaBackend {
         FT* u_rounded = reinterpret_cast<FT*>(scratch);        // round(scale · B_eᵀ dy) [T, r]
         FT* second = reinterpret_cast<FT*>(scratch) + tr;      // the reduced u, or the full h [T, r]
         float* sums = scratch + tr;                            // fp32 sums [T, r]
+        const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
+        const auto out_slices = static_cast<unsigned>((s.out + kGradBCols - 1) / kGradBCols);
+        std::pair<GradOrder, GradOrder> orders{};  // null: atomic adds
+        if (args.ordered_grads && (args.grad_a || args.grad_b))
+          orders = workspace.grad_orders(s.experts, in_slices, out_slices, stream);
         if (!add_grads && (args.grad_a || args.grad_b)) {
           const std::int64_t slice_a = f.rank * s.in, slice_b = s.out * f.rank;
           const auto chunks = static_cast<unsigned>((std::max(slice_a, slice_b) + 1023) / 1024);
@@ -319,16 +336,14 @@ struct CudaBackend {
                                 args.h_sums, second, tr, 1.0f);
             h = second;
           }
-          const auto out_slices = static_cast<unsigned>((s.out + kGradBCols - 1) / kGradBCols);
           cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
                               GradBLayout<kNFrag>{}.bytes, stream,
                               GradBParams{args.dy, h, args.grad_b, workspace.row_groups(), s.out,
-                                          static_cast<std::int32_t>(f.rank), f.scale, add_grads});
+                                          static_cast<std::int32_t>(f.rank), f.scale, add_grads, orders.second});
         }
         if (!needs_u) return;
-        const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
-        BackwardXParams params{args.x,  f.a, u_rounded, u_rounded, args.dx, args.grad_a, workspace.row_groups(),
-                               s.in, static_cast<std::int32_t>(f.rank), add_dx, add_grads};
+        BackwardXParams params{args.x,  f.a,   u_rounded, u_rounded, args.dx,       args.grad_a, workspace.row_groups(),
+                               s.in,    static_cast<std::int32_t>(f.rank), add_dx,    add_grads, orders.first};
         if (!reduce_u) {
           cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(in_slices, groups), kBackwardThreads,
                               BackwardXLayout<kNFrag, IoT>{}.bytes, stream, params);

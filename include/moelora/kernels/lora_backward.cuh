@@ -8,8 +8,11 @@
 /// a cp.async ring, then adds it to global memory once: a plain read-modify-write (or a store, when
 /// overwriting) when the group is its expert's only one, fp32 vector atomics otherwise. When
 /// overwriting, `zero_unowned_grads_kernel` first zeroes the slices of experts that have no rows or
-/// several groups.
+/// several groups. With a GradOrder the several groups of an expert add in row order instead
+/// (deterministic bits: the replicated factor of a tensor-parallel layer).
 #pragma once
+
+#include <cuda/atomic>
 
 #include "moelora/kernels/lora_forward.cuh"
 
@@ -32,10 +35,30 @@ struct SmemLayout {
 
 /// How a block's gradient slice reaches global memory.
 enum class TileUpdate {
-  store,       ///< dst = src: the block owns the elements and overwrites them
-  add,         ///< dst += src: the block owns the elements
-  atomic_add,  ///< dst += src with vector atomics: other blocks add to the same elements
+  store,        ///< dst = src: the block owns the elements and overwrites them
+  add,          ///< dst += src: the block owns the elements
+  atomic_add,   ///< dst += src with vector atomics: other blocks add to the same elements
+  ordered_add,  ///< dst += src, reading dst from L2: blocks add one after another (GradOrder)
 };
+
+/// Ordered gradient adds. Blocks take their (column slice, row-group slot) work from `ticket` in
+/// the order they start, so every block a block waits for has started (as in CUB's decoupled
+/// look-back); the row groups of one expert then add their slice to the gradient one after another,
+/// in row order: a fixed fp32 summation order, the same bits on every run and on every rank of a
+/// tensor-parallel group. Null `ticket`: blockIdx order and atomic adds.
+struct GradOrder {
+  unsigned* ticket;  // [1], zero at launch
+  unsigned* turns;   // [E × gridDim.x], zero at launch: row groups of (expert, slice) that have added
+};
+
+/// The block's work (x: column slice, y: row-group slot): blockIdx, or the next ticket.
+__device__ __forceinline__ uint2 block_work(const GradOrder& order) {
+  if (!order.ticket) return make_uint2(blockIdx.x, blockIdx.y);
+  __shared__ unsigned work;
+  if (threadIdx.x == 0) work = atomicAdd(order.ticket, 1u);
+  __syncthreads();
+  return make_uint2(work % gridDim.x, work / gridDim.x);
+}
 
 /// The update of a group's gradient slice: atomic when other row groups share the group's expert,
 /// else a store when overwriting and an add when accumulating.
@@ -57,6 +80,9 @@ __device__ __forceinline__ void update_tile(float* dst, std::int64_t ld, const f
     float4* to = reinterpret_cast<float4*>(dst + r * ld + c);
     if (update == TileUpdate::atomic_add) {
       atomicAdd(to, v);
+    } else if (update == TileUpdate::ordered_add) {
+      const float4 old = __ldcg(to);
+      *to = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
     } else if (update == TileUpdate::add) {
       const float4 old = *to;
       *to = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
@@ -64,6 +90,29 @@ __device__ __forceinline__ void update_tile(float* dst, std::int64_t ld, const f
       *to = v;
     }
   }
+}
+
+/// update_tile of row group `group`'s slice `slice` (of gridDim.x); with `order.turns` an expert's
+/// several groups add in row order (each waits for its predecessor's turn, then passes it on).
+template <int Rows, int Cols, int Threads>
+__device__ __forceinline__ void update_group_tile(const GradOrder& order, const TileSchedule& s, const RowTile& group,
+                                                  unsigned slice, float* dst, std::int64_t ld, const float* src,
+                                                  int src_ld, int rows, int cols, float scale, bool add_grads) {
+  const TileUpdate update = gradient_update(s, group, add_grads);
+  if (update != TileUpdate::atomic_add || !order.turns) {
+    update_tile<Rows, Cols, Threads>(dst, ld, src, src_ld, rows, cols, scale, update);
+    return;
+  }
+  cuda::atomic_ref<unsigned, cuda::thread_scope_device> turn(
+      order.turns[static_cast<std::int64_t>(group.expert) * gridDim.x + slice]);
+  const auto index = static_cast<unsigned>((group.row0 - s.offsets[group.expert]) / kGroupRows);
+  if (threadIdx.x == 0)
+    while (turn.load(cuda::memory_order_acquire) != index) __nanosleep(64);
+  __syncthreads();
+  update_tile<Rows, Cols, Threads>(dst, ld, src, src_ld, rows, cols, scale, TileUpdate::ordered_add);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) turn.fetch_add(1u, cuda::memory_order_release);
 }
 
 /// Before overwriting gradients: zeroes the gradient slices (`[E, slice_a]` and `[E, slice_b]`
@@ -92,6 +141,7 @@ struct GradBParams {
   std::int32_t rank;
   float scale;
   bool add_grads;  // dB += (else dB =)
+  GradOrder order;
 };
 
 inline constexpr int kGradBCols = 128;  ///< dB rows (out columns) of one dB block
@@ -122,9 +172,10 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
   extern __shared__ __align__(128) unsigned char smem[];
   FT* ring = reinterpret_cast<FT*>(smem + kLayout.ring);
 
-  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.y);
+  const uint2 work = block_work(p.order);
+  const RowTile group = locate_tile<kGroupRows>(p.groups, work.y);
   if (group.rows == 0) return;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kGradBCols;
+  const std::int64_t n0 = static_cast<std::int64_t>(work.x) * kGradBCols;
   const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(kGradBCols), p.out - n0));
   const int tiles = (group.rows + kSubTile - 1) / kSubTile;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -164,9 +215,9 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
 #pragma unroll
   for (int j = 0; j < 2 * NFrag; ++j) store_acc(stage_out, kOutLd, warp * 16, j * 8, acc[j]);
   __syncthreads();
-  update_tile<kGradBCols, kN, kGradBThreads>(
-      p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank, stage_out, kOutLd, n_valid,
-      p.rank, p.scale, gradient_update(p.groups, group, p.add_grads));
+  update_group_tile<kGradBCols, kN, kGradBThreads>(
+      p.order, p.groups, group, work.x, p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank,
+      p.rank, stage_out, kOutLd, n_valid, p.rank, p.scale, p.add_grads);
 }
 
 // ---- dx and dA -----------------------------------------------------------------------------------
@@ -183,6 +234,7 @@ struct BackwardXParams {
   std::int32_t rank;
   bool add_dx;     // dx += (else dx =: the dx tile starts at zero, nothing is read)
   bool add_grads;  // dA += (else dA =)
+  GradOrder order;
 };
 
 inline constexpr int kBackwardThreads = 2 * kWarps * 32;  ///< warps 0–3: dx; warps 4–7: dA
@@ -225,9 +277,10 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   FT* as = reinterpret_cast<FT*>(smem + kLayout.a);
   unsigned char* ring = smem + kLayout.ring;
 
-  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.y);
+  const uint2 work = block_work(p.order);
+  const RowTile group = locate_tile<kGroupRows>(p.groups, work.y);
   if (group.rows == 0) return;
-  const std::int64_t k0 = static_cast<std::int64_t>(blockIdx.x) * kChunk;
+  const std::int64_t k0 = static_cast<std::int64_t>(work.x) * kChunk;
   const int k_valid = static_cast<int>(min(static_cast<std::int64_t>(kChunk), p.in - k0));
   const int tiles = (group.rows + kSubTile - 1) / kSubTile;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -328,9 +381,9 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
       for (int j = 0; j < 2; ++j) store_acc(da_stage, kStageLd, f * 16, (warp - kWarps) * 16 + j * 8, da[f][j]);
   }
   __syncthreads();
-  update_tile<kN, kChunk, kBackwardThreads>(p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0,
-                                            p.in, da_stage, kStageLd, p.rank, k_valid, 1.0f,
-                                            gradient_update(p.groups, group, p.add_grads));
+  update_group_tile<kN, kChunk, kBackwardThreads>(
+      p.order, p.groups, group, work.x, p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in,
+      da_stage, kStageLd, p.rank, k_valid, 1.0f, p.add_grads);
 }
 
 }  // namespace moelora::kernels
