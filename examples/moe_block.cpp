@@ -16,6 +16,17 @@
 // loss before and after training and how a profiled step's time splits between router/permute,
 // base GEMMs, LoRA and the rest.
 //
+// --tp N --ep M runs the block on N × M ranks: host threads over HostThreadCommunicator on the CPU,
+// one thread per GPU over NCCL on GPUs. Each rank routes its own share of the tokens (TP-major, then
+// EP); moe::ExpertExchange moves the routed rows to the EP rank holding their expert (counts first,
+// then an all-to-all of variable sizes) and gathers them over the TP ranks, which hold fc1 by
+// output rows (`[gate_k; up_k]`, column parallel) and fc2 by input columns (row parallel); fc2's
+// partial outputs are summed by the exchange's reduce-scatter on the way back (PARALLEL.md §1). The
+// replicated factors' gradients (fc1's A, fc2's B) are all-reduced over TP, so every TP rank steps
+// them identically. Weights, tokens and adapter inits are keyed by global index, so every layout
+// trains the same block; the program then trains it again on one rank and checks that the losses
+// agree (tolerance in `kLayoutTolerance`).
+//
 // Runs on the GPU when built with nvcc and a GPU is present (else, or with --cpu, on the CPU).
 // --bench times the training step instead (median of 20, CUDA events) and prints tokens/s.
 #include <CLI/CLI.hpp>
@@ -27,13 +38,20 @@
 #include <cstdio>
 #include <functional>
 #include <optional>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "moelora/moe/exchange.hpp"
 #include "moelora/moelora.hpp"
+#include "moelora/parallel/host_thread_communicator.hpp"
 
 #if defined(__CUDACC__)
 #include <cub/block/block_reduce.cuh>
+
+#include "moelora/parallel/nccl_communicator.hpp"
 #endif
 
 namespace {
@@ -43,9 +61,10 @@ using namespace moelora;
 struct Options {
   std::int64_t hidden = 256, ffn = 128, experts = 16, top_k = 4, tokens = 512, rank = 8, steps = 150, batches = 32;
   std::string format = "none";
+  int tp = 1, ep = 1;
   float lr = 8e-3f;
   std::uint64_t seed = 2026;
-  bool cpu = false, bench = false;
+  bool cpu = false, gpu = false, bench = false;
   std::string graph = "off", json;
   int bench_iters = 20;
 };
@@ -58,6 +77,13 @@ std::string invalid(const Options& o) {
   if (o.top_k < 1 || o.top_k > o.experts)
     return "--top-k must be in [1, --experts = " + std::to_string(o.experts) + "], got " + std::to_string(o.top_k);
   if (o.rank < 1) return "--rank must be >= 1, got " + std::to_string(o.rank);
+  if (o.tp < 1 || o.ep < 1) return "--tp and --ep must be >= 1";
+  if (o.ffn % o.tp != 0)
+    return "--tp " + std::to_string(o.tp) + " must divide --ffn " + std::to_string(o.ffn) + " (fc1 and fc2 are split by it)";
+  if (o.experts % o.ep != 0)
+    return "--ep " + std::to_string(o.ep) + " must divide --experts " + std::to_string(o.experts);
+  if (o.tokens % (o.tp * o.ep) != 0)
+    return "--tp × --ep = " + std::to_string(o.tp * o.ep) + " ranks must divide --tokens " + std::to_string(o.tokens);
   if (o.steps < 0 || o.batches < 1) return "--steps must be >= 0 and --batches >= 1";
   if (!(o.lr > 0.0f)) return "--lr must be > 0";
   if (o.tokens * o.top_k > moe::kMaxRoutedRows) return "--tokens × --top-k must stay below 2^31";
@@ -83,30 +109,68 @@ float synthetic(std::uint64_t seed, std::uint64_t stream, std::uint64_t index, f
 /// Streams of `synthetic`, one per tensor.
 enum Stream : std::uint64_t { kGate = 1, kFc1, kFc2, kFc1A, kFc1B, kFc2A, kFc2B, kTokens, kAdapterFc1, kAdapterFc2 };
 
+/// A rank's place in the tp × ep grid: TP rank q, EP rank p. Ranks hold the experts
+/// `[p·E/ep, (p+1)·E/ep)`, fc1's rows `[gate_q; up_q]` and fc2's columns q of them, and the tokens
+/// of slice `q·ep + p` of the batch.
+struct Place {
+  int tp = 1, ep = 1, q = 0, p = 0;
+  [[nodiscard]] bool leader() const { return q == 0 && p == 0; }
+  [[nodiscard]] std::int64_t slice() const { return static_cast<std::int64_t>(q) * ep + p; }
+};
+
 /// The rank of the teacher's hidden update and its size relative to the base's output.
 constexpr std::int64_t kHiddenRank = 4;
 constexpr float kHiddenUpdate = 0.5f;
 
-/// One expert projection's weights `[E, out, in]` in bf16: `stream`'s values with std. dev.
-/// 1/√in, plus (teacher) the hidden low-rank update B* A* (rank kHiddenRank).
-std::vector<bfloat16_t> projection(const Options& o, Stream stream, std::int64_t out, std::int64_t in, bool teacher) {
-  std::vector<float> w(static_cast<std::size_t>(o.experts * out * in));
+/// This rank's slice of expert projection `which` (kFc1: `[E/ep, 2·ffn/tp, hidden]`, rows `[gate_q;
+/// up_q]`; kFc2: `[E/ep, hidden, ffn/tp]`, columns q), bf16. Values of std. dev. 1/√in keyed by
+/// their global index, plus (teacher) the hidden low-rank update B* A* (rank kHiddenRank, keyed
+/// likewise; (B* A* x) has std. dev. kHiddenUpdate · (W x)'s).
+std::vector<bfloat16_t> expert_weights(const Options& o, Stream which, const Place& at, bool teacher) {
+  const bool fc1 = which == kFc1;
+  const std::int64_t experts = o.experts / at.ep, part = o.ffn / at.tp;
+  const std::int64_t out = fc1 ? 2 * o.ffn : o.hidden, in = fc1 ? o.hidden : o.ffn;  // global shape
+  const std::int64_t rows = fc1 ? 2 * part : o.hidden, cols = fc1 ? o.hidden : part;  // local shape
   const float stddev = 1.0f / std::sqrt(static_cast<float>(in));
-  for (std::size_t i = 0; i < w.size(); ++i) w[i] = synthetic(o.seed, stream, i, stddev);
-  if (teacher) {
-    // B* [out, r] A* [r, in] per expert: (B* A* x) has std. dev. kHiddenUpdate · (W x)'s.
-    const Stream a_stream = stream == kFc1 ? kFc1A : kFc2A, b_stream = stream == kFc1 ? kFc1B : kFc2B;
-    const float b_stddev = kHiddenUpdate / std::sqrt(static_cast<float>(kHiddenRank));
-    for (std::int64_t e = 0; e < o.experts; ++e)
-      for (std::int64_t row = 0; row < out; ++row)
-        for (std::int64_t k = 0; k < kHiddenRank; ++k) {
-          const float b = synthetic(o.seed, b_stream, static_cast<std::uint64_t>((e * out + row) * kHiddenRank + k), b_stddev);
-          for (std::int64_t c = 0; c < in; ++c)
-            w[static_cast<std::size_t>((e * out + row) * in + c)] +=
-                b * synthetic(o.seed, a_stream, static_cast<std::uint64_t>((e * kHiddenRank + k) * in + c), stddev);
-        }
-  }
-  return {w.begin(), w.end()};
+  const float b_stddev = kHiddenUpdate / std::sqrt(static_cast<float>(kHiddenRank));
+  const Stream a_stream = fc1 ? kFc1A : kFc2A, b_stream = fc1 ? kFc1B : kFc2B;
+  std::vector<bfloat16_t> w(static_cast<std::size_t>(experts * rows * cols));
+  for (std::int64_t i = 0; i < experts; ++i)
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t c = 0; c < cols; ++c) {
+        const std::int64_t g = at.p * experts + i;
+        const std::int64_t row = fc1 ? (r < part ? at.q * part + r : o.ffn + at.q * part + (r - part)) : r;
+        const std::int64_t col = fc1 ? c : at.q * part + c;
+        float v = synthetic(o.seed, which, static_cast<std::uint64_t>((g * out + row) * in + col), stddev);
+        if (teacher)
+          for (std::int64_t k = 0; k < kHiddenRank; ++k)
+            v += synthetic(o.seed, b_stream, static_cast<std::uint64_t>((g * out + row) * kHiddenRank + k), b_stddev) *
+                 synthetic(o.seed, a_stream, static_cast<std::uint64_t>((g * kHiddenRank + k) * in + col), stddev);
+        w[static_cast<std::size_t>((i * rows + r) * cols + c)] = bfloat16_t(v);
+      }
+  return w;
+}
+
+/// Sets adapter "lora"'s A of a projection to the Kaiming-uniform values that the one-rank layer
+/// draws (`(2·uniform01(seed, 0, i) − 1)·√(6/in)`, i the global index into `[E, r, in]`, as
+/// GroupedLoRA's kaiming_zeros), sliced like the base: so every layout starts from the same
+/// adapter. (B is zero.)
+template <class Layer>
+void seed_adapter(Layer& layer, const Options& o, Stream which, const Place& at, std::uint64_t seed,
+                  typename Layer::stream_type stream) {
+  const bool fc1 = which == kFc1;
+  const AdapterView view = layer.adapter("lora");
+  const std::int64_t experts = view.a.shape[0], r = view.a.shape[1], cols = view.a.shape[2];
+  const std::int64_t in = fc1 ? o.hidden : o.ffn, col0 = fc1 ? 0 : at.q * cols;
+  const float bound = std::sqrt(6.0f / static_cast<float>(in));
+  std::vector<bfloat16_t> a(static_cast<std::size_t>(view.a.numel()));
+  for (std::int64_t i = 0; i < experts; ++i)
+    for (std::int64_t k = 0; k < r; ++k)
+      for (std::int64_t c = 0; c < cols; ++c) {
+        const auto index = static_cast<std::uint64_t>(((at.p * experts + i) * r + k) * in + col0 + c);
+        a[static_cast<std::size_t>((i * r + k) * cols + c)] = bfloat16_t((2.0f * uniform01(seed, 0, index) - 1.0f) * bound);
+      }
+  Layer::backend_type::copy_from_host(view.a.data, a.data(), view.a.bytes(), stream);
 }
 
 /// The router's gate `[E, hidden]`: logits of std. dev. ~1.5, so routing is neither uniform nor
@@ -134,6 +198,7 @@ struct Device;
 
 template <>
 struct Device<HostBackend> {
+  explicit Device(int /*device*/) {}
   HostStream stream{};
   [[nodiscard]] static const char* name() { return "host (CPU reference)"; }
   [[nodiscard]] static Linalg<HostBackend> linalg() { return {}; }
@@ -151,10 +216,10 @@ struct Device<CudaBackend> {
   cusolverDnHandle_t solver = nullptr;
   std::string device_name;
 
-  Device() {
+  /// On GPU `device` (made current for the calling thread).
+  explicit Device(int device) {
     cudaDeviceProp prop{};
-    int device = 0;
-    MOELORA_CUDA_CHECK(cudaGetDevice(&device));
+    MOELORA_CUDA_CHECK(cudaSetDevice(device));
     MOELORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     device_name = std::string("cuda (") + prop.name + ")";
     MOELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -209,7 +274,8 @@ TensorRef rows_of(const Buffer<Backend>& b, std::int64_t rows, std::int64_t cols
 // ---- timing ------------------------------------------------------------------------------------
 
 /// Where a step's time goes.
-enum class Phase : int { router, experts, rest, count };
+enum class Phase : int { router, exchange, experts, rest };
+constexpr std::size_t kPhases = 4;
 
 /// Marks phase boundaries on a backend's stream (CUDA events, or the host clock, whose work is
 /// synchronous) and sums the time of each phase.
@@ -226,11 +292,11 @@ class Timeline<HostBackend> {
     ms_[static_cast<std::size_t>(phase)] += std::chrono::duration<double, std::milli>(now - last_).count();
     last_ = now;
   }
-  std::array<double, 3> totals() { return ms_; }
+  std::array<double, kPhases> totals() { return ms_; }
 
  private:
   std::chrono::steady_clock::time_point last_;
-  std::array<double, 3> ms_{};
+  std::array<double, kPhases> ms_{};
 };
 
 #if defined(__CUDACC__)
@@ -250,8 +316,8 @@ class Timeline<CudaBackend> {
     record();
   }
   /// Synchronises with the last mark.
-  std::array<double, 3> totals() {
-    std::array<double, 3> ms{};
+  std::array<double, kPhases> totals() {
+    std::array<double, kPhases> ms{};
     if (events_.empty()) return ms;
     MOELORA_CUDA_CHECK(cudaEventSynchronize(events_.back()));
     for (std::size_t i = 0; i < phases_.size(); ++i) {
@@ -344,46 +410,55 @@ void mse(ConstTensorRef y, const void* target, TensorRef dy, double n, float* lo
 
 // ---- the block ---------------------------------------------------------------------------------
 
-/// The MoE block on one rank: router, permutation, the two expert layers and the activations the
-/// backward needs. `Base` is the expert layers' base; one forward/backward in flight at a time.
-template <class Backend, class Base>
+/// The MoE block on one rank: router, permutation, the exchange with the other ranks (none on one
+/// rank), the two expert layers and the activations the backward needs. `Base` is the expert
+/// layers' base; one forward/backward in flight at a time.
+template <class Backend, class Base, class Comm>
 class Block {
  public:
   using Layer = GroupedLoRA<Base>;
   using Stream = typename Backend::stream_type;
+  using Exchange = moe::ExpertExchange<Backend, Comm>;
 
-  /// `routing`: this rank's tokens, E and k; `ffn`: the width of fc1's gate (and up) half.
+  /// `routing`: this rank's tokens, E and k; `ffn`: this rank's width of fc1's gate (and up) half;
+  /// `capacity`: the most rows the local experts can receive (all the ranks' routed rows);
+  /// `exchange`: null on one rank.
   Block(GroupedLinear<Backend> gate, Layer fc1, Layer fc2, moe::RoutingShape routing, std::int64_t hidden,
-        std::int64_t ffn, Stream stream)
+        std::int64_t ffn, std::int64_t capacity, std::unique_ptr<Exchange> exchange, Stream stream)
       : gate_(std::move(gate)),
         fc1_(std::move(fc1)),
         fc2_(std::move(fc2)),
+        exchange_(std::move(exchange)),
         routing_(routing),
         hidden_(hidden),
         ffn_(ffn) {
     const std::int64_t t = routing.tokens, rows = routing.routed();
-    const auto bytes = [](std::int64_t n) { return static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * 2; };
-    logits_ = Buffer<Backend>(bytes(t * routing.experts));
+    const auto bf16 = [](std::int64_t n) { return Buffer<Backend>(static_cast<std::size_t>(std::max<std::int64_t>(n, 1)) * 2); };
+    logits_ = bf16(t * routing.experts);
     expert_ = Buffer<Backend>(static_cast<std::size_t>(std::max<std::int64_t>(rows, 1)) * sizeof(std::int32_t));
     weight_ = Buffer<Backend>(static_cast<std::size_t>(std::max<std::int64_t>(rows, 1)) * sizeof(float));
-    x_rows_ = Buffer<Backend>(bytes(rows * hidden));
-    h1_ = Buffer<Backend>(bytes(rows * 2 * ffn));
-    act_ = Buffer<Backend>(bytes(rows * ffn));
-    out_rows_ = Buffer<Backend>(bytes(rows * hidden));
-    d_act_ = Buffer<Backend>(bytes(rows * ffn));
-    d_h1_ = Buffer<Backend>(bytes(rows * 2 * ffn));
+    x_rows_ = bf16(rows * hidden);
+    h1_ = bf16(capacity * 2 * ffn);
+    act_ = bf16(capacity * ffn);
+    out_local_ = bf16(capacity * hidden);
+    d_act_ = bf16(capacity * ffn);
+    d_h1_ = bf16(capacity * 2 * ffn);
+    if (exchange_) {
+      x_local_ = bf16(capacity * hidden);
+      out_rows_ = bf16(rows * hidden);
+      exchange_->reserve(capacity, hidden, DType::bf16);
+    }
     // The gate is one "expert" holding every token: its segments [0, T] live on both sides.
     gate_offsets_ = {0, t};
     gate_offsets_dev_ = Buffer<Backend>(2 * sizeof(std::int64_t));
     Backend::copy_from_host(gate_offsets_dev_.data(), gate_offsets_.data(), 2 * sizeof(std::int64_t), stream);
     permuter_.reserve(routing, stream);
-    fc1_.reserve(rows);
-    fc2_.reserve(rows);
+    fc1_.reserve(capacity);
+    fc2_.reserve(capacity);
   }
 
   [[nodiscard]] Layer& fc1() { return fc1_; }
   [[nodiscard]] Layer& fc2() { return fc2_; }
-  [[nodiscard]] const moe::RoutingShape& routing() const { return routing_; }
 
   /// y `[T, hidden]` = the block applied to x `[T, hidden]` (both bf16, the backend's memory).
   void forward(ConstTensorRef x, TensorRef y, Stream stream, Timeline<Backend>* timeline = nullptr) {
@@ -395,62 +470,103 @@ class Block {
     order_ = &permuter_.sort(routing, stream);
     moe::TokenPermuter<Backend>::permute(x, *order_, rows_of(x_rows_, rows, hidden_), stream);
     mark(timeline, Phase::router);
-    fc1_.forward(rows_of(x_rows_, rows, hidden_), counts(), rows_of(h1_, rows, 2 * ffn_), stream);
+    if (exchange_) {  // counts first (the host learns the sizes), then the rows
+      exchange_->plan(*order_, stream);
+      exchange_->dispatch(rows_of(x_rows_, rows, hidden_), local(x_local_, hidden_), stream);
+      mark(timeline, Phase::exchange);
+    }
+    fc1_.forward(local(exchange_ ? x_local_ : x_rows_, hidden_), counts(), local(h1_, 2 * ffn_), stream);
     mark(timeline, Phase::experts);
-    moe::SwiGlu<Backend>::forward(rows_of(h1_, rows, 2 * ffn_), rows_of(act_, rows, ffn_), stream);
+    moe::SwiGlu<Backend>::forward(local(h1_, 2 * ffn_), local(act_, ffn_), stream);
     mark(timeline, Phase::rest);
-    fc2_.forward(rows_of(act_, rows, ffn_), counts(), rows_of(out_rows_, rows, hidden_), stream);
+    fc2_.forward(local(act_, ffn_), counts(), local(out_local_, hidden_), stream);
     mark(timeline, Phase::experts);
-    moe::TokenPermuter<Backend>::combine(rows_of(out_rows_, rows, hidden_), weight_.template as<float>(), *order_, y,
-                                         stream);
+    if (exchange_) {  // fc2's partial sums are added over TP on the way back
+      exchange_->combine(local(out_local_, hidden_), rows_of(out_rows_, rows, hidden_), stream);
+      mark(timeline, Phase::exchange);
+    }
+    moe::TokenPermuter<Backend>::combine(rows_of(exchange_ ? out_rows_ : out_local_, rows, hidden_),
+                                         weight_.template as<float>(), *order_, y, stream);
     mark(timeline, Phase::router);
   }
 
   /// The LoRA gradients of both projections (written, not accumulated) from dy `[T, hidden]`, for
-  /// the last forward.
-  void backward(ConstTensorRef dy, Stream stream, Timeline<Backend>* timeline = nullptr) {
+  /// the last forward; under TP the replicated factors' gradients are summed over `tp`.
+  void backward(ConstTensorRef dy, Comm* tp, Stream stream, Timeline<Backend>* timeline = nullptr) {
     const std::int64_t rows = routing_.routed();
     const moe::ConstRouting routing{expert_.template as<const std::int32_t>(), weight_.template as<const float>(),
                                     routing_};
-    // d(out rows) reuses out_rows_: the forward's expert outputs are not needed any more.
-    moe::TokenPermuter<Backend>::combine_backward(dy, routing, *order_, rows_of(out_rows_, rows, hidden_), stream);
+    // The gradient of the expert outputs reuses their buffers (the forward's values are spent).
+    Buffer<Backend>& d_rows = exchange_ ? out_rows_ : out_local_;
+    moe::TokenPermuter<Backend>::combine_backward(dy, routing, *order_, rows_of(d_rows, rows, hidden_), stream);
     mark(timeline, Phase::router);
-    fc2_.backward(rows_of(act_, rows, ffn_), counts(), rows_of(out_rows_, rows, hidden_), rows_of(d_act_, rows, ffn_),
-                  stream, WriteMode::overwrite);
-    mark(timeline, Phase::experts);
-    moe::SwiGlu<Backend>::backward(rows_of(h1_, rows, 2 * ffn_), rows_of(d_act_, rows, ffn_),
-                                   rows_of(d_h1_, rows, 2 * ffn_), stream);
-    mark(timeline, Phase::rest);
-    fc1_.backward(rows_of(x_rows_, rows, hidden_), counts(), rows_of(d_h1_, rows, 2 * ffn_), TensorRef{}, stream,
+    if (exchange_) {  // full on every TP rank, as fc2's row-parallel backward wants it
+      exchange_->dispatch(rows_of(out_rows_, rows, hidden_), local(out_local_, hidden_), stream);
+      mark(timeline, Phase::exchange);
+    }
+    fc2_.backward(local(act_, ffn_), counts(), local(out_local_, hidden_), local(d_act_, ffn_), stream,
                   WriteMode::overwrite);
     mark(timeline, Phase::experts);
+    moe::SwiGlu<Backend>::backward(local(h1_, 2 * ffn_), local(d_act_, ffn_), local(d_h1_, 2 * ffn_), stream);
+    mark(timeline, Phase::rest);
+    fc1_.backward(local(exchange_ ? x_local_ : x_rows_, hidden_), counts(), local(d_h1_, 2 * ffn_), TensorRef{},
+                  stream, WriteMode::overwrite);
+    mark(timeline, Phase::experts);
+    if (tp && tp->size() > 1) {
+      // Column-parallel fc1: dA = Σ_k u_kᵀ x over the TP ranks; row-parallel fc2: dB = s·dyᵀ Σ_k h_k.
+      // (The tensor-parallel GroupedLoRA policies will do this inside the layers.)
+      const auto sum = [&](const TensorRef& grad) {
+        tp->all_reduce(grad.data, grad.data, static_cast<std::size_t>(grad.numel()), parallel::CommElement::fp32,
+                      parallel::ReduceOp::sum, stream);
+      };
+      sum(fc1_.adapter("lora").grad_a);
+      sum(fc2_.adapter("lora").grad_b);
+      mark(timeline, Phase::exchange);
+    }
   }
 
  private:
-  [[nodiscard]] ExpertCounts counts() const { return order_->tokens_per_expert(Backend::memory); }
+  [[nodiscard]] std::int64_t local_rows() const { return exchange_ ? exchange_->local_rows() : routing_.routed(); }
+  [[nodiscard]] TensorRef local(const Buffer<Backend>& b, std::int64_t cols) const { return rows_of(b, local_rows(), cols); }
+  /// The local experts' counts: on the device (one rank: the sort's), or on the host (from the
+  /// exchange, which had to bring them there).
+  [[nodiscard]] ExpertCounts counts() const {
+    return exchange_ ? exchange_->local_counts() : order_->tokens_per_expert(Backend::memory);
+  }
 
   GroupedLinear<Backend> gate_;
   Layer fc1_, fc2_;
+  std::unique_ptr<Exchange> exchange_;
   moe::RoutingShape routing_;
   std::int64_t hidden_, ffn_;
   moe::TokenPermuter<Backend> permuter_;
   const moe::ExpertOrder* order_ = nullptr;
   std::vector<std::int64_t> gate_offsets_;
-  Buffer<Backend> gate_offsets_dev_, logits_, expert_, weight_, x_rows_, h1_, act_, out_rows_, d_act_, d_h1_;
+  Buffer<Backend> gate_offsets_dev_, logits_, expert_, weight_, x_rows_, x_local_, h1_, act_, out_local_, out_rows_,
+      d_act_, d_h1_;
 };
 
-/// The block of every rank-independent part: the gate, and expert bases from full weights.
-template <class Backend>
-Block<Backend, ExpertBase<Backend>> make_block(const Options& o, Device<Backend>& dev, const std::vector<bfloat16_t>& gate,
-                                               const std::vector<bfloat16_t>& w1, const std::vector<bfloat16_t>& w2,
-                                               const std::string& format) {
+/// This rank's block: the gate, its slices of the expert weights (with `teacher`: the teacher's),
+/// and the exchange over `ep` and `tp` when there are several ranks (null communicators: one rank).
+template <class Backend, class Comm>
+Block<Backend, ExpertBase<Backend>, Comm> make_block(const Options& o, Device<Backend>& dev, const Place& at,
+                                                     Comm* ep, Comm* tp, bool teacher, const std::string& format) {
   using Layer = GroupedLoRA<ExpertBase<Backend>>;
-  GroupedLinear<Backend> gate_base = dev.gate(o.experts, o.hidden);
-  gate_base.set_weight({gate.data(), DType::bf16, {1, o.experts, o.hidden}}, dev.stream);
-  return Block<Backend, ExpertBase<Backend>>(
-      std::move(gate_base), Layer(expert_base(dev, o.experts, o.hidden, 2 * o.ffn, w1, format)),
-      Layer(expert_base(dev, o.experts, o.ffn, o.hidden, w2, format)), {o.tokens, o.experts, o.top_k}, o.hidden, o.ffn,
-      dev.stream);
+  GroupedLinear<Backend> gate = dev.gate(o.experts, o.hidden);
+  const std::vector<bfloat16_t> gate_host = gate_weights(o);
+  gate.set_weight({gate_host.data(), DType::bf16, {1, o.experts, o.hidden}}, dev.stream);
+  const std::int64_t experts = o.experts / at.ep, ffn = o.ffn / at.tp, tokens = o.tokens / (at.tp * at.ep);
+  std::unique_ptr<moe::ExpertExchange<Backend, Comm>> exchange;
+  if (at.tp * at.ep > 1) exchange = std::make_unique<moe::ExpertExchange<Backend, Comm>>(*ep, *tp, o.experts);
+  return {std::move(gate),
+          Layer(expert_base(dev, experts, o.hidden, 2 * ffn, expert_weights(o, kFc1, at, teacher), format)),
+          Layer(expert_base(dev, experts, ffn, o.hidden, expert_weights(o, kFc2, at, teacher), format)),
+          {tokens, o.experts, o.top_k},
+          o.hidden,
+          ffn,
+          o.tokens * o.top_k,
+          std::move(exchange),
+          dev.stream};
 }
 
 #if defined(__CUDACC__)
@@ -504,25 +620,25 @@ constexpr int kSkipped = 77;
 
 // ---- training ----------------------------------------------------------------------------------
 
-/// The batches (tokens and the teacher's outputs, bf16 `[T, hidden]` each) on the host; the last
-/// one is held out for evaluation.
+/// The batches (tokens and the teacher's outputs, bf16 `[T, hidden]` each, all the ranks' tokens) on
+/// the host; the last one is held out for evaluation.
 struct Data {
   std::vector<std::vector<bfloat16_t>> x, target;
 };
 
-/// The teacher's outputs on every batch: the block with the teacher's weights (no quantizer, no
-/// adapters) on one device.
-template <class Backend>
-Data make_data(const Options& o, Device<Backend>& dev) {
+/// The teacher's outputs on every batch, computed on one device by the block with the teacher's
+/// weights (unquantized, no adapters). --bench: one batch and any target.
+template <class Backend, class Comm>
+Data make_data(const Options& o) {
   Data data;
   for (std::int64_t b = 0; b <= (o.bench ? 1 : o.batches); ++b) data.x.push_back(tokens(o, b));
-  if (o.bench) {  // any target of the right shape times the same
+  if (o.bench) {
     data.target = data.x;
     std::rotate(data.target.begin(), data.target.begin() + 1, data.target.end());
     return data;
   }
-  auto teacher = make_block(o, dev, gate_weights(o), projection(o, kFc1, 2 * o.ffn, o.hidden, o.format == "none"),
-                            projection(o, kFc2, o.hidden, o.ffn, o.format == "none"), "none");
+  Device<Backend> dev(0);
+  auto teacher = make_block<Backend, Comm>(o, dev, Place{}, nullptr, nullptr, o.format == "none", "none");
   Buffer<Backend> y(static_cast<std::size_t>(o.tokens * o.hidden) * sizeof(bfloat16_t));
   for (const auto& x : data.x) {
     const Buffer<Backend> x_dev = upload<Backend>(x, dev.stream);
@@ -533,16 +649,16 @@ Data make_data(const Options& o, Device<Backend>& dev) {
   return data;
 }
 
-/// What a training run measured.
+/// What a training run measured (the leader rank's view; losses are over all ranks).
 struct Report {
   std::vector<float> losses;  ///< the training loss of every step
   float eval_before = 0.0f, eval_after = 0.0f;
-  double seconds = 0.0;               ///< wall time of the training loop
-  std::array<double, 3> profile{};    ///< a profiled step's time per Phase, ms
-  double base_ms = 0.0;               ///< of Phase::experts, the base GEMMs' part (adapters disabled)
-  double step_ms = 0.0;               ///< --bench: median step time
-  bool graphed = false;               ///< the steps ran as CUDA graphs
-  std::string not_graphed;            ///< why the step could not be captured
+  double seconds = 0.0;                   ///< wall time of the training loop
+  std::array<double, kPhases> profile{};  ///< a profiled step's time per Phase, ms
+  double base_ms = 0.0;                   ///< of Phase::experts, the base GEMMs' part (adapters disabled)
+  double step_ms = 0.0;                   ///< --bench: median step time
+  bool graphed = false;                   ///< the steps ran as CUDA graphs
+  std::string not_graphed;                ///< why the step could not be captured
 };
 
 void progress(std::int64_t step, std::int64_t steps, float loss, double tokens_per_second) {
@@ -560,47 +676,65 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-/// Trains the student's adapters on `data` (or, --bench, times its training step) on one device.
-template <class Backend>
-Report train(const Options& o, Device<Backend>& dev, const Data& data) {
+/// One rank's training of the student's adapters on its tokens of `data` (or, --bench, the timing
+/// of its training step), with the other ranks of `ep` and `tp`.
+template <class Backend, class Comm>
+Report train(const Options& o, Device<Backend>& dev, const Data& data, const Place& at, Comm& ep, Comm& tp) {
   using Layer = GroupedLoRA<ExpertBase<Backend>>;
   const auto stream = dev.stream;
-  auto block = make_block(o, dev, gate_weights(o), projection(o, kFc1, 2 * o.ffn, o.hidden, false),
-                          projection(o, kFc2, o.hidden, o.ffn, false), o.format);
+  auto block = make_block<Backend, Comm>(o, dev, at, &ep, &tp, false, o.format);
   AdapterConfig config;
   config.rank = o.rank;
-  config.seed = o.seed ^ kAdapterFc1;
   block.fc1().add_adapter("lora", config, stream);
-  config.seed = o.seed ^ kAdapterFc2;
   block.fc2().add_adapter("lora", config, stream);
+  seed_adapter(block.fc1(), o, kFc1, at, o.seed ^ kAdapterFc1, stream);
+  seed_adapter(block.fc2(), o, kFc2, at, o.seed ^ kAdapterFc2, stream);
   AdamW<Layer> fc1_optimizer(AdamWConfig{o.lr}), fc2_optimizer(AdamWConfig{o.lr});
 
+  // This rank's tokens of every batch, and the teacher's outputs for them.
+  const std::int64_t t = o.tokens / (at.tp * at.ep);
+  const auto slice = [&](const std::vector<bfloat16_t>& batch) {
+    const auto first = batch.begin() + at.slice() * t * o.hidden;
+    return upload<Backend>(std::vector<bfloat16_t>(first, first + t * o.hidden), stream);
+  };
   std::vector<Buffer<Backend>> x, target;
   for (std::size_t b = 0; b < data.x.size(); ++b) {
-    x.push_back(upload<Backend>(data.x[b], stream));
-    target.push_back(upload<Backend>(data.target[b], stream));
+    x.push_back(slice(data.x[b]));
+    target.push_back(slice(data.target[b]));
   }
-  const std::int64_t t = o.tokens;
-  const double elements = static_cast<double>(t * o.hidden);
+  const double elements = static_cast<double>(o.tokens * o.hidden);  // of the whole batch
   Buffer<Backend> y(static_cast<std::size_t>(t * o.hidden) * sizeof(bfloat16_t)), dy(y.bytes());
-  // Per-step losses, then the two evaluation losses, then the loss kernels' scratch.
-  const std::int64_t loss_slots = o.steps + 2;
-  Buffer<Backend> losses(static_cast<std::size_t>(loss_slots + 512) * sizeof(float));
+  // This rank's part of every step's loss, then the two evaluation losses; the same summed over
+  // the ranks; the loss kernels' scratch; the graphs' loss slot.
+  const std::int64_t slots = o.steps + 2;
+  Buffer<Backend> losses(static_cast<std::size_t>(2 * slots + 513) * sizeof(float));
   float* const loss_at = losses.template as<float>();
+  float* const total_at = loss_at + slots;
   const auto loss = [&](std::size_t b, float* slot, bool grad) {
     const TensorRef d = grad ? rows_of(dy, t, o.hidden) : TensorRef{};
 #if defined(__CUDACC__)
     if constexpr (std::is_same_v<Backend, CudaBackend>)
-      return mse(rows_of(y, t, o.hidden), target[b].data(), d, elements, slot, loss_at + loss_slots, stream);
+      return mse(rows_of(y, t, o.hidden), target[b].data(), d, elements, slot, total_at + slots, stream);
     else
 #endif
       return mse(rows_of(y, t, o.hidden), target[b].data(), d, elements, slot, stream);
   };
+  /// The sum over all ranks of `count` losses from `first`, on the host.
+  const auto total = [&](std::int64_t first, std::int64_t count) {
+    ep.all_reduce(loss_at + first, total_at + first, static_cast<std::size_t>(count), parallel::CommElement::fp32,
+                  parallel::ReduceOp::sum, stream);
+    tp.all_reduce(total_at + first, total_at + first, static_cast<std::size_t>(count), parallel::CommElement::fp32,
+                  parallel::ReduceOp::sum, stream);
+    std::vector<float> host(static_cast<std::size_t>(count));
+    Backend::copy_to_host(host.data(), total_at + first, host.size() * sizeof(float), stream);
+    return host;
+  };
+
   const auto forward_backward = [&](std::size_t b, float* slot, Timeline<Backend>* timeline) {
     block.forward(rows_of(x[b], t, o.hidden), rows_of(y, t, o.hidden), stream, timeline);
     loss(b, slot, true);
     mark(timeline, Phase::rest);
-    block.backward(rows_of(dy, t, o.hidden), stream, timeline);
+    block.backward(rows_of(dy, t, o.hidden), &tp, stream, timeline);
   };
   const auto optimize = [&](Timeline<Backend>* timeline) {
     fc1_optimizer.step(block.fc1(), stream);
@@ -623,32 +757,30 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data) {
   /// --graph require cannot be met.
   const auto first_step = [&](std::size_t b, float* slot) {
     eager_step(b, slot, nullptr);
+    if (o.graph == "off") return true;
+    if (at.tp * at.ep > 1)
+      report.not_graphed = "the expert exchange reads the expert counts on the host (the sizes of its all-to-all)";
 #if defined(__CUDACC__)
     if constexpr (std::is_same_v<Backend, CudaBackend>) {
-      if (o.graph == "off") return true;
-      float* const graph_slot = loss_at + loss_slots + 511;
+      float* const graph_slot = total_at + 2 * slots + 512;
       for (std::size_t i = 0; i < x.size() && report.not_graphed.empty(); ++i)
         graphs.capture(stream, [&] { forward_backward(i, graph_slot, nullptr); }, report.not_graphed);
       report.graphed = report.not_graphed.empty();
       if (report.graphed)
-        step = [&](std::size_t i, float* into) {
+        step = [&, graph_slot](std::size_t i, float* into) {
           graphs.launch(i, stream);
           Backend::copy(into, graph_slot, sizeof(float), stream);
           optimize(nullptr);
         };
     }
 #endif
+    if (!report.graphed && report.not_graphed.empty()) report.not_graphed = "CUDA graphs need the GPU backend";
     return report.graphed || o.graph != "require";
   };
   const auto evaluate = [&](float* slot) {
     const std::size_t held_out = x.size() - 1;
     block.forward(rows_of(x[held_out], t, o.hidden), rows_of(y, t, o.hidden), stream);
     loss(held_out, slot, false);
-  };
-  const auto read = [&](std::int64_t first, std::int64_t count) {
-    std::vector<float> host(static_cast<std::size_t>(count));
-    Backend::copy_to_host(host.data(), loss_at + first, host.size() * sizeof(float), stream);
-    return host;
   };
 
   if (o.bench) {
@@ -670,15 +802,18 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data) {
     for (std::int64_t s = 0; s < o.steps; ++s) {
       if (s == 0 && !first_step(0, loss_at)) return report;
       if (s > 0) step(static_cast<std::size_t>(s % o.batches), loss_at + s);
-      if ((s + 1) % every == 0 || s + 1 == o.steps)
-        progress(s, o.steps, read(s, 1)[0], static_cast<double>((s + 1) * t) / seconds_since(start));
+      if ((s + 1) % every == 0 || s + 1 == o.steps) {  // every rank joins the sum
+        const float now = total(s, 1)[0];
+        if (at.leader()) progress(s, o.steps, now, static_cast<double>((s + 1) * o.tokens) / seconds_since(start));
+      }
     }
     Backend::synchronize(stream);
     report.seconds = seconds_since(start);
     evaluate(loss_at + o.steps + 1);
-    report.losses = read(0, o.steps);
-    const std::vector<float> eval = read(o.steps, 2);
-    report.eval_before = eval[0], report.eval_after = eval[1];
+    report.losses = total(0, slots);
+    report.eval_before = report.losses[static_cast<std::size_t>(o.steps)];
+    report.eval_after = report.losses[static_cast<std::size_t>(o.steps + 1)];
+    report.losses.resize(static_cast<std::size_t>(o.steps));
   }
 
   // One profiled step, then the same with the adapters disabled: the expert layers' time is then
@@ -693,17 +828,129 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data) {
   return report;
 }
 
-/// Prints the run's results; the exit status (0: training lowered the held-out loss).
+// ---- ranks ---------------------------------------------------------------------------------------
+
+/// Calls `f(place, ep, tp)` on every rank of a tp × ep grid of host threads (HostThreadCommunicator
+/// groups: one EP group per TP rank, one TP group per EP rank) and returns the leader's result. The
+/// first failure aborts every group and is rethrown.
+template <class F>
+auto on_host_ranks(int tp, int ep, F&& f) {
+  std::vector<std::unique_ptr<parallel::HostThreadGroup>> ep_groups, tp_groups;
+  for (int q = 0; q < tp; ++q) ep_groups.push_back(std::make_unique<parallel::HostThreadGroup>(ep));
+  for (int p = 0; p < ep; ++p) tp_groups.push_back(std::make_unique<parallel::HostThreadGroup>(tp));
+  decltype(f(Place{}, std::declval<parallel::HostThreadCommunicator&>(),
+             std::declval<parallel::HostThreadCommunicator&>())) leader{};
+  std::mutex mutex;
+  std::exception_ptr failure;
+  std::vector<std::thread> threads;
+  for (int q = 0; q < tp; ++q)
+    for (int p = 0; p < ep; ++p)
+      threads.emplace_back([&, p, q] {
+        try {
+          parallel::HostThreadCommunicator ep_comm(*ep_groups[static_cast<std::size_t>(q)], p);
+          parallel::HostThreadCommunicator tp_comm(*tp_groups[static_cast<std::size_t>(p)], q);
+          const Place at{tp, ep, q, p};
+          auto result = f(at, ep_comm, tp_comm);
+          if (at.leader()) leader = std::move(result);
+        } catch (...) {
+          const std::lock_guard lock(mutex);
+          if (!failure) failure = std::current_exception();
+          for (auto& g : ep_groups) g->abort();
+          for (auto& g : tp_groups) g->abort();
+        }
+      });
+  for (std::thread& thread : threads) thread.join();
+  if (failure) std::rethrow_exception(failure);
+  return leader;
+}
+
+#if defined(__CUDACC__)
+/// Calls `f(place, ep, tp)` on a tp × ep grid of threads, rank (q, p) on GPU q·ep + p, over NCCL
+/// communicators (one EP communicator per TP rank, one TP communicator per EP rank; their unique
+/// ids are shared in memory, since the ranks are threads of one process), and returns the
+/// leader's result. NCCL cannot abort a peer waiting in a collective, so a failing rank ends the
+/// process (exit status 1) after printing its error.
+template <class F>
+auto on_gpu_ranks(int tp, int ep, F&& f) {
+  std::vector<ncclUniqueId> ep_ids(static_cast<std::size_t>(tp)), tp_ids(static_cast<std::size_t>(ep));
+  for (ncclUniqueId& id : ep_ids) MOELORA_NCCL_CHECK(ncclGetUniqueId(&id));
+  for (ncclUniqueId& id : tp_ids) MOELORA_NCCL_CHECK(ncclGetUniqueId(&id));
+  decltype(f(Place{}, std::declval<parallel::NcclCommunicator&>(), std::declval<parallel::NcclCommunicator&>())) leader{};
+  std::vector<std::thread> threads;
+  for (int q = 0; q < tp; ++q)
+    for (int p = 0; p < ep; ++p)
+      threads.emplace_back([&, p, q] {
+        try {
+          MOELORA_CUDA_CHECK(cudaSetDevice(q * ep + p));
+          ncclComm_t ep_raw = nullptr, tp_raw = nullptr;
+          MOELORA_NCCL_CHECK(ncclCommInitRank(&ep_raw, ep, ep_ids[static_cast<std::size_t>(q)], p));
+          MOELORA_NCCL_CHECK(ncclCommInitRank(&tp_raw, tp, tp_ids[static_cast<std::size_t>(p)], q));
+          {
+            parallel::NcclCommunicator ep_comm(ep_raw), tp_comm(tp_raw);
+            const Place at{tp, ep, q, p};
+            auto result = f(at, ep_comm, tp_comm);
+            if (at.leader()) leader = std::move(result);
+          }
+          ncclCommDestroy(tp_raw);
+          ncclCommDestroy(ep_raw);
+        } catch (const std::exception& e) {
+          std::fprintf(stderr, "\nrank (tp %d, ep %d): %s\n", q, p, e.what());
+          std::fflush(stderr);
+          std::_Exit(1);
+        }
+      });
+  for (std::thread& thread : threads) thread.join();
+  return leader;
+}
+#endif
+
+/// Trains on a tp × ep grid of the backend's ranks.
+template <class Backend>
+Report train_on(const Options& o, const Data& data, int tp, int ep) {
+  Options layout = o;
+  layout.tp = tp, layout.ep = ep;
+  const auto rank = [&](const Place& at, auto& ep_comm, auto& tp_comm) {
+    Device<Backend> dev(at.q * at.ep + at.p);
+    return train<Backend>(layout, dev, data, at, ep_comm, tp_comm);
+  };
+#if defined(__CUDACC__)
+  if constexpr (std::is_same_v<Backend, CudaBackend>) return on_gpu_ranks(tp, ep, rank);
+  else
+#endif
+    return on_host_ranks(tp, ep, rank);
+}
+
+/// The communicator type of a backend's ranks.
+template <class Backend>
+struct RankComm {
+  using type = parallel::HostThreadCommunicator;
+};
+#if defined(__CUDACC__)
+template <>
+struct RankComm<CudaBackend> {
+  using type = parallel::NcclCommunicator;
+};
+#endif
+
+// ---- reports -------------------------------------------------------------------------------------
+
+/// Relative agreement of the losses of a tp × ep run with the one-rank run: bf16 partial sums of
+/// fc2 added over TP round differently from one rank's, and training carries such differences
+/// forward; expert parallelism alone changes only the order of the loss's own summation.
+constexpr double kLayoutTolerance = 2e-2;
+
+/// Prints the run's results; the exit status (0: training lowered the held-out loss by half; --bench: 0).
 int print_report(const Options& o, const Report& r) {
   if (o.graph != "off" && !r.graphed) {
-    std::printf("\nthe training step cannot be captured in a CUDA graph: %s\n(the expert base needs the "
-                "expert counts on the host; a base that keeps them on the device allows capture)\n",
-                r.not_graphed.empty() ? "graphs need the GPU backend" : r.not_graphed.c_str());
+    std::printf("\nthe training step cannot be captured in a CUDA graph: %s\n(a step is capturable on one rank "
+                "with an expert base that keeps the expert counts on the device)\n",
+                r.not_graphed.c_str());
     if (o.graph == "require") return kSkipped;
   }
   if (r.graphed) std::printf("\nsteps ran as CUDA graphs (forward, loss, backward; AdamW eager)\n");
-  const std::array<double, 3>& p = r.profile;
-  const double total = p[0] + p[1] + p[2];
+  const std::array<double, kPhases>& p = r.profile;
+  double total = 0.0;
+  for (double ms : p) total += ms;
   const double experts = p[static_cast<std::size_t>(Phase::experts)];
   if (!o.bench) {
     std::printf("\n  %.2f s (%.1f ms per step, %.0f tokens/s)\n\n", r.seconds,
@@ -714,57 +961,87 @@ int print_report(const Options& o, const Report& r) {
     std::printf("  %-16s %.4e   (%.3f of before)\n\n", "after training", static_cast<double>(r.eval_after),
                 static_cast<double>(r.eval_after / r.eval_before));
   }
-  std::printf("step time of a profiled training step (forward + backward + AdamW)\n");
+  std::printf("step time of a profiled training step (forward + backward + AdamW)%s\n",
+              o.tp * o.ep > 1 ? ", rank 0" : "");
   const auto row = [&](const char* name, double ms) {
     std::printf("  %-28s %8.3f ms  %5.1f%%\n", name, ms, 100.0 * ms / std::max(total, 1e-12));
   };
   row("router / permute / combine", p[static_cast<std::size_t>(Phase::router)]);
+  if (o.tp * o.ep > 1) row("exchange (EP/TP collectives)", p[static_cast<std::size_t>(Phase::exchange)]);
   row("base GEMMs", std::min(r.base_ms, experts));
   row("LoRA (both projections)", std::max(experts - r.base_ms, 0.0));
   row("rest (SwiGLU, loss, AdamW)", p[static_cast<std::size_t>(Phase::rest)]);
   row("total", total);
-  if (o.bench) {
-    const double tokens_per_second = static_cast<double>(o.tokens) / (r.step_ms * 1e-3);
-    std::printf("\nbench: hidden %lld, ffn %lld, %lld experts, top-%lld, %lld tokens, rank %lld: "
-                "%.3f ms per step (median of %d), %.0f tokens/s\n",
-                static_cast<long long>(o.hidden), static_cast<long long>(o.ffn), static_cast<long long>(o.experts),
-                static_cast<long long>(o.top_k), static_cast<long long>(o.tokens), static_cast<long long>(o.rank),
-                r.step_ms, o.bench_iters, tokens_per_second);
-    if (!o.json.empty()) {
-      std::FILE* f = std::fopen(o.json.c_str(), "w");
-      if (!f) {
-        std::fprintf(stderr, "cannot write %s\n", o.json.c_str());
-        return 1;
-      }
-      std::fprintf(f,
-                   "{\"hidden\": %lld, \"ffn\": %lld, \"experts\": %lld, \"top_k\": %lld, \"tokens\": %lld, "
-                   "\"rank\": %lld, \"format\": \"%s\", \"step_ms\": %.6f, \"tokens_per_s\": %.1f, "
-                   "\"router_ms\": %.6f, \"base_ms\": %.6f, \"lora_ms\": %.6f, \"rest_ms\": %.6f}\n",
-                   static_cast<long long>(o.hidden), static_cast<long long>(o.ffn), static_cast<long long>(o.experts),
-                   static_cast<long long>(o.top_k), static_cast<long long>(o.tokens), static_cast<long long>(o.rank),
-                   o.format.c_str(), r.step_ms, tokens_per_second, p[0], std::min(r.base_ms, experts),
-                   std::max(experts - r.base_ms, 0.0), p[2]);
-      std::fclose(f);
-    }
-    return 0;
+  if (!o.bench) return r.eval_after < 0.5f * r.eval_before ? 0 : 1;
+
+  const double tokens_per_second = static_cast<double>(o.tokens) / (r.step_ms * 1e-3);
+  std::printf("\nbench: hidden %lld, ffn %lld, %lld experts, top-%lld, %lld tokens, rank %lld%s: "
+              "%.3f ms per step (median of %d), %.0f tokens/s\n",
+              static_cast<long long>(o.hidden), static_cast<long long>(o.ffn), static_cast<long long>(o.experts),
+              static_cast<long long>(o.top_k), static_cast<long long>(o.tokens), static_cast<long long>(o.rank),
+              r.graphed ? ", CUDA graphs" : "", r.step_ms, o.bench_iters, tokens_per_second);
+  if (o.json.empty()) return 0;
+  std::FILE* f = std::fopen(o.json.c_str(), "w");
+  if (!f) {
+    std::fprintf(stderr, "cannot write %s\n", o.json.c_str());
+    return 1;
   }
-  return r.eval_after < 0.5f * r.eval_before ? 0 : 1;
+  std::fprintf(f,
+               "{\"hidden\": %lld, \"ffn\": %lld, \"experts\": %lld, \"top_k\": %lld, \"tokens\": %lld, \"rank\": %lld, "
+               "\"format\": \"%s\", \"tp\": %d, \"ep\": %d, \"graphed\": %s, \"step_ms\": %.6f, \"tokens_per_s\": %.1f, "
+               "\"router_ms\": %.6f, \"exchange_ms\": %.6f, \"base_ms\": %.6f, \"lora_ms\": %.6f, \"rest_ms\": %.6f}\n",
+               static_cast<long long>(o.hidden), static_cast<long long>(o.ffn), static_cast<long long>(o.experts),
+               static_cast<long long>(o.top_k), static_cast<long long>(o.tokens), static_cast<long long>(o.rank),
+               o.format.c_str(), o.tp, o.ep, r.graphed ? "true" : "false", r.step_ms, tokens_per_second,
+               p[static_cast<std::size_t>(Phase::router)], p[static_cast<std::size_t>(Phase::exchange)],
+               std::min(r.base_ms, experts), std::max(experts - r.base_ms, 0.0), p[static_cast<std::size_t>(Phase::rest)]);
+  std::fclose(f);
+  return 0;
+}
+
+/// Compares a tp × ep run with the one-rank run of the same block and data; the exit status (0:
+/// every loss within kLayoutTolerance).
+int print_layout_check(const Options& o, const Report& parallel, const Report& single) {
+  const auto relative = [](double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-30); };
+  double worst_step = 0.0;
+  for (std::size_t s = 0; s < single.losses.size(); ++s)
+    worst_step = std::max(worst_step, relative(parallel.losses[s], single.losses[s]));
+  const double before = relative(parallel.eval_before, single.eval_before);
+  const double after = relative(parallel.eval_after, single.eval_after);
+  const bool agree = std::max({worst_step, before, after}) <= kLayoutTolerance;
+  std::printf("\nlayout check: tp %d x ep %d against the same training on one rank\n", o.tp, o.ep);
+  std::printf("  %-28s %.4e vs %.4e   (relative difference %.1e)\n", "held-out loss before",
+              static_cast<double>(parallel.eval_before), static_cast<double>(single.eval_before), before);
+  std::printf("  %-28s %.4e vs %.4e   (relative difference %.1e)\n", "held-out loss after",
+              static_cast<double>(parallel.eval_after), static_cast<double>(single.eval_after), after);
+  std::printf("  %-28s %.1e\n", "training loss, worst step", worst_step);
+  std::printf("  the losses %s the one-rank losses within %.0e\n", agree ? "equal" : "DIFFER FROM", kLayoutTolerance);
+  return agree ? 0 : 1;
 }
 
 template <class Backend>
 int run(const Options& o) {
-  Device<Backend> dev;
-  std::printf("backend: %s\n", dev.name());
-  std::printf("block: hidden %lld, ffn %lld, %lld experts, top-%lld, %lld tokens per batch; LoRA rank %lld on fc1 "
+  using Comm = typename RankComm<Backend>::type;
+  std::printf("backend: %s", Device<Backend>(0).name());
+  if (o.tp * o.ep > 1)
+    std::printf(", %d ranks (tp %d x ep %d) as %s", o.tp * o.ep, o.tp, o.ep,
+                std::is_same_v<Backend, HostBackend> ? "host threads" : "one thread per GPU over NCCL");
+  std::printf("\nblock: hidden %lld, ffn %lld, %lld experts, top-%lld, %lld tokens per batch; LoRA rank %lld on fc1 "
               "and fc2; base %s\n",
               static_cast<long long>(o.hidden), static_cast<long long>(o.ffn), static_cast<long long>(o.experts),
               static_cast<long long>(o.top_k), static_cast<long long>(o.tokens), static_cast<long long>(o.rank),
               o.format == "none" ? "bf16 (teacher: plus hidden rank-4 updates)" : (o.format + " (teacher: bf16)").c_str());
-  const Data data = make_data(o, dev);
+  const Data data = make_data<Backend, Comm>(o);
   if (!o.bench)
     std::printf("training %lld steps on %lld batches (AdamW, lr %.1e)\n", static_cast<long long>(o.steps),
                 static_cast<long long>(o.batches), static_cast<double>(o.lr));
-  return print_report(o, train(o, dev, data));
+  const Report report = train_on<Backend>(o, data, o.tp, o.ep);
+  int status = print_report(o, report);
+  if (o.bench || o.tp * o.ep == 1 || status == kSkipped) return status;
+  std::printf("\ntraining again on one rank\n");
+  const Report single = train_on<Backend>(o, data, 1, 1);
+  std::printf("\n");
+  return std::max(status, print_layout_check(o, report, single));
 }
 
 }  // namespace
@@ -781,9 +1058,12 @@ int main(int argc, char** argv) {
   app.add_option("--steps", o.steps, "AdamW steps");
   app.add_option("--batches", o.batches, "distinct training batches (cycled); one more is held out");
   app.add_option("--lr", o.lr, "AdamW learning rate");
+  app.add_option("--tp", o.tp, "tensor-parallel ranks (they split ffn)");
+  app.add_option("--ep", o.ep, "expert-parallel ranks (they split the experts)");
   app.add_option("--format", o.format, "quantized base: none, int8, int8_channel, int4, fp8, nvfp4, nf4, mxfp4");
   app.add_option("--seed", o.seed, "seed of the synthetic weights and tokens");
   app.add_flag("--cpu", o.cpu, "run on the CPU even when a GPU is present");
+  app.add_flag("--gpu", o.gpu, "run on the GPUs, or exit 77 (a skipped test) when there are fewer than --tp x --ep");
   app.add_flag("--bench", o.bench, "time the training step (median of --bench-iters) instead of training");
   app.add_option("--bench-iters", o.bench_iters, "timed steps of --bench");
   app.add_option("--json", o.json, "--bench: also write the result as JSON to this file");
@@ -798,14 +1078,32 @@ int main(int argc, char** argv) {
     app.exit(e);
     return 2;
   }
+  if (o.cpu && o.gpu) {
+    std::fprintf(stderr, "moe_block: --cpu and --gpu exclude each other\n");
+    return 2;
+  }
   if (const std::string problem = invalid(o); !problem.empty()) {
     std::fprintf(stderr, "moe_block: %s\n", problem.c_str());
     return 2;
   }
   try {
-#if defined(__CUDACC__)
     int devices = 0;
-    if (!o.cpu && cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0) return run<CudaBackend>(o);
+#if defined(__CUDACC__)
+    if (o.cpu || cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
+#endif
+    if (o.gpu && devices < o.tp * o.ep) {
+      std::printf("moe_block --gpu: %d GPU(s) usable by this build, %d needed: skipped\n", devices, o.tp * o.ep);
+      return kSkipped;
+    }
+#if defined(__CUDACC__)
+    if (devices > 0) {
+      if (o.tp * o.ep > devices) {
+        std::fprintf(stderr, "moe_block: --tp %d x --ep %d needs %d GPUs, %d present (--cpu runs the ranks as host threads)\n",
+                     o.tp, o.ep, o.tp * o.ep, devices);
+        return 2;
+      }
+      return run<CudaBackend>(o);
+    }
 #endif
     return run<HostBackend>(o);
   } catch (const moelora::Error& e) {

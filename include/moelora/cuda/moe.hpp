@@ -1,6 +1,7 @@
 /// \file
-/// \brief The MoE token path on the GPU: TopKRouter, TokenPermuter and SwiGlu for CudaBackend
-/// (layouts and math in `moe/routing.hpp`, `moe/permutation.hpp`, `moe/swiglu.hpp`).
+/// \brief The MoE token path on the GPU: TopKRouter, TokenPermuter, SwiGlu and RowChunkMover for
+/// CudaBackend (layouts and math in `moe/routing.hpp`, `moe/permutation.hpp`, `moe/swiglu.hpp`,
+/// `moe/row_chunks.hpp`).
 ///
 /// Nothing here synchronises the host or allocates after `reserve`: every call queues kernels (and
 /// CUB's device-wide sort and histogram, whose scratch is sized by `reserve`) on the caller's
@@ -25,6 +26,7 @@
 #include "moelora/kernels/moe.cuh"
 #include "moelora/moe/permutation.hpp"
 #include "moelora/moe/routing.hpp"
+#include "moelora/moe/row_chunks.hpp"
 #include "moelora/moe/swiglu.hpp"
 
 namespace moelora::moe {
@@ -40,6 +42,18 @@ inline std::size_t vector_bytes(std::size_t row_bytes, std::initializer_list<con
     if (fits) return v;
   }
   return 2;
+}
+
+/// Calls `launch(V{})` with the widest vector type V (uint4, uint2, uint32, uint16) that
+/// `vector_bytes` allows for rows of `row_bytes` bytes (a multiple of 2).
+template <class Launch>
+void dispatch_vector(std::size_t row_bytes, std::initializer_list<const void*> pointers, Launch&& launch) {
+  switch (vector_bytes(row_bytes, pointers)) {
+    case 16: launch(uint4{}); break;
+    case 8: launch(uint2{}); break;
+    case 4: launch(std::uint32_t{}); break;
+    default: launch(std::uint16_t{}); break;
+  }
 }
 
 /// Launches a row kernel `kernel<T, N>` with N = 16 / sizeof(T) elements per thread when `width`
@@ -154,12 +168,7 @@ class TokenPermuter<CudaBackend> {
           static_cast<const V*>(x.data), order.source, static_cast<std::int32_t>(order.shape.top_k), n, units,
           static_cast<V*>(rows.data));
     };
-    switch (cuda_detail::vector_bytes(row_bytes, {x.data, rows.data})) {
-      case 16: launch(uint4{}); break;
-      case 8: launch(uint2{}); break;
-      case 4: launch(std::uint32_t{}); break;
-      default: launch(std::uint16_t{}); break;
-    }
+    cuda_detail::dispatch_vector(row_bytes, {x.data, rows.data}, launch);
     MOELORA_CUDA_CHECK(cudaGetLastError());
   }
 
@@ -242,6 +251,41 @@ struct SwiGlu<CudaBackend> {
     });
     MOELORA_CUDA_CHECK(cudaGetLastError());
   }
+};
+
+/// Row blocks on the GPU: the block table is uploaded (from pageable memory, so the host waits for
+/// the staging copy: the exchange that uses it has synchronised already) and one kernel moves every
+/// row (`kernels::move_rows_kernel`).
+template <>
+class RowChunkMover<CudaBackend> {
+ public:
+  void move(ConstTensorRef in, const RowChunks& chunks, TensorRef out, cudaStream_t stream) {
+    check_chunks(in, chunks, out);
+    const std::size_t blocks = chunks.rows.size();
+    const std::size_t row_bytes = static_cast<std::size_t>(in.shape[1]) * dtype_size(in.dtype);
+    if (blocks == 0 || row_bytes == 0) return;
+    // Table: first [blocks + 1], src [blocks], dst [blocks].
+    table_.assign(chunks.first.begin(), chunks.first.end());
+    table_.insert(table_.end(), chunks.src.begin(), chunks.src.end());
+    table_.insert(table_.end(), chunks.dst.begin(), chunks.dst.end());
+    device_table_.reserve(table_.size() * sizeof(std::int64_t));
+    MOELORA_CUDA_CHECK(cudaMemcpyAsync(device_table_.data(), table_.data(), table_.size() * sizeof(std::int64_t),
+                                       cudaMemcpyHostToDevice, stream));
+    const auto* first = device_table_.as<const std::int64_t>();
+    const auto launch = [&](auto vector) {
+      using V = decltype(vector);
+      const auto units = static_cast<std::int64_t>(row_bytes / sizeof(V));
+      kernels::move_rows_kernel<V><<<cuda_detail::grid_of(chunks.total() * units), kernels::kMoeThreads, 0, stream>>>(
+          static_cast<const V*>(in.data), first, first + blocks + 1, first + 2 * blocks + 1,
+          static_cast<std::int32_t>(blocks), units, static_cast<V*>(out.data));
+    };
+    cuda_detail::dispatch_vector(row_bytes, {in.data, out.data}, launch);
+    MOELORA_CUDA_CHECK(cudaGetLastError());
+  }
+
+ private:
+  std::vector<std::int64_t> table_;  // host staging of the block table
+  Buffer<CudaBackend> device_table_;
 };
 
 }  // namespace moelora::moe

@@ -175,6 +175,26 @@ __global__ void __launch_bounds__(kMoeThreads)
   }
 }
 
+/// Row blocks (moe::RowChunks, on the device): row j of the concatenated blocks, block b holding
+/// rows `[first[b], first[b+1])`, moves from row `src[b] + j − first[b]` of `in` to row
+/// `dst[b] + j − first[b]` of `out`; `units` vectors V per row.
+template <class V>
+__global__ void __launch_bounds__(kMoeThreads)
+    move_rows_kernel(const V* in, const std::int64_t* first, const std::int64_t* src, const std::int64_t* dst,
+                     std::int32_t blocks, std::int64_t units, V* out) {
+  MOELORA_GRID_STRIDE(i, first[blocks] * units) {
+    const std::int64_t j = i / units, unit = i - j * units;
+    std::int32_t lo = 0, hi = blocks;  // first[lo] <= j < first[hi]
+    while (hi - lo > 1) {
+      const std::int32_t mid = (lo + hi) / 2;
+      if (first[mid] <= j) lo = mid;
+      else hi = mid;
+    }
+    const std::int64_t k = j - first[lo];
+    out[(dst[lo] + k) * units + unit] = in[(src[lo] + k) * units + unit];
+  }
+}
+
 #undef MOELORA_GRID_STRIDE
 
 }  // namespace moelora::kernels
