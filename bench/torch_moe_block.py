@@ -27,14 +27,14 @@ Usage:
 import argparse
 import json
 import math
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from torch_anchors import time_ms  # median of CUDA-event-timed runs after warm-up
+
 LOSS_SCALE = 1e4
-WARMUP = 3
 
 
 def log(msg):
@@ -91,20 +91,6 @@ class Block:
         return (per_token * weights.to(out.dtype).unsqueeze(-1)).sum(dim=1)
 
 
-def median_ms(fn, iters, warmup=WARMUP):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for i in range(warmup + iters):
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -138,7 +124,7 @@ def main():
         loss.backward()
         optimizer.step()
 
-    ms = median_ms(step, args.iters)
+    ms = time_ms(step, args.iters)
     tokens_per_s = args.tokens / (ms * 1e-3)
     device = torch.cuda.get_device_name()
     log(f"device: {device}, torch {torch.__version__}")

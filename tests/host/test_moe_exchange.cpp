@@ -4,48 +4,14 @@
 // exchange and of RowChunkMover.
 #include <doctest/doctest.h>
 
-#include <exception>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "cases/exchange_cases.hpp"
-#include "moelora/parallel/host_thread_communicator.hpp"
+#include "moelora/moe/rank_grid.hpp"
 
 using namespace moelora;
 using moelora::testing::Rng;
-
-namespace {
-
-/// Runs `f(ep_comm, tp_comm)` on ep × tp threads; rank (q, p) = TP rank q, EP rank p. The first
-/// exception is rethrown after every group is aborted.
-template <class F>
-void run_grid(int ep, int tp, F&& f) {
-  std::vector<std::unique_ptr<parallel::HostThreadGroup>> ep_groups, tp_groups;
-  for (int q = 0; q < tp; ++q) ep_groups.push_back(std::make_unique<parallel::HostThreadGroup>(ep));
-  for (int p = 0; p < ep; ++p) tp_groups.push_back(std::make_unique<parallel::HostThreadGroup>(tp));
-  std::mutex mutex;
-  std::exception_ptr failure;
-  std::vector<std::thread> threads;
-  for (int q = 0; q < tp; ++q)
-    for (int p = 0; p < ep; ++p)
-      threads.emplace_back([&, p, q] {
-        try {
-          parallel::HostThreadCommunicator ep_comm(*ep_groups[static_cast<std::size_t>(q)], p);
-          parallel::HostThreadCommunicator tp_comm(*tp_groups[static_cast<std::size_t>(p)], q);
-          f(ep_comm, tp_comm);
-        } catch (...) {
-          const std::lock_guard lock(mutex);
-          if (!failure) failure = std::current_exception();
-          for (auto& g : ep_groups) g->abort();
-          for (auto& g : tp_groups) g->abort();
-        }
-      });
-  for (std::thread& t : threads) t.join();
-  if (failure) std::rethrow_exception(failure);
-}
-
-}  // namespace
 
 TEST_CASE("ExpertExchange: each rank's local experts get their rows in token order, and combine sums over TP") {
   struct Grid {
@@ -56,20 +22,22 @@ TEST_CASE("ExpertExchange: each rank's local experts get their rows in token ord
     INFO("seed " << rng.seed);
     const moelora::testing::ExchangeProblem problem(rng, g.ep, g.tp);
     std::mutex check;
-    run_grid(g.ep, g.tp, [&](parallel::HostThreadCommunicator& ep, parallel::HostThreadCommunicator& tp) {
+    moe::run_host_grid(g.tp, g.ep, [&](const moe::GridPlace&, parallel::HostThreadCommunicator& ep,
+                                       parallel::HostThreadCommunicator& tp) {
       problem.run_rank<HostBackend>(ep, tp, HostStream{}, check);
     });
   }
 }
 
 TEST_CASE("ExpertExchange rejects an expert count the EP ranks cannot split, and rows of the wrong size") {
-  CHECK_THROWS_WITH_AS(run_grid(3, 1,
-                                [](parallel::HostThreadCommunicator& ep, parallel::HostThreadCommunicator& tp) {
-                                  moe::ExpertExchange<HostBackend, parallel::HostThreadCommunicator>(ep, tp, 8);
-                                }),
+  using Comm = parallel::HostThreadCommunicator;
+  CHECK_THROWS_WITH_AS(moe::run_host_grid(1, 3,
+                                          [](const moe::GridPlace&, Comm& ep, Comm& tp) {
+                                            moe::ExpertExchange<HostBackend, Comm>(ep, tp, 8);
+                                          }),
                        doctest::Contains("must split the 8 experts evenly"), Error);
-  run_grid(1, 1, [](parallel::HostThreadCommunicator& ep, parallel::HostThreadCommunicator& tp) {
-    moe::ExpertExchange<HostBackend, parallel::HostThreadCommunicator> exchange(ep, tp, 4);
+  moe::run_host_grid(1, 1, [](const moe::GridPlace&, Comm& ep, Comm& tp) {
+    moe::ExpertExchange<HostBackend, Comm> exchange(ep, tp, 4);
     std::vector<std::int32_t> expert{0, 1, 2, 3};
     std::vector<float> weight(4, 1.0f), rows(4 * 2), local(3 * 2);
     moe::TokenPermuter<HostBackend> permuter;

@@ -35,6 +35,17 @@ __device__ __forceinline__ void store_floats(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
+/// Work item i of a row kernel that moves N elements per item over rows of `units` items: its row
+/// and first column.
+struct RowItem {
+  std::int64_t row, col;
+};
+template <int N>
+__device__ __forceinline__ RowItem row_item(std::int64_t i, std::int64_t units) {
+  const std::int64_t row = i / units;
+  return {row, (i - row * units) * N};
+}
+
 /// Grid-stride index over `count` work items.
 #define MOELORA_GRID_STRIDE(i, count)                                                                        \
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < (count); \
@@ -107,7 +118,7 @@ __global__ void __launch_bounds__(kMoeThreads)
                    std::int64_t tokens, std::int64_t width, T* y) {
   const std::int64_t units = width / N;
   MOELORA_GRID_STRIDE(i, tokens * units) {
-    const std::int64_t t = i / units, c = (i - t * units) * N;
+    const auto [t, c] = row_item<N>(i, units);
     float sum[N] = {};
     for (std::int32_t j = 0; j < top_k; ++j) {
       const float w = weights ? weights[t * top_k + j] : 1.0f;
@@ -127,7 +138,7 @@ __global__ void __launch_bounds__(kMoeThreads)
                             std::int64_t rows, std::int64_t width, T* d_rows) {
   const std::int64_t units = width / N;
   MOELORA_GRID_STRIDE(i, rows * units) {
-    const std::int64_t row = i / units, c = (i - row * units) * N;
+    const auto [row, c] = row_item<N>(i, units);
     const std::int32_t s = source[row];
     const float w = weights[s];
     float v[N];
@@ -144,7 +155,7 @@ __global__ void __launch_bounds__(kMoeThreads)
     swiglu_kernel(const T* in, std::int64_t rows, std::int64_t f, T* out) {
   const std::int64_t units = f / N;
   MOELORA_GRID_STRIDE(i, rows * units) {
-    const std::int64_t row = i / units, c = (i - row * units) * N;
+    const auto [row, c] = row_item<N>(i, units);
     float g[N], u[N], y[N];
     load_floats<T, N>(in + row * 2 * f + c, g);
     load_floats<T, N>(in + row * 2 * f + f + c, u);
@@ -160,7 +171,7 @@ __global__ void __launch_bounds__(kMoeThreads)
     swiglu_backward_kernel(const T* in, const T* d_out, std::int64_t rows, std::int64_t f, T* d_in) {
   const std::int64_t units = f / N;
   MOELORA_GRID_STRIDE(i, rows * units) {
-    const std::int64_t row = i / units, c = (i - row * units) * N;
+    const auto [row, c] = row_item<N>(i, units);
     float g[N], u[N], d[N], dg[N], du[N];
     load_floats<T, N>(in + row * 2 * f + c, g);
     load_floats<T, N>(in + row * 2 * f + f + c, u);

@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <tuple>
 #include <vector>
 
 #include "moelora/core/buffer.hpp"
@@ -103,10 +104,7 @@ class ExpertExchange {
 
   /// rows `[routed_rows(), d]` (global-expert order, the plan's) → local `[local_rows(), d]`.
   void dispatch(ConstTensorRef rows, TensorRef local, stream_type stream) {
-    check(rows, sent_total_, "rows");
-    check(local, local_total_, "local");
-    MOELORA_REQUIRE(local.dtype == rows.dtype && local.shape[1] == rows.shape[1], ErrorCode::shape_mismatch,
-                    "dispatch needs rows and local of one dtype and width");
+    check(rows, local, "dispatch");
     const std::int64_t d = rows.shape[1];
     const parallel::CommElement type = parallel::comm_element(rows.dtype);
     void* gathered = gather_buffer(d, rows.dtype);
@@ -121,10 +119,7 @@ class ExpertExchange {
 
   /// local `[local_rows(), d]` → rows `[routed_rows(), d]` (summed over TP; global-expert order).
   void combine(ConstTensorRef local, TensorRef rows, stream_type stream) {
-    check(local, local_total_, "local");
-    check(rows, sent_total_, "rows");
-    MOELORA_REQUIRE(local.dtype == rows.dtype && local.shape[1] == rows.shape[1], ErrorCode::shape_mismatch,
-                    "combine needs local and rows of one dtype and width");
+    check(rows, local, "combine");
     const std::int64_t d = rows.shape[1];
     const parallel::CommElement type = parallel::comm_element(rows.dtype);
     void* gathered = gather_buffer(d, rows.dtype);
@@ -199,10 +194,15 @@ class ExpertExchange {
     return scratch_.data();
   }
 
-  static void check(ConstTensorRef t, std::int64_t rows, const char* name) {
-    MOELORA_REQUIRE(t.shape.rank == 2 && t.shape[0] == rows, ErrorCode::shape_mismatch, name, " has shape ", t.shape,
-                    " but the exchange plan has ", rows, " rows");
-    MOELORA_REQUIRE(t.data != nullptr || t.numel() == 0, ErrorCode::invalid_argument, name, " has no data");
+  /// Checks `rows` `[routed_rows(), d]` and `local` `[local_rows(), d]` of one dtype against the plan.
+  void check(ConstTensorRef rows, ConstTensorRef local, const char* call) const {
+    for (const auto& [t, n, name] : {std::tuple{rows, sent_total_, "rows"}, std::tuple{local, local_total_, "local"}}) {
+      MOELORA_REQUIRE(t.shape.rank == 2 && t.shape[0] == n, ErrorCode::shape_mismatch, name, " has shape ", t.shape,
+                      " but the exchange plan has ", n, " rows");
+      MOELORA_REQUIRE(t.data != nullptr || t.numel() == 0, ErrorCode::invalid_argument, name, " has no data");
+    }
+    MOELORA_REQUIRE(local.dtype == rows.dtype && local.shape[1] == rows.shape[1], ErrorCode::shape_mismatch, call,
+                    " needs rows and local of one dtype and width");
   }
 
   Comm& ep_;
