@@ -909,10 +909,12 @@ struct RankComm<CudaBackend> {
 
 // ---- reports -------------------------------------------------------------------------------------
 
-/// Relative agreement of the losses of a tp × ep run with the one-rank run: bf16 partial sums of
-/// fc2 added over TP round differently from one rank's, and training carries such differences
-/// forward; expert parallelism alone changes only the order of the loss's own summation.
-constexpr double kLayoutTolerance = 2e-2;
+/// How far the losses of a tp × ep run may be from the one-rank run's, as a fraction of the loss
+/// before training (the scale of the problem): fc2's bf16 partial sums added over TP round
+/// differently from one rank's fp32 sum, and as training converges those differences grow
+/// relative to the remaining loss, not to its scale. Expert parallelism alone changes only the order
+/// in which the loss itself is summed.
+constexpr double kLayoutTolerance = 1e-2;
 
 /// Prints the run's results; the exit status (0: training halved the held-out loss, or lowered it
 /// for a quantized student; --bench: 0).
@@ -978,20 +980,21 @@ int print_report(const Options& o, const Report& r) {
 }
 
 /// Compares a tp × ep run with the one-rank run of the same block and data; the exit status (0:
-/// every loss within kLayoutTolerance).
+/// every loss within kLayoutTolerance of the loss before training).
 int print_layout_check(const Options& o, const Report& parallel, const Report& single) {
-  const auto relative = [](double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-30); };
+  const double scale = std::max(static_cast<double>(single.eval_before), 1e-30);
+  const auto gap = [&](float a, float b) { return std::abs(static_cast<double>(a) - b) / scale; };
   double worst_step = 0.0;
   for (std::size_t s = 0; s < single.losses.size(); ++s)
-    worst_step = std::max(worst_step, relative(parallel.losses[s], single.losses[s]));
-  const double before = relative(parallel.eval_before, single.eval_before);
-  const double after = relative(parallel.eval_after, single.eval_after);
+    worst_step = std::max(worst_step, gap(parallel.losses[s], single.losses[s]));
+  const double before = gap(parallel.eval_before, single.eval_before), after = gap(parallel.eval_after, single.eval_after);
   const bool agree = std::max({worst_step, before, after}) <= kLayoutTolerance;
   std::printf("\nlayout check: tp %d x ep %d against the same training on one rank\n", o.tp, o.ep);
-  std::printf("  %-28s %.4e vs %.4e   (relative difference %.1e)\n", "held-out loss before",
-              static_cast<double>(parallel.eval_before), static_cast<double>(single.eval_before), before);
-  std::printf("  %-28s %.4e vs %.4e   (relative difference %.1e)\n", "held-out loss after",
-              static_cast<double>(parallel.eval_after), static_cast<double>(single.eval_after), after);
+  std::printf("  (differences as a fraction of the held-out loss before training)\n");
+  std::printf("  %-28s %.4e vs %.4e   %.1e\n", "held-out loss before", static_cast<double>(parallel.eval_before),
+              static_cast<double>(single.eval_before), before);
+  std::printf("  %-28s %.4e vs %.4e   %.1e\n", "held-out loss after", static_cast<double>(parallel.eval_after),
+              static_cast<double>(single.eval_after), after);
   std::printf("  %-28s %.1e\n", "training loss, worst step", worst_step);
   std::printf("  the losses %s the one-rank losses within %.0e\n", agree ? "equal" : "DIFFER FROM", kLayoutTolerance);
   return agree ? 0 : 1;
