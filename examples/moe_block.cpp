@@ -364,7 +364,7 @@ void mse(ConstTensorRef y, const void* target, TensorRef dy, double n, float* lo
 }
 
 #if defined(__CUDACC__)
-constexpr int kLossThreads = 256, kLossBlocks = 264;
+constexpr int kLossThreads = 256, kLossBlocks = 264;  // kLossBlocks partial sums fit train()'s scratch
 
 /// Per-block partial sums of (y − target)² (fixed grid: deterministic) and dy.
 __global__ void __launch_bounds__(kLossThreads)
@@ -700,17 +700,21 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
   }
   const double elements = static_cast<double>(o.tokens * o.hidden);  // of the whole batch
   Buffer<Backend> y(static_cast<std::size_t>(t * o.hidden) * sizeof(bfloat16_t)), dy(y.bytes());
-  // This rank's part of every step's loss, then the two evaluation losses; the same summed over
-  // the ranks; the loss kernels' scratch; the graphs' loss slot.
+  // Floats on the device: this rank's part of every step's loss, then of the two evaluation
+  // losses (`slots`); the same summed over the ranks (`slots`); the loss kernels' scratch
+  // (kScratch); the graphs' loss slot (1).
+  constexpr std::int64_t kScratch = 512;
   const std::int64_t slots = o.steps + 2;
-  Buffer<Backend> losses(static_cast<std::size_t>(2 * slots + 513) * sizeof(float));
+  Buffer<Backend> losses(static_cast<std::size_t>(2 * slots + kScratch + 1) * sizeof(float));
   float* const loss_at = losses.template as<float>();
   float* const total_at = loss_at + slots;
+  [[maybe_unused]] float* const scratch_at = total_at + slots;
   const auto loss = [&](std::size_t b, float* slot, bool grad) {
     const TensorRef d = grad ? rows_of(dy, t, o.hidden) : TensorRef{};
 #if defined(__CUDACC__)
+    static_assert(kLossBlocks <= kScratch, "the loss kernels' partial sums must fit the scratch");
     if constexpr (std::is_same_v<Backend, CudaBackend>)
-      return mse(rows_of(y, t, o.hidden), target[b].data(), d, elements, slot, total_at + slots, stream);
+      return mse(rows_of(y, t, o.hidden), target[b].data(), d, elements, slot, scratch_at, stream);
     else
 #endif
       return mse(rows_of(y, t, o.hidden), target[b].data(), d, elements, slot, stream);
@@ -758,7 +762,7 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
       report.not_graphed = "the expert exchange reads the expert counts on the host (the sizes of its all-to-all)";
 #if defined(__CUDACC__)
     if constexpr (std::is_same_v<Backend, CudaBackend>) {
-      float* const graph_slot = total_at + 2 * slots + 512;
+      float* const graph_slot = scratch_at + kScratch;
       for (std::size_t i = 0; i < x.size() && report.not_graphed.empty(); ++i)
         graphs.capture(stream, [&] { forward_backward(i, graph_slot, nullptr); }, report.not_graphed);
       report.graphed = report.not_graphed.empty();
