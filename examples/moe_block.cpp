@@ -196,7 +196,7 @@ template <>
 struct Device<HostBackend> {
   explicit Device(int /*device*/) {}
   HostStream stream{};
-  [[nodiscard]] static const char* name() { return "host (CPU reference)"; }
+  [[nodiscard]] static std::string name() { return "host (CPU reference)"; }
   [[nodiscard]] static Linalg<HostBackend> linalg() { return {}; }
   /// The router's gate as a one-expert grouped linear `[E, hidden]`.
   [[nodiscard]] static GroupedLinear<HostBackend> gate(std::int64_t experts, std::int64_t hidden) {
@@ -210,14 +210,10 @@ struct Device<CudaBackend> {
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   cusolverDnHandle_t solver = nullptr;
-  std::string device_name;
 
   /// On GPU `device` (made current for the calling thread).
   explicit Device(int device) {
-    cudaDeviceProp prop{};
     MOELORA_CUDA_CHECK(cudaSetDevice(device));
-    MOELORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-    device_name = std::string("cuda (") + prop.name + ")";
     MOELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     MOELORA_CUBLAS_CHECK(cublasCreate(&blas));
     MOELORA_CUSOLVER_CHECK(cusolverDnCreate(&solver));
@@ -230,7 +226,12 @@ struct Device<CudaBackend> {
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
 
-  [[nodiscard]] const char* name() const { return device_name.c_str(); }
+  /// The backend and GPU 0's name.
+  [[nodiscard]] static std::string name() {
+    cudaDeviceProp prop{};
+    MOELORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    return std::string("cuda (") + prop.name + ")";
+  }
   [[nodiscard]] Linalg<CudaBackend> linalg() const { return {blas, solver}; }
   /// One cuBLAS GEMM per call (host sizes: no synchronisation, capturable).
   [[nodiscard]] GroupedLinear<CudaBackend> gate(std::int64_t experts, std::int64_t hidden) const {
@@ -1007,7 +1008,7 @@ int print_layout_check(const Options& o, const Report& parallel, const Report& s
 template <class Backend>
 int run(const Options& o) {
   using Comm = typename RankComm<Backend>::type;
-  std::printf("backend: %s", Device<Backend>(0).name());
+  std::printf("backend: %s", Device<Backend>::name().c_str());
   if (o.tp * o.ep > 1)
     std::printf(", %d ranks (tp %d x ep %d) as %s", o.tp * o.ep, o.tp, o.ep,
                 std::is_same_v<Backend, HostBackend> ? "host threads" : "one thread per GPU over NCCL");
