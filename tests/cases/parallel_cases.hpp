@@ -4,20 +4,16 @@
 /// layout is compared with the single-device layer on the same global data.
 ///
 /// A ranks harness `P` provides `Harness` (the per-rank backend harness), `Comm` (its communicator),
-/// `max_ranks()` and `run(tp, ep, f)`, which calls `f(RankEnv&)` on tp · ep ranks at once (TP groups of
-/// tp consecutive ranks, one per EP rank; the world group of all of them) and rethrows the first
-/// exception of a rank. Ranks only compute and record; the checks run on the calling thread.
+/// `max_ranks()` and `run(tp, ep, f)`, which calls `f(RankEnv&)` on tp · ep ranks at once (one TP
+/// group of tp ranks per EP rank) and rethrows the first exception of a rank. Ranks only compute and record; the checks run on the calling thread.
 #pragma once
 
 #include <doctest/doctest.h>
 
 #include <algorithm>
-#include <exception>
 #include <filesystem>
-#include <mutex>
 #include <random>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -28,41 +24,14 @@
 
 namespace moelora::testing {
 
-/// What one rank sees: its harness, its TP group, the TP × EP world and its place.
+/// What one rank sees: its harness, its TP group and its place.
 template <class H, class C>
 struct RankEnv {
   H& h;
   C& tp;
-  C& world;
   int tp_rank, ep_rank, tp_size, ep_size;
   [[nodiscard]] int index() const { return ep_rank * tp_size + tp_rank; }
 };
-
-/// Runs `rank(ep_rank, tp_rank)` on tp · ep threads, joins them and rethrows the first exception a
-/// rank threw; `on_failure()` runs on the failing thread right after (to release ranks that wait).
-template <class Rank, class OnFailure>
-void run_rank_threads(int tp, int ep, Rank&& rank, OnFailure&& on_failure) {
-  std::mutex mutex;
-  std::exception_ptr first;
-  std::vector<std::thread> threads;
-  for (int e = 0; e < ep; ++e) {
-    for (int t = 0; t < tp; ++t) {
-      threads.emplace_back([&, e, t] {
-        try {
-          rank(e, t);
-        } catch (...) {
-          {
-            const std::lock_guard lock(mutex);
-            if (!first) first = std::current_exception();
-          }
-          on_failure();
-        }
-      });
-    }
-  }
-  for (std::thread& thread : threads) thread.join();
-  if (first) std::rethrow_exception(first);
-}
 
 /// Which axis of a tensor a layout cuts over TP.
 enum class Cut { none, rows, cols };
@@ -400,7 +369,7 @@ TEST_CASE_TEMPLATE_DEFINE("SVD inits under TP equal the single-device init's sli
           auto& h = env.h;
           const HostTensor w = cut_factor(g.w, 0, g.experts, l.w_axis(), tp, t, l.blocks);
           quant::FormatQuantizer<Backend> quantizer(spec);
-          quantizer.set_amax_sync(parallel::amax_sync(env.world));
+          quantizer.set_amax_sync(parallel::amax_sync(env.tp));  // the ranks that share the amax (EP = 1)
           QBase base(h.linalg(), g.experts, w.shape[2], w.shape[1], g.dtype, std::move(quantizer));
           const std::vector<std::byte> bytes = w.encode();
           base.set_weight({bytes.data(), w.dtype, w.shape}, h.stream());

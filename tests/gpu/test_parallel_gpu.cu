@@ -5,6 +5,9 @@
 #include <doctest/doctest.h>
 #include <nccl.h>
 
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "cases/parallel_cases.hpp"
@@ -16,8 +19,8 @@ namespace {
 using namespace moelora;
 
 /// One thread per GPU: rank (e, t) runs on device e · tp + t, in TP group e (an NCCL communicator of
-/// tp ranks) and the world of all tp · ep ranks (another), both created here and destroyed after.
-/// A rank that fails may leave the others waiting in NCCL; the test's timeout ends such a run.
+/// tp ranks created here and destroyed after). A rank that fails may leave the others waiting in
+/// NCCL; the test's timeout ends such a run.
 struct NcclRanks {
   using Harness = testing::CudaHarness;
   using Comm = parallel::NcclCommunicator;
@@ -31,28 +34,33 @@ struct NcclRanks {
   template <class F>
   static void run(int tp, int ep, F&& f) {
     REQUIRE(tp * ep <= max_ranks());
-    ncclUniqueId world_id;
-    MOELORA_NCCL_CHECK(ncclGetUniqueId(&world_id));
-    std::vector<ncclUniqueId> group_ids(static_cast<std::size_t>(ep));
-    for (ncclUniqueId& id : group_ids) MOELORA_NCCL_CHECK(ncclGetUniqueId(&id));
-    testing::run_rank_threads(
-        tp, ep,
-        [&](int e, int t) {
-          MOELORA_CUDA_CHECK(cudaSetDevice(e * tp + t));
-          ncclComm_t world = nullptr, group = nullptr;
-          MOELORA_NCCL_CHECK(ncclCommInitRank(&world, tp * ep, world_id, e * tp + t));
-          MOELORA_NCCL_CHECK(ncclCommInitRank(&group, tp, group_ids[static_cast<std::size_t>(e)], t));
-          {
-            Harness h;
-            Comm tp_comm(group), world_comm(world);
-            testing::RankEnv<Harness, Comm> env{h, tp_comm, world_comm, t, e, tp, ep};
-            f(env);
-            CudaBackend::synchronize(h.stream());
+    std::vector<ncclUniqueId> ids(static_cast<std::size_t>(ep));
+    for (ncclUniqueId& id : ids) MOELORA_NCCL_CHECK(ncclGetUniqueId(&id));
+    std::mutex mutex;
+    std::exception_ptr first;
+    std::vector<std::thread> threads;
+    for (int e = 0; e < ep; ++e)
+      for (int t = 0; t < tp; ++t)
+        threads.emplace_back([&, e, t] {
+          try {
+            MOELORA_CUDA_CHECK(cudaSetDevice(e * tp + t));
+            ncclComm_t group = nullptr;
+            MOELORA_NCCL_CHECK(ncclCommInitRank(&group, tp, ids[static_cast<std::size_t>(e)], t));
+            {
+              Harness h;
+              Comm tp_comm(group);
+              testing::RankEnv<Harness, Comm> env{h, tp_comm, t, e, tp, ep};
+              f(env);
+              CudaBackend::synchronize(h.stream());
+            }
+            MOELORA_NCCL_CHECK(ncclCommDestroy(group));
+          } catch (...) {
+            const std::lock_guard lock(mutex);
+            if (!first) first = std::current_exception();
           }
-          MOELORA_NCCL_CHECK(ncclCommDestroy(group));
-          MOELORA_NCCL_CHECK(ncclCommDestroy(world));
-        },
-        [] {});
+        });
+    for (std::thread& thread : threads) thread.join();
+    if (first) std::rethrow_exception(first);
   }
 };
 

@@ -1,10 +1,7 @@
-// Tensor and expert parallelism on the host backend: N ranks as N threads of one process, each TP
-// group a HostThreadGroup (plus one group of every rank, the TP × EP world).
-#include <memory>
-#include <vector>
-
+// Tensor and expert parallelism on the host backend: N ranks as N threads of one process
+// (moe::run_host_grid: a HostThreadGroup per TP group and per EP group).
 #include "cases/parallel_cases.hpp"
-#include "moelora/parallel/host_thread_communicator.hpp"
+#include "moelora/moe/rank_grid.hpp"
 
 namespace {
 
@@ -15,25 +12,14 @@ struct HostRanks {
   using Comm = parallel::HostThreadCommunicator;
   static int max_ranks() { return 8; }
 
-  /// Runs f(RankEnv&) on tp · ep threads; rank (e, t) is TP rank t of group e. The first exception a
-  /// rank throws aborts every group (so no rank waits forever) and is rethrown.
+  /// Runs f(RankEnv&) on tp · ep threads; a rank that throws aborts every group and is rethrown.
   template <class F>
   static void run(int tp, int ep, F&& f) {
-    std::vector<std::unique_ptr<parallel::HostThreadGroup>> groups;
-    for (int e = 0; e < ep; ++e) groups.push_back(std::make_unique<parallel::HostThreadGroup>(tp));
-    parallel::HostThreadGroup world(tp * ep);
-    testing::run_rank_threads(
-        tp, ep,
-        [&](int e, int t) {
-          Harness h;
-          Comm tp_comm(*groups[static_cast<std::size_t>(e)], t), world_comm(world, e * tp + t);
-          testing::RankEnv<Harness, Comm> env{h, tp_comm, world_comm, t, e, tp, ep};
-          f(env);
-        },
-        [&] {
-          for (auto& g : groups) g->abort();
-          world.abort();
-        });
+    moe::run_host_grid(tp, ep, [&](const moe::GridPlace& place, Comm& /*ep_comm*/, Comm& tp_comm) {
+      Harness h;
+      testing::RankEnv<Harness, Comm> env{h, tp_comm, place.q, place.p, tp, ep};
+      f(env);
+    });
   }
 };
 
