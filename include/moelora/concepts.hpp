@@ -27,6 +27,7 @@ concept Backend = requires(void* p, const void* cp, std::size_t n, typename B::s
   { B::allocate(n) } -> std::same_as<void*>;
   B::deallocate(p);
   B::copy(p, cp, n, stream);
+  B::copy_2d(p, n, cp, n, n, n, stream);
   B::copy_to_host(p, cp, n, stream);
   B::copy_from_host(p, cp, n, stream);
   B::fill_zero(p, n, stream);

@@ -21,6 +21,7 @@
 #include "moelora/moe/routing.hpp"
 #include "moelora/moe/swiglu.hpp"
 #include "moelora/optim/adamw.hpp"
+#include "moelora/parallel/amax_sync.hpp"
 #include "moelora/policies/policy_set.hpp"
 
 #if defined(__CUDACC__)
