@@ -173,7 +173,7 @@ class QuantizedGroupedLinear {
       quantized_x_.reserve(static_cast<std::size_t>(rows * in_) * dtype_size(dtype_));
       if constexpr (requires(Q& q) { q.reserve(std::int64_t{1}); }) input_quantizer_->reserve(1);
     }
-    if (weight_quantizer_) dequantized_.reserve(static_cast<std::size_t>(chunk_experts()) * expert_bytes());
+    if (weight_quantizer_) reserve_dequantized();
   }
 
   void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
@@ -211,6 +211,13 @@ class QuantizedGroupedLinear {
   /// Experts of one GEMM call: a chunk, or all of them without a weight quantizer.
   [[nodiscard]] std::int64_t gemm_groups() const { return weight_quantizer_ ? chunk_experts() : experts_; }
 
+  /// Sizes the dequantization scratch for a chunk; a new buffer holds no resident weight.
+  void reserve_dequantized() {
+    const void* before = dequantized_.data();
+    dequantized_.reserve(static_cast<std::size_t>(chunk_experts()) * expert_bytes());
+    if (dequantized_.data() != before) resident_ = false;
+  }
+
   GroupedGemm<Backend> make_gemm() {
     gemm_groups_ = gemm_groups();
     if constexpr (std::default_initializable<GroupedGemm<Backend>>) return {};
@@ -224,7 +231,7 @@ class QuantizedGroupedLinear {
     if (!weight_quantizer_) return gemm_.run(args, stream);
     if (segments.rows == 0) return;  // nothing to dequantize or write
     const std::int64_t chunk = chunk_experts();
-    dequantized_.reserve(static_cast<std::size_t>(chunk) * expert_bytes());  // before any chunk is queued
+    reserve_dequantized();  // before any chunk is queued
     args.weights = dequantized_.data();
     if (chunk == experts_) {  // the whole dequantized weight stays resident
       if (!resident_)

@@ -349,7 +349,7 @@ struct CudaBackend {
       using FT = kernels::device_t<tag.value>;
       cuda_detail::launch(kernels::adamw_kernel<FT>, cuda_detail::elementwise_grid(args.count), 256, 0, stream, args);
     });
-    if (args.advance) cuda_detail::launch(kernels::advance_steps_kernel, dim3(1), 1, 0, stream, args.steps);
+    if (args.advance) cuda_detail::launch(kernels::advance_steps_kernel<std::int64_t>, dim3(1), 1, 0, stream, args.steps);
   }
 
  private:

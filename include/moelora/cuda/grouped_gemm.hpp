@@ -76,13 +76,15 @@ class GroupedGemm<CudaBackend> {
   /// allocates its device arrays and workspace here, never in `run`.
   GroupedGemm(cublasHandle_t handle, [[maybe_unused]] std::int64_t groups, std::int64_t in, std::int64_t out, DType dtype,
               GemmStrategy strategy = GemmStrategy::automatic)
-      : handle_(handle), strategy_(strategy), cublas_strategy_(in * out >= kPerExpertMinWeights ? GemmStrategy::per_expert
-                                                                                                 : GemmStrategy::grouped) {
+      : handle_(handle), strategy_(strategy) {
     MOELORA_REQUIRE(handle != nullptr, ErrorCode::invalid_argument, "a CUDA grouped base needs a cuBLAS handle");
     const char* unavailable = sm90_grouped_unavailable(in, out, dtype);
     MOELORA_REQUIRE(strategy_ != GemmStrategy::sm90_grouped || !unavailable, ErrorCode::unsupported,
                     "GemmStrategy::sm90_grouped does not apply: ", unavailable ? unavailable : "");
-    if (strategy_ == GemmStrategy::automatic) strategy_ = unavailable ? cublas_strategy_ : GemmStrategy::sm90_grouped;
+    if (strategy_ == GemmStrategy::automatic)
+      strategy_ = !unavailable                         ? GemmStrategy::sm90_grouped
+                  : in * out >= kPerExpertMinWeights ? GemmStrategy::per_expert
+                                                       : GemmStrategy::grouped;
 #if defined(MOELORA_HAVE_CUTLASS)
     if (strategy_ == GemmStrategy::sm90_grouped) sm90_.emplace(sm90::GroupedGemmShape{dtype, groups, out, in});
 #endif
@@ -91,26 +93,26 @@ class GroupedGemm<CudaBackend> {
 
   /// The strategy in use (never `automatic`).
   [[nodiscard]] GemmStrategy strategy() const { return strategy_; }
-  /// The strategy the last `run` used: `strategy()`, or the cuBLAS one for a call whose pointers
-  /// were not 16-byte aligned for the sm90 path.
+  /// The strategy the last `run` used: `strategy()`, or `per_expert` for a call whose pointers were
+  /// not 16-byte aligned.
   [[nodiscard]] GemmStrategy last_strategy() const { return last_strategy_; }
 
   /// out_e = op(W_e) in_e over the experts of `g`: the sm90 path reads `g.segments->offsets` on the
-  /// device; cuBLAS needs host offsets (synchronising `stream` to fetch device ones).
+  /// device; cuBLAS needs host offsets (synchronising `stream` to fetch device ones). A call whose
+  /// weights, input or output are not 16-byte aligned runs `per_expert`: the sm90 kernels need the
+  /// alignment, and cuBLAS 13.0's grouped call faulted on an output aligned to 2 bytes (H200).
   void run(const GroupedGemmArgs& g, cudaStream_t stream) {
+    const sm90::GroupedGemmCall call{g.direction, g.weights,         g.segments->offsets, g.first_expert,
+                                     g.last_expert - g.first_expert, g.in, g.out,         g.mode};
+    const bool aligned = sm90::aligned_call(call);
+    last_strategy_ = aligned ? strategy_ : GemmStrategy::per_expert;
 #if defined(MOELORA_HAVE_CUTLASS)
-    if (strategy_ == GemmStrategy::sm90_grouped) {
-      const sm90::GroupedGemmCall call{g.direction, g.weights,           g.segments->offsets, g.first_expert,
-                                       g.last_expert - g.first_expert,   g.in, g.out,         g.mode};
-      if (sm90::aligned_call(call)) {
-        last_strategy_ = GemmStrategy::sm90_grouped;
-        if (g.segments->rows == 0) return;
+    if (last_strategy_ == GemmStrategy::sm90_grouped) {
+      if (g.segments->rows > 0)
         sm90_->run(call, sm90::tile_for(g.segments->rows, g.segments->num_experts, g.m()), stream);
-        return;
-      }
+      return;
     }
 #endif
-    last_strategy_ = strategy_ == GemmStrategy::sm90_grouped ? cublas_strategy_ : strategy_;
     run_cublas(g, host_offsets(*g.segments, stream), stream);
   }
 
@@ -194,7 +196,7 @@ class GroupedGemm<CudaBackend> {
   }
 
   cublasHandle_t handle_;
-  GemmStrategy strategy_, cublas_strategy_, last_strategy_;
+  GemmStrategy strategy_, last_strategy_;
 #if defined(MOELORA_HAVE_CUTLASS)
   std::optional<sm90::Sm90GroupedGemm> sm90_;
 #endif

@@ -41,6 +41,9 @@ __global__ void adamw_kernel(AdamWArgs p) {
 }
 
 /// `*steps += 1` (one thread): the step count of an AdamW state, after its last update of a step.
-__global__ void advance_steps_kernel(std::int64_t* steps) { *steps += 1; }
+template <class Count>
+__global__ void advance_steps_kernel(Count* steps) {
+  *steps += 1;
+}
 
 }  // namespace moelora::kernels
