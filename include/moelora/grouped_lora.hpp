@@ -247,12 +247,16 @@ class GroupedLoRA {
   };
 
   /// Whether this call's adapters write y (or dx) first and the base then adds into it: the base
-  /// can accumulate and some enabled adapter has rows to write.
+  /// can accumulate cheaply (an AccumulatingGroupedLinearBase whose `accumulate_is_cheap()`, where
+  /// it has one, is true) and some enabled adapter has rows to write.
   [[nodiscard]] bool lora_writes_first(std::int64_t rows) const {
-    if constexpr (AccumulatingGroupedLinearBase<Base>)
+    if constexpr (AccumulatingGroupedLinearBase<Base>) {
+      if constexpr (requires(const Base& b) { { b.accumulate_is_cheap() } -> std::convertible_to<bool>; })
+        if (!base_.accumulate_is_cheap()) return false;
       return rows > 0 && std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.config.enabled; });
-    else
+    } else {
       return false;
+    }
   }
 
   static void zero_grads(Slot& slot, stream_type stream) {

@@ -78,6 +78,13 @@ class GroupedLinear : public GroupedWeights<Backend> {
   {
     return gemm_.strategy();
   }
+  /// Whether adding into the output (β = 1) costs the GEMM little (where the backend says: CUDA);
+  /// GroupedLoRA lets the adapters write first only then.
+  [[nodiscard]] bool accumulate_is_cheap() const
+    requires requires(const GroupedGemm<Backend>& gemm) { gemm.accumulate_is_cheap(); }
+  {
+    return gemm_.accumulate_is_cheap();
+  }
   /// The GEMM strategy of the last call (CUDA: the cuBLAS one when the sm90 path's pointers were not
   /// 16-byte aligned).
   [[nodiscard]] auto last_strategy() const

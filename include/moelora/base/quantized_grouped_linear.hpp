@@ -157,6 +157,14 @@ class QuantizedGroupedLinear {
     else linalg_.convert(source_.data(), dtype_, out.data, out.dtype, out.numel(), stream);
   }
 
+  /// Whether adding into the output (β = 1) costs the GEMM little (where the backend says: CUDA);
+  /// GroupedLoRA lets the adapters write first only then.
+  [[nodiscard]] bool accumulate_is_cheap() const
+    requires requires(const GroupedGemm<Backend>& gemm) { gemm.accumulate_is_cheap(); }
+  {
+    return gemm_.accumulate_is_cheap();
+  }
+
   /// Caps the dequantization scratch (at least one expert is always dequantized at a time). Not on
   /// the hot path: it may rebuild the GEMM for the new chunk size.
   void set_dequant_budget(std::size_t bytes) {
