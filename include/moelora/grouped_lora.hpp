@@ -208,9 +208,9 @@ class GroupedLoRA {
     for (Slot& slot : slots_) zero_grads(slot, stream);
   }
 
-  /// Sizes the saved activations of every adapter and the backend's workspace for calls of up to
-  /// `rows` rows, so that later calls of at most that size (with the adapters present now) allocate
-  /// nothing.
+  /// Sizes the saved activations of every adapter, the backend's workspace and the base's scratch
+  /// (a base with a `reserve(rows)` member, e.g. QuantizedGroupedLinear) for calls of up to `rows`
+  /// rows, so that later calls of at most that size (with the adapters present now) allocate nothing.
   void reserve(std::int64_t rows) {
     MOELORA_REQUIRE(rows >= 0, ErrorCode::invalid_argument, "reserve(rows) needs rows >= 0, got ", rows);
     reserved_rows_ = std::max(reserved_rows_, rows);
@@ -220,6 +220,7 @@ class GroupedLoRA {
       max_rank = std::max(max_rank, slot.config.rank);
     }
     workspace_.reserve(reserved_rows_, num_experts(), max_rank);
+    if constexpr (requires(Base& b) { b.reserve(std::int64_t{}); }) base_.reserve(reserved_rows_);
   }
 
   // ---- compute --------------------------------------------------------------------------------
@@ -370,12 +371,16 @@ class GroupedLoRA {
   }
 
   /// Whether this call's adapters write y (or dx) first and the base then adds into it: the base
-  /// can accumulate and some enabled adapter has rows to write.
+  /// can accumulate cheaply (an AccumulatingGroupedLinearBase whose `accumulate_is_cheap()`, where
+  /// it has one, is true) and some enabled adapter has rows to write.
   [[nodiscard]] bool lora_writes_first(std::int64_t rows) const {
-    if constexpr (AccumulatingGroupedLinearBase<Base>)
+    if constexpr (AccumulatingGroupedLinearBase<Base>) {
+      if constexpr (requires(const Base& b) { { b.accumulate_is_cheap() } -> std::convertible_to<bool>; })
+        if (!base_.accumulate_is_cheap()) return false;
       return rows > 0 && std::any_of(slots_.begin(), slots_.end(), [](const Slot& s) { return s.config.enabled; });
-    else
+    } else {
       return false;
+    }
   }
 
   static void zero_grads(Slot& slot, stream_type stream) {
@@ -473,8 +478,8 @@ class GroupedLoRA {
     MOELORA_REQUIRE(t.data != nullptr || t.shape[0] == 0, ErrorCode::invalid_argument, what, " has no data");
   }
 
-  /// Length E; host counts are checked here (non-negative, Σ = rows); device counts are checked by
-  /// the backend without a host sync.
+  /// Length E; host counts are checked here (non-negative, Σ = rows, or Σ ≤ rows when padded);
+  /// device counts are checked by the backend without a host sync.
   void check_counts(const ExpertCounts& counts, std::int64_t rows) const {
     MOELORA_REQUIRE(counts.size == num_experts(), ErrorCode::bad_counts, "tokens_per_expert has ", counts.size,
                     " entries but the layer has ", num_experts(), " experts");
@@ -488,8 +493,8 @@ class GroupedLoRA {
       MOELORA_REQUIRE(c >= 0, ErrorCode::bad_counts, "tokens_per_expert[", e, "] is negative (", c, ")");
       sum += c;
     }
-    MOELORA_REQUIRE(sum == rows, ErrorCode::bad_counts, "tokens_per_expert sums to ", sum, " but x has ", rows,
-                    " rows");
+    MOELORA_REQUIRE(counts.padded ? sum <= rows : sum == rows, ErrorCode::bad_counts, "tokens_per_expert sums to ", sum,
+                    " but x has ", rows, " rows", counts.padded ? " (padded counts may sum to at most that)" : "");
   }
 
   Base base_;

@@ -168,7 +168,7 @@ struct CudaBackend {
         kernels::scan_counts_kernel<std::remove_cvref_t<decltype(*typed_counts)>, kernels::kForwardRows,
                                     kernels::kGroupRows>
             <<<1, kernels::kScanThreads, 0, stream>>>(typed_counts, static_cast<std::int32_t>(experts), rows,
-                                                      offsets_.as<std::int64_t>(), tile_offsets,
+                                                      counts.padded, offsets_.as<std::int64_t>(), tile_offsets,
                                                       tile_offsets + capacity_experts_, status_.as<std::uint32_t>());
       };
       if (scanned.index_type == IndexType::int32) launch_scan(static_cast<const std::int32_t*>(scanned.data));
@@ -225,7 +225,7 @@ struct CudaBackend {
 
     /// Synchronises `stream` and throws ErrorCode::bad_counts if any device `tokens_per_expert`
     /// scanned since the last check had a negative entry or a sum different from the row count
-    /// (the calls that saw them computed nothing for the LoRA branch). Resets the status.
+    /// (larger than it, for padded counts); the calls that saw them computed nothing. Resets the status.
     void check_counts(cudaStream_t stream) {
       if (!status_.data()) return;
       std::uint32_t status = 0;
@@ -234,7 +234,7 @@ struct CudaBackend {
       MOELORA_REQUIRE(status == kernels::kCountsOk, ErrorCode::bad_counts, "device tokens_per_expert ",
                       (status & kernels::kNegativeCount) ? "had a negative entry" : "",
                       (status == (kernels::kNegativeCount | kernels::kWrongSum)) ? " and " : "",
-                      (status & kernels::kWrongSum) ? "did not sum to the number of rows" : "");
+                      (status & kernels::kWrongSum) ? "did not sum to the number of rows (padded: summed to more)" : "");
     }
 
    private:
@@ -399,11 +399,14 @@ struct CudaBackend {
     fill_zero(args.b, static_cast<std::size_t>(args.experts * args.out * args.rank) * dtype_size(args.dtype), stream);
   }
 
+  /// One AdamW update of a tensor (step `*args.steps + 1`, read on the device), then `*args.steps += 1`
+  /// when `args.advance`: nothing is decided on the host, so a captured graph replays successive steps.
   static void adamw_step(const AdamWArgs& args, cudaStream_t stream) {
     dispatch_dtype(args.dtype, [&](auto tag) {
       using FT = kernels::device_t<tag.value>;
       cuda_detail::launch(kernels::adamw_kernel<FT>, cuda_detail::elementwise_grid(args.count), 256, 0, stream, args);
     });
+    if (args.advance) cuda_detail::launch(kernels::advance_steps_kernel<std::int64_t>, dim3(1), 1, 0, stream, args.steps);
   }
 
  private:

@@ -170,16 +170,19 @@ struct HostBackend {
   }
 
   static void adamw_step(const AdamWArgs& args, HostStream /*stream*/) {
+    const std::int64_t t = *args.steps + 1;
+    const AdamWStep step = AdamWStep::at(args.config, t);
     dispatch_dtype(args.dtype, [&](auto tag) {
       using T = host_type_t<tag.value>;
       auto* param = static_cast<T*>(args.param);
       for (std::int64_t i = 0; i < args.count; ++i) {
-        const float w = args.master && !args.first_step ? args.master[i] : static_cast<float>(param[i]);
-        const float updated = adamw_update(w, args.grad[i], args.m[i], args.v[i], args.config, args.step);
+        const float w = args.master && t > 1 ? args.master[i] : static_cast<float>(param[i]);
+        const float updated = adamw_update(w, args.grad[i], args.m[i], args.v[i], args.config, step);
         if (args.master) args.master[i] = updated;
         param[i] = T(updated);
       }
     });
+    if (args.advance) *args.steps = t;
   }
 
  private:
