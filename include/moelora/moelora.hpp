@@ -19,7 +19,11 @@
 #include "moelora/host/quantize.hpp"
 #include "moelora/init/svd_init.hpp"
 #include "moelora/loss/mse.hpp"
+#include "moelora/moe/permutation.hpp"
+#include "moelora/moe/routing.hpp"
+#include "moelora/moe/swiglu.hpp"
 #include "moelora/optim/adamw.hpp"
+#include "moelora/parallel/amax_sync.hpp"
 #include "moelora/policies/policy_set.hpp"
 
 #if defined(__CUDACC__)
@@ -27,5 +31,6 @@
 #include "moelora/cuda/grouped_linear.hpp"
 #include "moelora/cuda/linalg.hpp"
 #include "moelora/cuda/loss.hpp"
+#include "moelora/cuda/moe.hpp"
 #include "moelora/cuda/quantize.hpp"
 #endif

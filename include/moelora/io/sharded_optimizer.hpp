@@ -52,7 +52,6 @@ void save_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
                             typename Layer::stream_type stream, int group = 0) {
   using Backend = typename Layer::backend_type;
   using policy::Factor;
-  layout.validate();
   const GlobalSizes sizes = global_sizes(layer, layout);
   const bool first_rank = layout.tp_rank == 0 && layout.ep_rank == 0;
   detail::ShardContents contents;
@@ -69,9 +68,8 @@ void save_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
         Backend::copy_to_host(contents.storage.back().data(), factor.step, sizeof(std::int64_t), stream);
         contents.tensors.push_back({optimizer_key(factor_key(prefix, which, name), kStep), StDType::I64, {}, contents.storage.back()});
       }
-      const policy::TpAxis axis = factor_axis(layout.mode, f);
-      if (axis == policy::TpAxis::none && layout.tp_rank != 0) continue;  // replicated: tp_rank 0 writes it
-      const Region region = local_region(layout, sizes, f, view.config.rank);
+      const LocalPart part = local_part(layout, sizes, f, view.config.rank);
+      if (part.axis == policy::TpAxis::none && layout.tp_rank != 0) continue;  // replicated: tp_rank 0 writes it
       for (const auto& [field, t] : state_fields(factor)) {
         if (!t.data) continue;
         std::vector<std::byte> all(t.bytes());
@@ -80,7 +78,7 @@ void save_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
         for (std::int64_t i = 0; i < layer.num_experts(); ++i) {
           const auto begin = all.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(i) * per_expert);
           contents.add(sharded_optimizer_key(prefix, which, name, layout.ep_rank * layer.num_experts() + i, field),
-                       StDType::F32, global_factor_shape(sizes, f, view.config.rank), axis, region,
+                       StDType::F32, global_factor_shape(sizes, f, view.config.rank), part,
                        std::vector<std::byte>(begin, begin + static_cast<std::ptrdiff_t>(per_expert)));
         }
       }
@@ -134,8 +132,8 @@ void load_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
     const std::string name(view.name);
     for (const auto& [which, f, factor] : {std::tuple{'a', Factor::a, view.a}, std::tuple{'b', Factor::b, view.b}}) {
       const std::int64_t rank = view.config.rank;
-      const Region region = local_region(layout, sizes, f, rank);
-      if (region.rows * region.cols * layer.num_experts() != factor.numel()) {
+      const LocalPart part = local_part(layout, sizes, f, rank);
+      if (part.shape()[0] * part.shape()[1] * layer.num_experts() != factor.numel()) {
         problems.push_back("adapter \"" + name + "\"'s factor " + which + " has " + std::to_string(factor.numel()) +
                            " elements, not the layout's slice of the checkpoint's layer");
         complete = false;
@@ -161,7 +159,7 @@ void load_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
             if (checkpoint.weight_map().count(key) == 0) problems.push_back("missing " + key);
             continue;
           }
-          complete &= checkpoint.gather(key, StDType::F32, global_factor_shape(sizes, f, rank), region,
+          complete &= checkpoint.gather(key, StDType::F32, global_factor_shape(sizes, f, rank), part,
                                         bytes.data() + static_cast<std::size_t>(e) * per_expert, problems);
         }
       }
@@ -174,6 +172,21 @@ void load_sharded_optimizer(Optimizer& optimizer, Layer& layer, const ShardLayou
     if (!std::binary_search(expected.begin(), expected.end(), key)) problems.push_back("unexpected " + key);
   require_no_problems(folder.string(), problems);
   install_states(optimizer, layer, loaded, config, on_settings, counters, stream, group);
+}
+
+/// `save_sharded_optimizer` with a live layer's own layout (`shard_layout(layer)`).
+template <class Optimizer, class Layer>
+void save_sharded_optimizer(Optimizer& optimizer, Layer& layer, const std::filesystem::path& dir,
+                            std::string_view prefix, typename Layer::stream_type stream, int group = 0) {
+  save_sharded_optimizer(optimizer, layer, shard_layout(layer), dir, prefix, stream, group);
+}
+
+/// `load_sharded_optimizer` into a live layer, with the layer's own layout (`shard_layout(layer)`).
+template <class Optimizer, class Layer>
+void load_sharded_optimizer(Optimizer& optimizer, Layer& layer, const std::filesystem::path& dir,
+                            std::string_view prefix, typename Layer::stream_type stream,
+                            SettingsOnLoad on_settings = SettingsOnLoad::must_match, int group = 0) {
+  load_sharded_optimizer(optimizer, layer, shard_layout(layer), dir, prefix, stream, on_settings, group);
 }
 
 }  // namespace moelora::io
