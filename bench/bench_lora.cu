@@ -51,6 +51,7 @@ struct ZeroBase : PrecomputedBase {
 namespace {
 
 using namespace moelora;
+using moelora::bench::copy_bandwidth;
 using moelora::bench::median_ms;
 using bench::PrecomputedBase;
 using bench::ZeroBase;
@@ -64,15 +65,6 @@ __global__ void fill_uniform(__nv_bfloat16* data, std::int64_t n, std::uint64_t 
 void fill(void* data, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
   fill_uniform<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(data), n, seed, scale);
   MOELORA_CUDA_CHECK(cudaGetLastError());
-}
-
-/// Device-to-device copy bandwidth in GB/s (bytes read + written), 2 GiB buffers.
-double copy_bandwidth(cudaStream_t stream) {
-  const std::size_t bytes = std::size_t{2} << 30;
-  Buffer<CudaBackend> a(bytes), b(bytes);
-  fill(a.data(), static_cast<std::int64_t>(bytes / 2), 3, 1.0f, stream);
-  const double ms = median_ms(stream, 20, [&] { CudaBackend::copy(b.data(), a.data(), bytes, stream); });
-  return 2.0 * static_cast<double>(bytes) / (ms * 1e6);
 }
 
 /// A time for the JSON: null when not measured (≤ 0).

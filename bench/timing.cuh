@@ -1,5 +1,6 @@
 /// \file
-/// \brief Timing helper of the GPU benchmarks: the median of CUDA-event-timed runs on a stream.
+/// \brief Timing helpers of the GPU benchmarks: the median of CUDA-event-timed runs on a stream, and
+/// the device's copy bandwidth (the byte floors' denominator).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,6 +8,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "moelora/core/buffer.hpp"
+#include "moelora/cuda/backend.hpp"
 #include "moelora/cuda/check.hpp"
 
 namespace moelora::bench {
@@ -32,6 +35,15 @@ double median_ms(cudaStream_t stream, int iters, F&& f, int warmup = 3) {
   cudaEventDestroy(stop);
   std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
   return times[times.size() / 2];
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + written), 2 GiB buffers, median of 20.
+inline double copy_bandwidth(cudaStream_t stream) {
+  const std::size_t bytes = std::size_t{2} << 30;
+  Buffer<CudaBackend> a(bytes), b(bytes);
+  CudaBackend::fill_zero(a.data(), bytes, stream);
+  const double ms = median_ms(stream, 20, [&] { CudaBackend::copy(b.data(), a.data(), bytes, stream); });
+  return 2.0 * static_cast<double>(bytes) / (ms * 1e6);
 }
 
 }  // namespace moelora::bench

@@ -19,8 +19,10 @@
 #include <nlohmann/json.hpp>
 
 #include "moelora/io/expert_weights.hpp"
+#include "moelora/io/optimizer_state.hpp"
 #include "moelora/io/peft.hpp"
 #include "moelora/io/sharded.hpp"
+#include "moelora/io/sharded_optimizer.hpp"
 #include "moelora/io/state_dict.hpp"
 #include "moelora/moelora.hpp"
 
@@ -75,6 +77,50 @@ void print_layer(const nlohmann::json& layer, const char* what) {
               static_cast<long long>(layer.value("out", std::int64_t{0})));
 }
 
+/// The value of the 0-d tensor of `file` whose name ends with `suffix` (null when there is none).
+nlohmann::json scalar_ending(const io::SafetensorsFile& file, const std::string& suffix) {
+  for (const io::TensorBytes& t : file.tensors()) {
+    if (!t.shape.empty() || t.name.size() < suffix.size() || t.name.compare(t.name.size() - suffix.size(), suffix.size(), suffix))
+      continue;
+    if (t.dtype == io::StDType::I64) return io::scalar_of<std::int64_t>(t);
+    if (t.dtype == io::StDType::F32) return io::scalar_of<float>(t);
+  }
+  return nullptr;
+}
+
+/// The optimizer part of an optimizer state file (io/optimizer_state.hpp, io/sharded_optimizer.hpp).
+void print_optimizer(const io::SafetensorsFile& file, const nlohmann::json& settings) {
+  const nlohmann::json schedule = settings.value("schedule", nlohmann::json::object());
+  const nlohmann::json scaling = settings.value("loss_scaling", nlohmann::json::object());
+  std::printf("  %s: lr %g, betas (%g, %g), eps %g, weight decay %g\n", settings.value("type", "?").c_str(),
+              settings.value("lr", 0.0), settings.value("beta1", 0.0), settings.value("beta2", 0.0),
+              settings.value("eps", 0.0), settings.value("weight_decay", 0.0));
+  const double clip = settings.value("max_grad_norm", 0.0);
+  std::printf("  clip the global gradient norm: %s; skip non-finite steps: %s\n",
+              clip > 0.0 ? std::to_string(clip).c_str() : "no", settings.value("skip_nonfinite", false) ? "yes" : "no");
+  std::printf("  schedule: %s, warm-up %lld steps, total %lld, floor %g of lr\n", schedule.value("kind", "?").c_str(),
+              static_cast<long long>(schedule.value("warmup_steps", std::int64_t{0})),
+              static_cast<long long>(schedule.value("total_steps", std::int64_t{0})), schedule.value("min_lr_ratio", 0.0));
+  if (scaling.value("enabled", false))
+    std::printf("  loss scaling: init %g, growth %g every %lld finite steps, backoff %g\n", scaling.value("init_scale", 0.0),
+                scaling.value("growth_factor", 0.0), static_cast<long long>(scaling.value("growth_interval", std::int64_t{0})),
+                scaling.value("backoff_factor", 0.0));
+  const nlohmann::json step = scalar_ending(file, "optimizer.step");
+  if (!step.is_null())
+    std::printf("  counters: %s updates, %s skipped, loss scale %s\n", step.dump().c_str(),
+                scalar_ending(file, "optimizer.skipped").dump().c_str(), scalar_ending(file, "optimizer.loss_scale").dump().c_str());
+  std::printf("  %-16s %6s %6s %-6s %8s %8s\n", "adapter", "rank", "dtype", "state", "steps A", "steps B");
+  for (const nlohmann::json& a : metadata_json(file, std::string(io::kOptimizerAdaptersKey))) {
+    if (!a.is_object()) continue;
+    const std::string name = a.value("name", "?");
+    const nlohmann::json steps_a = scalar_ending(file, "lora_a_" + name + ".weight.step");
+    const nlohmann::json steps_b = scalar_ending(file, "lora_b_" + name + ".weight.step");
+    std::printf("  %-16s %6lld %6s %-6s %8s %8s\n", name.c_str(), static_cast<long long>(a.value("rank", std::int64_t{0})),
+                a.value("dtype", "?").c_str(), a.value("state", false) ? "yes" : "no",
+                steps_a.is_null() ? "-" : steps_a.dump().c_str(), steps_b.is_null() ? "-" : steps_b.dump().c_str());
+  }
+}
+
 void inspect_file(const fs::path& path) {
   const io::SafetensorsFile file(path);
   std::uint64_t total = 0;
@@ -92,7 +138,19 @@ void inspect_file(const fs::path& path) {
   }
   const nlohmann::json adapters = metadata_json(file, "moelora.adapters");
   const nlohmann::json placement = metadata_json(file, "moelora.layout");
-  if (adapters.is_array() && placement.is_object()) {
+  const nlohmann::json optimizer = metadata_json(file, std::string(io::kOptimizerSettingsKey));
+  if (optimizer.is_object()) {
+    if (placement.is_object())
+      std::printf("kind: one rank file of a sharded optimizer state (tp_rank %lld of %lld, ep_rank %lld of %lld, %s)\n",
+                  static_cast<long long>(placement.value("tp_rank", std::int64_t{0})),
+                  static_cast<long long>(placement.value("tp", std::int64_t{0})),
+                  static_cast<long long>(placement.value("ep_rank", std::int64_t{0})),
+                  static_cast<long long>(placement.value("ep", std::int64_t{0})), placement.value("mode", "?").c_str());
+    else
+      std::printf("kind: moelora optimizer state\n");
+    print_layer(metadata_json(file, "moelora.layer"), placement.is_object() ? "global layer" : "layer");
+    print_optimizer(file, optimizer);
+  } else if (adapters.is_array() && placement.is_object()) {
     std::printf("kind: one rank file of a sharded adapter checkpoint (tp_rank %lld of %lld, ep_rank %lld of %lld, %s)\n",
                 static_cast<long long>(placement.value("tp_rank", std::int64_t{0})),
                 static_cast<long long>(placement.value("tp", std::int64_t{0})),
@@ -116,7 +174,9 @@ void inspect_sharded(const fs::path& dir) {
   if (!index.is_object()) fail((dir / io::kShardIndexName).string() + " is not JSON");
   const io::ShardedCheckpoint checkpoint(dir);
   const io::ShardGrid& grid = checkpoint.grid();
-  std::printf("%s: sharded moelora adapter checkpoint\n", dir.string().c_str());
+  const bool optimizer_state =
+      io::SafetensorsFile(dir / io::shard_file_name(0, 0)).metadata().count(std::string(io::kOptimizerSettingsKey)) > 0;
+  std::printf("%s: sharded moelora %s\n", dir.string().c_str(), optimizer_state ? "optimizer state" : "adapter checkpoint");
   std::printf("  layout: tp %lld, ep %lld, %s parallel\n", static_cast<long long>(grid.tp),
               static_cast<long long>(grid.ep), std::string(io::tp_mode_name(grid.mode)).c_str());
   std::printf("  global layer: %lld experts, in %lld, out %lld\n", static_cast<long long>(checkpoint.sizes().experts),
@@ -128,6 +188,8 @@ void inspect_sharded(const fs::path& dir) {
       std::printf("    %-32s %12llu bytes\n", name.get<std::string>().c_str(),
                   static_cast<unsigned long long>(fs::file_size(dir / name.get<std::string>())));
   print_adapters(checkpoint.adapters());
+  if (fs::exists(dir / io::kOptimizerFolder / io::kShardIndexName))
+    std::printf("  optimizer state: %s/ (inspect it for the settings and counters)\n", std::string(io::kOptimizerFolder).c_str());
 }
 
 void inspect_peft(const fs::path& dir) {

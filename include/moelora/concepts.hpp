@@ -12,7 +12,7 @@
 #include "moelora/core/segments.hpp"
 #include "moelora/core/tensor.hpp"
 #include "moelora/core/write_mode.hpp"
-#include "moelora/optim/adamw_math.hpp"
+#include "moelora/optim/multi_tensor.hpp"
 
 namespace moelora {
 
@@ -21,7 +21,7 @@ template <class B>
 concept Backend = requires(void* p, const void* cp, std::size_t n, typename B::stream_type stream,
                            typename B::Workspace& workspace, const ExpertCounts& counts,
                            const LoraForwardArgs& fwd, const LoraBackwardArgs& bwd, const KaimingInitArgs& init,
-                           const AdamWArgs& adamw) {
+                           const OptimBatch& optim) {
   typename B::stream_type;
   { B::memory } -> std::convertible_to<Memory>;
   { B::allocate(n) } -> std::same_as<void*>;
@@ -36,7 +36,9 @@ concept Backend = requires(void* p, const void* cp, std::size_t n, typename B::s
   B::lora_forward(fwd, workspace, stream);
   B::lora_backward(bwd, workspace, stream);
   B::kaiming_init(init, stream);
-  B::adamw_step(adamw, stream);
+  B::optim_grad_stats(optim, stream);
+  B::optim_finish_stats(optim, stream);
+  B::optim_update(optim, stream);
   workspace.reserve(std::int64_t{}, std::int64_t{}, std::int64_t{});
 };
 

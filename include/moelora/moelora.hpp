@@ -15,8 +15,10 @@
 #include "moelora/grouped_lora.hpp"
 #include "moelora/host/backend.hpp"
 #include "moelora/host/linalg.hpp"
+#include "moelora/host/loss.hpp"
 #include "moelora/host/quantize.hpp"
 #include "moelora/init/svd_init.hpp"
+#include "moelora/loss/mse.hpp"
 #include "moelora/moe/permutation.hpp"
 #include "moelora/moe/routing.hpp"
 #include "moelora/moe/swiglu.hpp"
@@ -28,6 +30,7 @@
 #include "moelora/cuda/backend.hpp"
 #include "moelora/cuda/grouped_linear.hpp"
 #include "moelora/cuda/linalg.hpp"
+#include "moelora/cuda/loss.hpp"
 #include "moelora/cuda/moe.hpp"
 #include "moelora/cuda/quantize.hpp"
 #endif

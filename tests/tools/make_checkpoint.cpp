@@ -2,14 +2,18 @@
 // - model.safetensors: a plain model checkpoint with bf16 expert weights
 //   `model.layers.{L}.mlp.experts.{e}.down_proj.weight` [32, 64] for L = 0, 1 and e = 0 … 3, N(0, 0.02²);
 // - sharded/: a sharded adapter checkpoint (tp 1, ep 1, column) of a 4-expert [32, 64] layer with
-//   adapter "a" (rank 4, bf16).
+//   adapter "a" (rank 4, bf16), and in sharded/optimizer/ its optimizer state after one AdamW step
+//   (clipping at 1, cosine schedule);
+// - optimizer.safetensors: the same optimizer state as one file.
 #include <cstdio>
 #include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "moelora/io/optimizer_state.hpp"
 #include "moelora/io/sharded.hpp"
+#include "moelora/io/sharded_optimizer.hpp"
 #include "moelora/moelora.hpp"
 
 int main(int argc, char** argv) {
@@ -47,5 +51,14 @@ int main(int argc, char** argv) {
   layer.add_adapter("a", config, {});
   io::save_sharded(layer, io::ShardLayout{}, dir / "sharded", "", {});
   io::write_sharded_index(dir / "sharded");
+
+  AdamWConfig settings;
+  settings.max_grad_norm = 1.0f;
+  settings.schedule = {ScheduleKind::cosine, 10, 100, 0.1f};
+  AdamW<decltype(layer)> optimizer(settings);
+  optimizer.step(layer, {});
+  io::save_optimizer(optimizer, layer, dir / "optimizer.safetensors", "", {});
+  io::save_sharded_optimizer(optimizer, layer, io::ShardLayout{}, dir / "sharded", "", {});
+  io::write_sharded_optimizer_index(dir / "sharded");
   return 0;
 }

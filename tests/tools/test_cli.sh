@@ -66,6 +66,23 @@ run 0 "$moelora" inspect sharded
 has out.txt "sharded moelora adapter checkpoint"
 has out.txt "layout: tp 1, ep 1, column parallel"
 has out.txt "adapter-tp0-ep0.safetensors"
+has out.txt "optimizer state: optimizer/"
+
+# inspect: optimizer state, one file and sharded.
+run 0 "$moelora" inspect optimizer.safetensors
+has out.txt "kind: moelora optimizer state"
+has out.txt "lora_a_a.weight.exp_avg_sq"
+has out.txt "adamw: lr 0.001, betas (0.9, 0.999)"
+has out.txt "clip the global gradient norm: 1.000000; skip non-finite steps: yes"
+has out.txt "schedule: cosine, warm-up 10 steps, total 100, floor 0.1"
+has out.txt "counters: 1 updates, 0 skipped, loss scale 1.0"
+grep -qE "^  a +4 +bf16 +yes +1 +1$" out.txt || { fail "inspect lacks the adapter's state row"; cat out.txt; }
+run 0 "$moelora" inspect sharded/optimizer
+has out.txt "sharded moelora optimizer state"
+has out.txt "layout: tp 1, ep 1, column parallel"
+run 0 "$moelora" inspect sharded/optimizer/adapter-tp0-ep0.safetensors
+has out.txt "one rank file of a sharded optimizer state"
+has out.txt "lora_b_a.weight3.master"
 
 # reshard, then inspect the result.
 run 0 "$moelora" reshard sharded resharded --tp 2 --ep 2

@@ -28,8 +28,9 @@
 #include "moelora/kernels/lora_backward.cuh"
 #include "moelora/kernels/lora_forward.cuh"
 #include "moelora/kernels/lora_generic.cuh"
+#include "moelora/kernels/optim.cuh"
 #include "moelora/kernels/segments.cuh"
-#include "moelora/optim/adamw_math.hpp"
+#include "moelora/optim/multi_tensor.hpp"
 
 namespace moelora {
 
@@ -399,14 +400,17 @@ struct CudaBackend {
     fill_zero(args.b, static_cast<std::size_t>(args.experts * args.out * args.rank) * dtype_size(args.dtype), stream);
   }
 
-  /// One AdamW update of a tensor (step `*args.steps + 1`, read on the device), then `*args.steps += 1`
-  /// when `args.advance`: nothing is decided on the host, so a captured graph replays successive steps.
-  static void adamw_step(const AdamWArgs& args, cudaStream_t stream) {
-    dispatch_dtype(args.dtype, [&](auto tag) {
-      using FT = kernels::device_t<tag.value>;
-      cuda_detail::launch(kernels::adamw_kernel<FT>, cuda_detail::elementwise_grid(args.count), 256, 0, stream, args);
-    });
-    if (args.advance) cuda_detail::launch(kernels::advance_steps_kernel<std::int64_t>, dim3(1), 1, 0, stream, args.steps);
+  /// The optimizer's passes (optim/multi_tensor.hpp; kernels in kernels/optim.cuh).
+  static void optim_grad_stats(const OptimBatch& batch, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>(optim_blocks(batch.chunk_count)));
+    cuda_detail::launch(kernels::optim_stats_kernel<kernels::kOptimThreads>, grid, kernels::kOptimThreads, 0, stream, batch);
+  }
+  static void optim_finish_stats(const OptimBatch& batch, cudaStream_t stream) {
+    cuda_detail::launch(kernels::optim_finish_kernel<1>, dim3(1), 1, 0, stream, batch);
+  }
+  static void optim_update(const OptimBatch& batch, cudaStream_t stream) {
+    const dim3 grid(static_cast<unsigned>(optim_blocks(batch.chunk_count)));
+    cuda_detail::launch(kernels::optim_update_kernel<kernels::kOptimThreads>, grid, kernels::kOptimThreads, 0, stream, batch);
   }
 
  private:

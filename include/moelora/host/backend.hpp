@@ -20,7 +20,8 @@
 #include "moelora/core/tensor.hpp"
 #include "moelora/host/convert.hpp"
 #include "moelora/host/gemm.hpp"
-#include "moelora/optim/adamw_math.hpp"
+#include "moelora/host/optim.hpp"
+#include "moelora/optim/multi_tensor.hpp"
 
 namespace moelora {
 
@@ -169,21 +170,10 @@ struct HostBackend {
     fill_zero(args.b, static_cast<std::size_t>(args.experts * args.out * args.rank) * dtype_size(args.dtype), stream);
   }
 
-  static void adamw_step(const AdamWArgs& args, HostStream /*stream*/) {
-    const std::int64_t t = *args.steps + 1;
-    const AdamWStep step = AdamWStep::at(args.config, t);
-    dispatch_dtype(args.dtype, [&](auto tag) {
-      using T = host_type_t<tag.value>;
-      auto* param = static_cast<T*>(args.param);
-      for (std::int64_t i = 0; i < args.count; ++i) {
-        const float w = args.master && t > 1 ? args.master[i] : static_cast<float>(param[i]);
-        const float updated = adamw_update(w, args.grad[i], args.m[i], args.v[i], args.config, step);
-        if (args.master) args.master[i] = updated;
-        param[i] = T(updated);
-      }
-    });
-    if (args.advance) *args.steps = t;
-  }
+  /// The optimizer's passes (optim/multi_tensor.hpp), in host/optim.hpp.
+  static void optim_grad_stats(const OptimBatch& batch, HostStream /*stream*/) { host::optim_grad_stats(batch); }
+  static void optim_finish_stats(const OptimBatch& batch, HostStream /*stream*/) { host::optim_finish_stats(batch); }
+  static void optim_update(const OptimBatch& batch, HostStream /*stream*/) { host::optim_update(batch); }
 
  private:
   struct Rows {

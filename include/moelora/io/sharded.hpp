@@ -125,6 +125,17 @@ struct GlobalSizes {
   std::int64_t out = 0;
 };
 
+/// The whole layer's sizes when `layer` holds rank `layout`'s local shapes; throws
+/// ErrorCode::invalid_argument for an invalid layout or a local out that `layout.blocks` does not split.
+template <class Layer>
+GlobalSizes global_sizes(const Layer& layer, const ShardLayout& layout) {
+  layout.validate();
+  MOELORA_REQUIRE(layout.mode == TpMode::row || layer.out_features() % layout.blocks == 0, ErrorCode::invalid_argument,
+                  "the layer's out = ", layer.out_features(), " does not split into the layout's ", layout.blocks, " blocks");
+  return {layer.num_experts() * layout.ep, layer.in_features() * (layout.mode == TpMode::row ? layout.tp : 1),
+          layer.out_features() * (layout.mode == TpMode::column ? layout.tp : 1)};
+}
+
 /// A block `[row0, row0 + rows) × [col0, col0 + cols)` of a 2-D factor.
 struct Region {
   std::int64_t row0 = 0, rows = 0, col0 = 0, cols = 0;
@@ -231,16 +242,17 @@ inline nlohmann::ordered_json placement_json(const ShardLayout& layout) {
   return placement;
 }
 
+/// Writes rank `layout`'s file in `dir`: `contents` and the metadata of the file comment, plus `extra`.
 inline void write_shard(const std::filesystem::path& dir, const ShardLayout& layout, const GlobalSizes& sizes,
-                        std::string_view prefix, const nlohmann::ordered_json& adapters, const ShardContents& contents) {
-  const nlohmann::ordered_json placement = placement_json(layout);
-  write_safetensors(dir / shard_file_name(layout.tp_rank, layout.ep_rank), contents.tensors,
-                    {{"format", "pt"},
-                     {"moelora.layout", placement.dump()},
-                     {"moelora.layer", sizes_json(sizes).dump()},
-                     {"moelora.prefix", std::string(prefix)},
-                     {"moelora.adapters", adapters.dump()},
-                     {"moelora.slices", contents.slices.dump()}});
+                        std::string_view prefix, const nlohmann::ordered_json& adapters, const ShardContents& contents,
+                        Metadata extra = {}) {
+  extra.insert({{"format", "pt"},
+                {"moelora.layout", placement_json(layout).dump()},
+                {"moelora.layer", sizes_json(sizes).dump()},
+                {"moelora.prefix", std::string(prefix)},
+                {"moelora.adapters", adapters.dump()},
+                {"moelora.slices", contents.slices.dump()}});
+  write_safetensors(dir / shard_file_name(layout.tp_rank, layout.ep_rank), contents.tensors, extra);
 }
 
 /// One stored run of a global factor along an axis: `extent` rows (axis 0) or columns (axis 1, or
@@ -503,12 +515,7 @@ void save_sharded(Layer& layer, const ShardLayout& layout, const std::filesystem
                   typename Layer::stream_type stream) {
   using Backend = typename Layer::backend_type;
   using policy::Factor;
-  layout.validate();
-  MOELORA_REQUIRE(layout.mode == TpMode::row || layer.out_features() % layout.blocks == 0, ErrorCode::invalid_argument,
-                  "the layer's out = ", layer.out_features(), " does not split into the layout's ", layout.blocks, " blocks");
-  const GlobalSizes sizes{layer.num_experts() * layout.ep,
-                          layer.in_features() * (layout.mode == TpMode::row ? layout.tp : 1),
-                          layer.out_features() * (layout.mode == TpMode::column ? layout.tp : 1)};
+  const GlobalSizes sizes = global_sizes(layer, layout);
   detail::ShardContents contents;
   nlohmann::ordered_json adapters = nlohmann::ordered_json::array();
   for (const std::string& name : layer.adapter_names()) {
