@@ -48,25 +48,49 @@ struct RowTile {
 };
 
 /// Maps tile index `tile` (a grid slot; slots past the last tile get rows = 0) of a schedule of
-/// `TileRows`-row tiles to its expert and rows.
+/// `TileRows`-row tiles to its expert and rows. Every lane of the calling warp must call it with
+/// the same `tile`. The expert is the number of experts whose tiles end at or before `tile`,
+/// counted by the whole warp at once (each lane reads every 32nd entry, the loads all in flight
+/// together): two dependent rounds of loads, where a binary search takes log2(E) + 2 of them.
 template <int TileRows>
 __device__ __forceinline__ RowTile locate_tile(const TileSchedule& s, std::int64_t tile) {
-  if (tile >= s.tile_offsets[s.experts]) return {0, 0, 0};
-  std::int32_t lo = 0, hi = s.experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
-  while (hi - lo > 1) {
-    const std::int32_t mid = (lo + hi) / 2;
-    if (s.tile_offsets[mid] <= tile) lo = mid;
-    else hi = mid;
-  }
-  const std::int64_t row0 = s.offsets[lo] + (tile - s.tile_offsets[lo]) * TileRows;
-  const std::int64_t end = s.offsets[lo + 1];
-  return {lo, row0, static_cast<std::int32_t>(end - row0 < TileRows ? end - row0 : TileRows)};
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  unsigned before = 0;  // experts e (of this lane's) with tile_offsets[e + 1] <= tile
+  for (std::int32_t e = lane; e < s.experts; e += 32) before += s.tile_offsets[e + 1] <= tile;
+  const auto expert = static_cast<std::int32_t>(__reduce_add_sync(0xffffffffu, before));
+  if (expert >= s.experts) return {0, 0, 0};  // tile_offsets[expert] <= tile < tile_offsets[expert + 1]
+  const std::int64_t row0 = s.offsets[expert] + (tile - s.tile_offsets[expert]) * TileRows;
+  const std::int64_t end = s.offsets[expert + 1];
+  return {expert, row0, static_cast<std::int32_t>(end - row0 < TileRows ? end - row0 : TileRows)};
 }
 
 /// Upper bound of the number of `tile_rows`-row tiles of a call with `rows` rows over `experts` experts.
 inline std::int64_t max_tiles(std::int64_t rows, std::int64_t experts, std::int64_t tile_rows) {
   return (rows + tile_rows - 1) / tile_rows + experts;
 }
+
+// ---- residency and launch order (sm_90) -------------------------------------------------------
+
+inline constexpr int kSmemPerSm = 228 * 1024;       ///< shared memory an SM gives its blocks
+inline constexpr int kSmemReservedPerBlock = 1024;  ///< shared memory the system keeps per block
+inline constexpr int kThreadsPerSm = 2048;
+inline constexpr int kBlocksPerSm = 32;
+
+/// Blocks of `threads` threads and `smem` bytes of shared memory an SM holds at once, registers
+/// permitting (kernels that rely on it say so in their `__launch_bounds__`).
+constexpr int resident_blocks(int smem, int threads) {
+  const int by_smem = kSmemPerSm / (smem + kSmemReservedPerBlock);
+  const int by_threads = kThreadsPerSm / threads;
+  const int n = by_smem < by_threads ? by_smem : by_threads;
+  return n < kBlocksPerSm ? n : kBlocksPerSm;
+}
+
+/// Programmatic dependent launch: lets the kernel queued after this one on the stream, when it is
+/// launched as a programmatic dependent, start before this one finishes. No effect otherwise.
+__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
+/// Waits until the kernels this one depends on programmatically have finished and their writes are
+/// visible; returns at once when the kernel was launched normally (stream order already holds).
+__device__ __forceinline__ void wait_for_prerequisites() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
 // ---- asynchronous copies -------------------------------------------------------------------------
 
