@@ -11,8 +11,9 @@
 #include <vector>
 
 #include "moelora/moelora.hpp"
-#include "timing.cuh"
+#include "device_data.cuh"
 #include "shapes.hpp"
+#include "timing.cuh"
 
 namespace moelora::bench {
 
@@ -48,29 +49,11 @@ struct ZeroBase : PrecomputedBase {
 namespace {
 
 using namespace moelora;
+using moelora::bench::copy_bandwidth;
+using moelora::bench::fill;
 using moelora::bench::median_ms;
 using bench::PrecomputedBase;
 using bench::ZeroBase;
-
-__global__ void fill_uniform(__nv_bfloat16* data, std::int64_t n, std::uint64_t seed, float scale) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    data[i] = __float2bfloat16((2.0f * uniform01(seed, 1, static_cast<std::uint64_t>(i)) - 1.0f) * scale);
-}
-
-void fill(void* data, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
-  fill_uniform<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(data), n, seed, scale);
-  MOELORA_CUDA_CHECK(cudaGetLastError());
-}
-
-/// Device-to-device copy bandwidth in GB/s (bytes read + written), 2 GiB buffers.
-double copy_bandwidth(cudaStream_t stream) {
-  const std::size_t bytes = std::size_t{2} << 30;
-  Buffer<CudaBackend> a(bytes), b(bytes);
-  fill(a.data(), static_cast<std::int64_t>(bytes / 2), 3, 1.0f, stream);
-  const double ms = median_ms(stream, 20, [&] { CudaBackend::copy(b.data(), a.data(), bytes, stream); });
-  return 2.0 * static_cast<double>(bytes) / (ms * 1e6);
-}
 
 struct Record {
   std::string shape, counts;
