@@ -21,13 +21,14 @@ enum class ErrorCode {
   cuda,               ///< a CUDA runtime call failed
   cublas,             ///< a cuBLAS call failed
   cusolver,           ///< a cuSOLVER call failed or reported a failed factorisation
+  nccl,               ///< an NCCL call failed
   io,                 ///< a file could not be opened, read, written or renamed
   bad_file,           ///< a file's contents break its format (a malformed or inconsistent header)
 };
 
 /// Every error the library reports: an exception carrying an ErrorCode and a message that names
 /// the offending argument and value. A call rejected by validation (every code but cuda, cublas,
-/// cusolver and io) leaves the layer, its adapters and any file on disk unchanged.
+/// cusolver, nccl and io) leaves the layer, its adapters and any file on disk unchanged.
 class Error : public std::runtime_error {
  public:
   Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
