@@ -32,6 +32,20 @@ __device__ __forceinline__ T from_float(float v) {
   else return __float2half_rn(v);
 }
 
+/// The bits of a 16-bit value.
+__device__ __forceinline__ std::uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ std::uint32_t bits16(__half v) { return __half_as_ushort(v); }
+
+/// v[0..7], each rounded once to the 16-bit type T (from_float), as the 16 bytes of 8 consecutive
+/// T. Stored through a vector-store instruction (`__stwb`, `store_shared_16`): nvcc splits the
+/// store of a Vec8<T> or uint4 assembled element by element into 2- or 4-byte stores.
+template <class T>
+__device__ __forceinline__ uint4 pack_rounded8(const float (&v)[8]) {
+  static_assert(sizeof(T) == 2, "packs 16-bit elements");
+  const auto pair = [&](int j) { return bits16(from_float<T>(v[2 * j])) | (bits16(from_float<T>(v[2 * j + 1])) << 16); };
+  return make_uint4(pair(0), pair(1), pair(2), pair(3));
+}
+
 /// Where the tiles of one call are: offsets `[E+1]` (int64 rows) and tile_offsets `[E+1]` (int32,
 /// exclusive scan of ceil(count_e / tile rows)), both in device memory.
 struct TileSchedule {
@@ -102,6 +116,12 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool v
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
                "r"(valid ? 16 : 0));
 }
+/// One 16-byte shared-memory store (`st.shared.v4`).
+__device__ __forceinline__ void store_shared_16(void* smem, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_address(smem)), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int Pending>
 __device__ __forceinline__ void cp_async_wait() {
@@ -134,7 +154,7 @@ struct alignas(sizeof(T) * 8) Vec8 {
 };
 
 /// Loads a `[Rows, Cols]` tile of a row-major global matrix `src` (row stride `ld` elements) into
-/// shared memory `dst` (row stride `dst_ld`) as `Dst`, with `Threads` threads. Rows ≥ `rows` and
+/// shared memory `dst` (row stride `dst_ld`) as `Dst` (16-bit, or fp32 from fp32), with `Threads` threads. Rows ≥ `rows` and
 /// columns ≥ `cols` read as zero. Same type and `Async`: 16-byte cp.async copies (the caller
 /// commits and waits; `cols` a multiple of 16 bytes' worth); otherwise 8 elements at a time
 /// through registers, converted (`cols` a multiple of 8).
@@ -158,16 +178,18 @@ __device__ __forceinline__ void load_tile(Dst* dst, int dst_ld, const Src* src, 
     if constexpr (kCopy) {
       cp_async_16(to, from, valid);
     } else {
-      Vec8<Dst> out;
+      float v[8] = {};
       if (valid) {
         const Vec8<Src> in = *reinterpret_cast<const Vec8<Src>*>(from);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) out.v[j] = from_float<Dst>(to_float(in.v[j]));
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) out.v[j] = from_float<Dst>(0.0f);
+        for (int j = 0; j < 8; ++j) v[j] = to_float(in.v[j]);
       }
-      *reinterpret_cast<Vec8<Dst>*>(to) = out;
+      if constexpr (sizeof(Dst) == 2) {
+        store_shared_16(to, pack_rounded8<Dst>(v));
+      } else {
+        reinterpret_cast<float4*>(to)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        reinterpret_cast<float4*>(to)[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
     }
   }
 }

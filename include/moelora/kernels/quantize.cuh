@@ -248,11 +248,11 @@ __device__ __forceinline__ void load_chunk(const T* row, std::int64_t c0, std::i
 /// Stores elements [c0, min(c0 + 8, in)) of `row`, each rounded once from fp32.
 template <bool Vec, class T>
 __device__ __forceinline__ void store_chunk(T* row, std::int64_t c0, std::int64_t in, const float (&v)[kQuantChunk]) {
-  if constexpr (Vec) {
-    Vec8<T> x;
-#pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) x.v[j] = from_float<T>(v[j]);
-    *reinterpret_cast<Vec8<T>*>(row + c0) = x;
+  if constexpr (Vec && std::is_same_v<T, float>) {
+    __stwb(reinterpret_cast<float4*>(row + c0), make_float4(v[0], v[1], v[2], v[3]));
+    __stwb(reinterpret_cast<float4*>(row + c0 + 4), make_float4(v[4], v[5], v[6], v[7]));
+  } else if constexpr (Vec) {
+    __stwb(reinterpret_cast<uint4*>(row + c0), pack_rounded8<T>(v));
   } else {
 #pragma unroll
     for (int j = 0; j < kQuantChunk; ++j)
