@@ -1,13 +1,16 @@
-// The GPU benchmark of issue #2: for every shape of DESIGN.md §8, rank 16 and 64, uniform and Zipf
-// counts: base forward, the LoRA delta forward alone (device counts, in-place add) against its byte
-// floor, the LoRA branch's forward + backward (fresh outputs, and accumulating into existing ones),
-// and the whole layer's forward + backward against the base's. Writes JSON for bench/report.py,
+// The GPU benchmark of issues #2 and #12: for every shape of DESIGN.md §8, rank 16 and 64, uniform
+// and Zipf counts, all with device counts: the base's forward and input-gradient GEMMs (each sm90
+// tile configuration too), the LoRA delta forward alone (in-place add) against its byte floor, the
+// LoRA branch's forward + backward (fresh outputs, and accumulating into existing ones), the whole
+// layer's forward and forward + backward against the base's, and the training step (forward,
+// backward, AdamW) run eagerly and replayed from a CUDA graph. Writes JSON for bench/report.py,
 // which joins it with bench/torch_anchors.py. Run: bench/run.sh
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <string>
 #include <vector>
 
 #include "moelora/moelora.hpp"
@@ -55,18 +58,41 @@ using moelora::bench::median_ms;
 using bench::PrecomputedBase;
 using bench::ZeroBase;
 
+/// A time for the JSON: null when not measured (≤ 0).
+std::string json_ms(double ms) { return ms > 0 ? std::to_string(ms) : "null"; }
+
 struct Record {
   std::string shape, counts;
   std::int64_t rank;
   double base_fwd, lora_fwd, floor_fwd, lora_fwdbwd, base_fwdbwd;
   double branch_fwdbwd;        // LoRA branch into fresh y, dx and gradients (torch's branch semantics)
   double branch_accum_fwdbwd;  // LoRA branch added into existing y, dx and gradients
+  double base_dgrad;           // the base's input gradient alone
+  double layer_fwd;            // the whole layer's forward (LoRA first, then the base adds)
+  double step, graph_step;     // forward + backward (fresh gradients) + AdamW: eager, and one graph replay
+  std::string gemm;            // the base's GEMM strategy
+  // The sm90 grouped GEMM per tile configuration (−1: not measured): forward and input gradient.
+  double fwd_cooperative = -1, fwd_pingpong = -1, dgrad_cooperative = -1, dgrad_pingpong = -1;
 };
+
+/// Median ms of replaying a CUDA graph of `f` (captured once, global mode).
+template <class F>
+double graph_median_ms(cudaStream_t stream, int iters, F&& f) {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  MOELORA_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  f();
+  MOELORA_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MOELORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double ms = median_ms(stream, iters, [&] { MOELORA_CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  return ms;
+}
 
 Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind, double copy_gbps, int iters,
                GemmStrategy strategy, cublasHandle_t handle, cudaStream_t stream) {
   const std::vector<std::int64_t> counts = bench::routed_counts(s, kind);
-  const ExpertCounts host_counts = expert_counts(counts.data(), s.experts);
   Buffer<CudaBackend> device_counts(counts.size() * sizeof(std::int64_t));
   CudaBackend::copy_from_host(device_counts.data(), counts.data(), device_counts.bytes(), stream);
   const ExpertCounts dev_counts = expert_counts(device_counts.as<const std::int64_t>(), s.experts, Memory::device);
@@ -88,7 +114,7 @@ Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind
     fill(v.b.data, v.b.numel(), 21, 0.02f, stream);  // never time on zeros
   };
 
-  Record r{s.name, kind, rank, 0, 0, 0, 0, 0, 0, 0};
+  Record r{s.name, kind, rank, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, ""};
   {
     GroupedLoRA<PrecomputedBase> delta(PrecomputedBase{s.experts, s.in, s.out});
     delta.add_adapter("bench", config, stream);
@@ -114,25 +140,57 @@ Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind
   }
   r.floor_fwd = bench::forward_floor_bytes(s, rank) / (copy_gbps * 1e6);
   {
+    using Layer = GroupedLoRA<GroupedLinear<CudaBackend>>;
     GroupedLinear<CudaBackend> base(handle, s.experts, s.in, s.out, DType::bf16, strategy);
     fill(base.weight().data, base.weight().numel(), 31, 0.02f, stream);
-    GroupedLoRA<GroupedLinear<CudaBackend>> layer(std::move(base));
+    r.gemm = gemm_strategy_name(base.strategy());
+    Layer layer(std::move(base));
     {
       CudaBackend::Workspace ws;
-      const ExpertSegments& seg = ws.prepare_segments(host_counts, s.rows, stream);
+      const ExpertSegments& seg = ws.prepare_segments(dev_counts, s.rows, stream);
       r.base_fwd = median_ms(stream, iters, [&] { layer.base().forward(xr, seg, yr, stream); });
+      r.base_dgrad = median_ms(stream, iters, [&] { layer.base().backward_input(dyr, seg, dxr, stream); });
       r.base_fwdbwd = median_ms(stream, iters, [&] {
         layer.base().forward(xr, seg, yr, stream);
         layer.base().backward_input(dyr, seg, dxr, stream);
       });
+#if defined(MOELORA_HAVE_CUTLASS)
+      if (layer.base().strategy() == GemmStrategy::sm90_grouped) {
+        sm90::Sm90GroupedGemm gemm({DType::bf16, s.experts, s.out, s.in});
+        const void* w = layer.base().weight().data;
+        for (const sm90::GemmTile tile : {sm90::GemmTile::cooperative, sm90::GemmTile::pingpong}) {
+          const bool coop = tile == sm90::GemmTile::cooperative;
+          (coop ? r.fwd_cooperative : r.fwd_pingpong) = median_ms(stream, iters, [&] {
+            gemm.run({GemmDirection::forward, w, seg.offsets, 0, s.experts, x.data(), y.data(), WriteMode::overwrite},
+                     tile, stream);
+          });
+          (coop ? r.dgrad_cooperative : r.dgrad_pingpong) = median_ms(stream, iters, [&] {
+            gemm.run({GemmDirection::backward_input, w, seg.offsets, 0, s.experts, dy.data(), dx.data(),
+                      WriteMode::overwrite},
+                     tile, stream);
+          });
+        }
+      }
+#endif
     }
     layer.add_adapter("bench", config, stream);
     randomize_b(layer);
     layer.reserve(s.rows);
+    r.layer_fwd = median_ms(stream, iters, [&] { layer.forward(xr, dev_counts, yr, stream); });
     r.lora_fwdbwd = median_ms(stream, iters, [&] {  // fresh gradients, as torch's step (grads set to None)
-      layer.forward(xr, host_counts, yr, stream);
-      layer.backward(xr, host_counts, dyr, dxr, stream, WriteMode::overwrite);
+      layer.forward(xr, dev_counts, yr, stream);
+      layer.backward(xr, dev_counts, dyr, dxr, stream, WriteMode::overwrite);
     });
+    AdamW<Layer> optimizer;
+    const auto step = [&] {
+      layer.forward(xr, dev_counts, yr, stream);
+      layer.backward(xr, dev_counts, dyr, dxr, stream, WriteMode::overwrite);
+      optimizer.step(layer, stream);
+    };
+    r.step = median_ms(stream, iters, step);  // its warm-up creates the optimizer state
+    // A host-synchronising base (cuBLAS with device counts) cannot be captured.
+    if (layer.base().strategy() == GemmStrategy::sm90_grouped) r.graph_step = graph_median_ms(stream, iters, step);
+    layer.workspace().check_counts(stream);
   }
   return r;
 }
@@ -151,12 +209,13 @@ int main(int argc, char** argv) {
   app.add_option("--ranks", ranks, "comma-separated ranks")->delimiter(',');
   app.add_option("--counts", count_kinds, "comma-separated count kinds: uniform, zipf")->delimiter(',');
   app.add_option("--iters", iters, "timed iterations per measurement (median)");
-  app.add_option("--gemm", gemm, "base GEMM strategy: auto, per_expert, grouped")
-      ->check(CLI::IsMember({"auto", "per_expert", "grouped"}));
+  app.add_option("--gemm", gemm, "base GEMM strategy: auto, sm90_grouped, per_expert, grouped")
+      ->check(CLI::IsMember({"auto", "sm90_grouped", "per_expert", "grouped"}));
   CLI11_PARSE(app, argc, argv);
-  const GemmStrategy strategy = gemm == "grouped"      ? GemmStrategy::grouped
-                                : gemm == "per_expert" ? GemmStrategy::per_expert
-                                                       : GemmStrategy::automatic;
+  const GemmStrategy strategy = gemm == "grouped"        ? GemmStrategy::grouped
+                                : gemm == "per_expert"   ? GemmStrategy::per_expert
+                                : gemm == "sm90_grouped" ? GemmStrategy::sm90_grouped
+                                                         : GemmStrategy::automatic;
 
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -173,19 +232,23 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "%s: copy bandwidth %.0f GB/s\n", prop.name, copy_gbps);
 
   std::vector<Record> records;
-  std::printf("%-20s %3s %-7s %9s %9s %9s %6s %10s %10s %10s %10s %8s\n", "shape", "r", "counts", "base fwd",
-              "LoRA fwd", "floor", "%floor", "LoRA f+b", "f+b (+=)", "base f+b", "layer f+b", "overhead");
+  std::printf("%-20s %3s %-7s %9s %9s %9s %9s %6s %10s %10s %10s %10s %8s %9s %9s\n", "shape", "r", "counts",
+              "base fwd", "base dx", "LoRA fwd", "floor", "%floor", "LoRA f+b", "f+b (+=)", "base f+b", "layer f+b",
+              "overhead", "step", "graph");
   for (const auto& s : bench::kShapes) {
     if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), s.name) == wanted.end()) continue;
     for (const std::int64_t rank : ranks)
       for (const std::string& kind : count_kinds) {
         const Record r = measure(s, rank, kind, copy_gbps, iters, strategy, handle, stream);
         records.push_back(r);
-        std::printf("%-20s %3lld %-7s %9.3f %9.3f %9.3f %5.0f%% %10.3f %10.3f %10.3f %10.3f %7.0f%%\n",
-                    r.shape.c_str(), static_cast<long long>(r.rank), r.counts.c_str(), r.base_fwd, r.lora_fwd,
-                    r.floor_fwd, 100.0 * r.floor_fwd / r.lora_fwd, r.branch_fwdbwd, r.branch_accum_fwdbwd,
-                    r.base_fwdbwd, r.lora_fwdbwd,
-                    100.0 * (r.lora_fwdbwd - r.base_fwdbwd) / r.base_fwdbwd);
+        std::printf("%-20s %3lld %-7s %9.3f %9.3f %9.3f %9.3f %5.0f%% %10.3f %10.3f %10.3f %10.3f %7.0f%% %9.3f %9.3f\n",
+                    r.shape.c_str(), static_cast<long long>(r.rank), r.counts.c_str(), r.base_fwd, r.base_dgrad,
+                    r.lora_fwd, r.floor_fwd, 100.0 * r.floor_fwd / r.lora_fwd, r.branch_fwdbwd,
+                    r.branch_accum_fwdbwd, r.base_fwdbwd, r.lora_fwdbwd,
+                    100.0 * (r.lora_fwdbwd - r.base_fwdbwd) / r.base_fwdbwd, r.step, r.graph_step);
+        if (r.fwd_cooperative > 0)
+          std::printf("    sm90 tiles: fwd cooperative %.3f pingpong %.3f | dx cooperative %.3f pingpong %.3f\n",
+                      r.fwd_cooperative, r.fwd_pingpong, r.dgrad_cooperative, r.dgrad_pingpong);
         std::fflush(stdout);
       }
   }
@@ -200,7 +263,12 @@ int main(int argc, char** argv) {
         << "\", \"base_fwd_ms\": " << r.base_fwd << ", \"lora_fwd_ms\": " << r.lora_fwd
         << ", \"floor_fwd_ms\": " << r.floor_fwd << ", \"lora_fwdbwd_ms\": " << r.lora_fwdbwd
         << ", \"base_fwdbwd_ms\": " << r.base_fwdbwd << ", \"branch_fwdbwd_ms\": " << r.branch_fwdbwd
-        << ", \"branch_accum_fwdbwd_ms\": " << r.branch_accum_fwdbwd << "}" << (i + 1 < records.size() ? ",\n" : "\n");
+        << ", \"branch_accum_fwdbwd_ms\": " << r.branch_accum_fwdbwd << ", \"base_dgrad_ms\": " << r.base_dgrad
+        << ", \"layer_fwd_ms\": " << r.layer_fwd << ", \"step_ms\": " << r.step
+        << ", \"graph_step_ms\": " << json_ms(r.graph_step) << ", \"gemm\": \"" << r.gemm
+        << "\", \"fwd_cooperative_ms\": " << json_ms(r.fwd_cooperative) << ", \"fwd_pingpong_ms\": "
+        << json_ms(r.fwd_pingpong) << ", \"dgrad_cooperative_ms\": " << json_ms(r.dgrad_cooperative)
+        << ", \"dgrad_pingpong_ms\": " << json_ms(r.dgrad_pingpong) << "}" << (i + 1 < records.size() ? ",\n" : "\n");
   }
   out << "]}\n";
   cublasDestroy(handle);

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Merge the moelora C++ benchmark JSON with torch_anchors.py JSON into Markdown.
 
-Records are joined on (shape, rank, counts). Two Markdown tables are printed:
+Records are joined on (shape, rank, counts). Three Markdown tables are printed:
 the forward (our LoRA delta against its byte floor and against the PyTorch
-grouped-GEMM and Python-loop deltas) and forward + backward (the LoRA branch
-alone, and the whole layer with its base, ours against PyTorch). A short
-summary follows.
+grouped-GEMM and Python-loop deltas), forward + backward (the LoRA branch
+alone, and the whole layer with its base, ours against PyTorch), and the base
+GEMMs with the LoRA overhead over them (ours and torch) and our training step,
+eager and replayed from a CUDA graph. A short summary follows.
 
 Usage:
   python3 bench/report.py --ours ours.json --torch torch.json [--date YYYY-MM-DD]
@@ -26,6 +27,11 @@ FORWARD_COLUMNS = [
 TRAINING_COLUMNS = [
     "shape", "r", "counts", "ours LoRA f+b", "gmm LoRA f+b", "ours vs gmm (LoRA)", "ours LoRA f+b (+=)", "base f+b",
     "torch base f+b", "ours layer f+b", "gmm layer f+b", "loop layer f+b", "ours vs gmm (layer)",
+]
+BASE_COLUMNS = [
+    "shape", "r", "counts", "GEMM", "ours base fwd", "torch base fwd", "ours vs torch (fwd)", "ours base dx",
+    "torch base dx", "ours vs torch (dx)", "LoRA fwd overhead (ours)", "LoRA fwd overhead (torch)",
+    "LoRA f+b overhead (ours)", "LoRA f+b overhead (torch)", "ours step", "ours step (graph)",
 ]
 
 
@@ -65,6 +71,11 @@ def f_pct(v):
     return DASH if v is None else f"{v:.1f}%"
 
 
+def overhead(layer, base):
+    """(layer − base) / base in percent."""
+    return None if layer is None or base is None else 100.0 * (layer - base) / base
+
+
 def f_x(v):
     return DASH if v is None else f"{v:.2f}×"
 
@@ -99,12 +110,24 @@ def build(ours, torch_doc, date):
         "torch's grouped_mm branch writes them (ours: `WriteMode::overwrite` gradients over a base "
         "whose output is zero). LoRA f+b (+=) is ours adding into existing y, dx and fp32 "
         "gradients instead (gradient accumulation). Layer f+b is the whole training step, base "
-        "included, fresh gradients on both sides (ours: the cuBLAS reference base, which adds its "
-        "products after the LoRA kernels wrote y and dx; torch: `torch._grouped_mm`).",
+        "included, fresh gradients on both sides (ours: the base's GEMM strategy of the base table, "
+        "which adds its products after the LoRA kernels wrote y and dx; torch: `torch._grouped_mm`).",
         "",
     ] + header(TRAINING_COLUMNS)
 
+    base_table = [
+        "",
+        "**Base GEMMs and the LoRA overhead.** Base fwd: `y = x W_eᵀ`; base dx: `dx = dy W_e` (ours: "
+        "the GEMM strategy named, from device counts; torch: one `torch._grouped_mm` each). LoRA "
+        "overhead: the whole layer over its base alone, forward (ours: layer forward; torch: base "
+        "grouped_mm plus the two-grouped-GEMM delta) and forward + backward (the layer f+b columns "
+        "above over the base f+b). Step: forward, backward (fresh gradients) and the AdamW update, "
+        "eagerly and replayed from one CUDA graph.",
+        "",
+    ] + header(BASE_COLUMNS)
+
     floor_pcts, fb_ratios, branch_ratios, accum_ratios = [], [], [], []  # (value, row label) for the summary
+    base_fwd_ratios, base_dx_ratios = [], []
     for k in keys:
         o, t = ours_recs.get(k), torch_recs.get(k)
         label = f"{k[0]} r={k[1]} {k[2]}"
@@ -131,6 +154,20 @@ def build(ours, torch_doc, date):
         if accum_x is not None:
             accum_ratios.append((accum_x, label))
 
+        base_fwd_x = ratio(num(t, "base_fwd_ms"), num(o, "base_fwd_ms"))
+        base_dx_x = ratio(num(t, "base_dgrad_ms"), num(o, "base_dgrad_ms"))
+        if base_fwd_x is not None:
+            base_fwd_ratios.append((base_fwd_x, label))
+        if base_dx_x is not None:
+            base_dx_ratios.append((base_dx_x, label))
+        base_table.append("| " + " | ".join([
+            k[0], str(k[1]), k[2], (o or {}).get("gemm", DASH), f_ms(num(o, "base_fwd_ms")),
+            f_ms(num(t, "base_fwd_ms")), f_x(base_fwd_x), f_ms(num(o, "base_dgrad_ms")), f_ms(num(t, "base_dgrad_ms")),
+            f_x(base_dx_x), f_pct(overhead(num(o, "layer_fwd_ms"), num(o, "base_fwd_ms"))),
+            f_pct(overhead(num(t, "gmm_layer_fwd_ms"), num(t, "base_fwd_ms"))),
+            f_pct(overhead(lora_fb, num(o, "base_fwdbwd_ms"))), f_pct(overhead(gmm_fb, torch_base_fb)),
+            f_ms(num(o, "step_ms")), f_ms(num(o, "graph_step_ms")),
+        ]) + " |")
         lines.append("| " + " | ".join([
             k[0], str(k[1]), k[2], f_ms(num(o, "base_fwd_ms")), f_ms(num(t, "base_fwd_ms")), f_ms(lora_fwd),
             f_ms(floor), f_pct(pct_floor), f_ms(gmm_fwd), f_ms(num(t, "loop_fwd_ms")), f_x(fwd_x),
@@ -141,6 +178,7 @@ def build(ours, torch_doc, date):
             f_ms(torch_base_fb), f_ms(lora_fb), f_ms(gmm_fb), f_ms(num(t, "loop_fwdbwd_ms")), f_x(fb_x),
         ]) + " |")
     lines += training
+    lines += base_table
 
     lines.append("")
     lines.append(f"**Summary** ({len(keys)} rows)")
@@ -151,6 +189,17 @@ def build(ours, torch_doc, date):
                      f"max {hi[0]:.1f}% ({hi[1]})")
     else:
         lines.append("- % of floor (LoRA fwd): no data")
+    for name, values in (("base fwd GEMM", base_fwd_ratios), ("base dx GEMM", base_dx_ratios)):
+        if values:
+            level = sum(1 for v, _ in values if v >= 0.97)
+            worst = min(values)
+            lines.append(f"- {name}: ours at least as fast as torch grouped_mm (within 3%) in {level} of "
+                         f"{len(values)} rows; worst ratio {worst[0]:.2f}× ({worst[1]})")
+    if fb_ratios:
+        ordered = sorted(v for v, _ in fb_ratios)
+        mid = len(ordered) // 2
+        median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        lines.append(f"- whole layer f+b: median ratio {median:.2f}×")
     for name, values in (("LoRA branch f+b", branch_ratios), ("LoRA branch f+b (+=, more work than torch's)", accum_ratios),
                          ("whole layer f+b", fb_ratios)):
         if values:

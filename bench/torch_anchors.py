@@ -5,9 +5,11 @@ For every MoE expert-layer shape below, LoRA rank r and routing distribution
 ("uniform" or "zipf" tokens per expert), this script times on one CUDA GPU:
 
   base_fwd_ms      base forward  y = x . W_e^T  as one torch._grouped_mm
+  base_dgrad_ms    base input gradient  dx = dy . W_e  as one torch._grouped_mm
   loop_fwd_ms      LoRA delta only, added in place to an existing y, with a
                    per-expert Python loop  y[s:t] += scale * ((x[s:t] @ A[e].T) @ B[e].T)
   gmm_fwd_ms       LoRA delta only, added in place to y, with two grouped GEMMs
+  gmm_layer_fwd_ms the whole layer's forward: base grouped GEMM plus the delta (two grouped GEMMs)
   base_fwdbwd_ms   base forward + backward (input grad only; W is frozen)
   loop_fwdbwd_ms   base fwd + LoRA fwd (loop) + backward (grads of x, A, B)
   gmm_fwdbwd_ms    base fwd + LoRA fwd (grouped GEMMs) + backward (grads of x, A, B)
@@ -165,6 +167,8 @@ def bench_shape(name, E, d_in, d_out, T, ranks, count_kinds, iters):
         with torch.no_grad():
             base_fwd = try_time(
                 "base_fwd", lambda: torch._grouped_mm(x, Wt, offs=offs), iters)
+            base_dgrad = try_time(
+                "base_dgrad", lambda: torch._grouped_mm(dy, W, offs=offs), iters)
             # The existing base output that the LoRA deltas are added to.
             y = torch.randn(T, d_out, dtype=bf16, device=dev)
 
@@ -190,6 +194,10 @@ def bench_shape(name, E, d_in, d_out, T, ranks, count_kinds, iters):
                     iters)
                 gmm_fwd = try_time(
                     "gmm_fwd", lambda: y.add_(lora_gmm(x, A, B, offs), alpha=SCALE),
+                    iters)
+                gmm_layer_fwd = try_time(
+                    "gmm_layer_fwd",
+                    lambda: torch._grouped_mm(x, Wt, offs=offs).add_(lora_gmm(x, A, B, offs), alpha=SCALE),
                     iters)
 
             def clear_grads():
@@ -222,6 +230,8 @@ def bench_shape(name, E, d_in, d_out, T, ranks, count_kinds, iters):
                 "shape": name, "E": E, "in": d_in, "out": d_out, "T": T,
                 "rank": r, "counts": kind,
                 "base_fwd_ms": base_fwd,
+                "base_dgrad_ms": base_dgrad,
+                "gmm_layer_fwd_ms": gmm_layer_fwd,
                 "loop_fwd_ms": loop_fwd,
                 "gmm_fwd_ms": gmm_fwd,
                 "base_fwdbwd_ms": base_fwdbwd,
@@ -231,7 +241,7 @@ def bench_shape(name, E, d_in, d_out, T, ranks, count_kinds, iters):
                 "iters": iters,
                 "loop_fwdbwd_iters": loop_iters,
             }
-            log(f"  {name} r={r} {kind}: base {fmt(base_fwd)} | fwd loop "
+            log(f"  {name} r={r} {kind}: base {fmt(base_fwd)} dx {fmt(base_dgrad)} | fwd loop "
                 f"{fmt(loop_fwd)} gmm {fmt(gmm_fwd)} | f+b base {fmt(base_fwdbwd)} "
                 f"loop {fmt(loop_fwdbwd)} gmm {fmt(gmm_fwdbwd)} ms")
             yield rec

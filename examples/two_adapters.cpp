@@ -114,7 +114,7 @@ int train(Base base, typename Backend::stream_type stream) {
   layer.set_enabled("domain", false);
   layer.forward(ref(x, kIn), tokens_per_expert, ref(y, kOut), stream);
   std::printf("trained %lld steps: loss %.5f -> %.5f (%.1f%% of the start)\n",
-              static_cast<long long>(optimizer.steps("style")), first_loss, loss, 100.0 * loss / first_loss);
+              static_cast<long long>(optimizer.steps("style", stream)), first_loss, loss, 100.0 * loss / first_loss);
   std::printf("\"domain\" disabled: the layer now adds only \"style\"\n");
   return loss < first_loss ? 0 : 1;
 }

@@ -34,6 +34,25 @@ fi
 if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
   export PATH="/usr/local/cuda/bin:$PATH"
 fi
+
+# CUTLASS 3 headers (the Hopper grouped GEMM of the CUDA bases) from the nvidia-cutlass wheel on PyPI,
+# unpacked into the git-ignored .deps/cutlass/include (the build's default `cutlass_include`). Only
+# where nvcc exists; without them the bases use cuBLAS.
+cutlass_version=4.2.0.0
+cutlass_dir=.deps/cutlass
+if command -v nvcc >/dev/null && [[ "$(cat "$cutlass_dir/VERSION" 2>/dev/null)" != "$cutlass_version" ]]; then
+  echo "fetching the CUTLASS $cutlass_version headers into $cutlass_dir"
+  wheel_dir=$(mktemp -d)
+  if python3 -m pip download -q --no-deps "nvidia-cutlass==$cutlass_version" -d "$wheel_dir" &&
+      rm -rf "$cutlass_dir" && mkdir -p "$cutlass_dir" &&
+      python3 -m zipfile -e "$wheel_dir"/nvidia_cutlass-*.whl "$wheel_dir/unpacked" &&
+      mv "$wheel_dir/unpacked/cutlass_library/source/include" "$cutlass_dir/include"; then
+    echo "$cutlass_version" >"$cutlass_dir/VERSION"
+  else
+    echo "could not fetch the CUTLASS headers: the CUDA bases will use cuBLAS"
+  fi
+  rm -rf "$wheel_dir"
+fi
 if [[ ! -f "$build_dir/build.ninja" ]]; then
   meson setup "$build_dir" --buildtype=debugoptimized >/dev/null
 fi

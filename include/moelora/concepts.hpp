@@ -27,6 +27,7 @@ concept Backend = requires(void* p, const void* cp, std::size_t n, typename B::s
   { B::allocate(n) } -> std::same_as<void*>;
   B::deallocate(p);
   B::copy(p, cp, n, stream);
+  B::copy_2d(p, n, cp, n, n, n, stream);
   B::copy_to_host(p, cp, n, stream);
   B::copy_from_host(p, cp, n, stream);
   B::fill_zero(p, n, stream);
@@ -64,7 +65,9 @@ concept GroupedLinearBase =
 /// `WriteMode::accumulate` compute `y_t += W_e x_t` and `dx_t += W_eᵀ dy_t` (a GEMM with β = 1).
 /// GroupedLoRA then runs the LoRA branch first, writing y and dx without reading them, and lets the
 /// base add its products: the memory-bound LoRA kernels skip a read of y and of dx, which the
-/// compute-bound base GEMM's epilogue absorbs.
+/// compute-bound base GEMM's epilogue absorbs. A base whose adding costs more than that read
+/// says so with a member `bool accumulate_is_cheap() const` returning false: the layer then lets it
+/// write y and dx first and the adapters add into them.
 template <class L>
 concept AccumulatingGroupedLinearBase =
     GroupedLinearBase<L> && requires(L& base, ConstTensorRef in, TensorRef out, const ExpertSegments& segments,

@@ -17,12 +17,17 @@
 #include "moelora/host/linalg.hpp"
 #include "moelora/host/quantize.hpp"
 #include "moelora/init/svd_init.hpp"
+#include "moelora/moe/permutation.hpp"
+#include "moelora/moe/routing.hpp"
+#include "moelora/moe/swiglu.hpp"
 #include "moelora/optim/adamw.hpp"
+#include "moelora/parallel/amax_sync.hpp"
 #include "moelora/policies/policy_set.hpp"
 
 #if defined(__CUDACC__)
 #include "moelora/cuda/backend.hpp"
 #include "moelora/cuda/grouped_linear.hpp"
 #include "moelora/cuda/linalg.hpp"
+#include "moelora/cuda/moe.hpp"
 #include "moelora/cuda/quantize.hpp"
 #endif

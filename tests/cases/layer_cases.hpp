@@ -5,6 +5,8 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -379,14 +381,14 @@ TEST_CASE_TEMPLATE_DEFINE("adapter identity: seeds from names, stable views, opt
   p.h.write(first.grad_a, random_tensor(p.rng, DType::fp32, first.grad_a.shape));
   optimizer.step(*p.layer, p.h.stream());
   optimizer.step(*p.layer, p.h.stream());
-  CHECK(optimizer.steps("first") == 2);
+  CHECK(optimizer.steps("first", p.h.stream()) == 2);
   const std::uint64_t old_id = first.id;
   p.layer->remove_adapter("first");
   p.layer->add_adapter("first", adapter_config(8), p.h.stream());
   CHECK(p.layer->adapter("first").id != old_id);
   CHECK(p.h.download(p.layer->adapter("first").a).values == a1.values);  // same name, same seed, same A
   optimizer.step(*p.layer, p.h.stream());
-  CHECK(optimizer.steps("first") == 1);  // a new instance starts a new state
+  CHECK(optimizer.steps("first", p.h.stream()) == 1);  // a new instance starts a new state
 }
 
 TEST_CASE_TEMPLATE_DEFINE("frozen factors get no gradient; the base never changes", H, frozen) {
@@ -482,8 +484,58 @@ TEST_CASE_TEMPLATE_DEFINE("AdamW trains the adapters towards a teacher", H, trai
     p.layer->backward(p.x_dev.ref(), p.device_counts(), dy_dev.ref(), TensorRef{}, p.h.stream());
     optimizer.step(*p.layer, p.h.stream());
   }
-  CHECK(optimizer.steps("student") == 40);
+  CHECK(optimizer.steps("student", p.h.stream()) == 40);
   CHECK(last < 0.5 * first);
+}
+
+TEST_CASE_TEMPLATE_DEFINE("padded counts: rows past the counts' sum are neither read nor written", H, padded) {
+  SUBCASE("forward and backward of the routed rows only") {
+  for (const Case& c : {Case{5, 64, 48, 300, 16}, kOddCase}) {
+    Problem<H> p(c.experts, c.in, c.out, c.rows, DType::bf16);
+    const std::int64_t routed = c.rows * 3 / 4;
+    p.counts = make_counts(p.rng, c.experts, routed, Spread::skewed);
+    auto [a, b] = p.add_random("ad", adapter_config(c.rank));
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    // NaN in the padding rows of x and dy: reading any of them would show in the results.
+    for (std::int64_t i = routed * c.in; i < c.rows * c.in; ++i) p.x[static_cast<std::size_t>(i)] = nan;
+    p.x_dev = p.h.upload(p.x);
+    HostTensor dy = random_tensor(p.rng, DType::bf16, {c.rows, c.out});
+    for (std::int64_t i = routed * c.out; i < c.rows * c.out; ++i) dy[static_cast<std::size_t>(i)] = nan;
+    const Reference ref = p.reference();  // rows [0, routed)
+    const std::vector<RefAdapter> adapters{{&a, &b, 1.0f}};
+    INFO("seed " << p.rng.seed << " in " << c.in);
+
+    auto y = p.h.poisoned(DType::bf16, {c.rows, c.out});
+    p.layer->forward(p.x_dev.ref(), p.device_counts().with_padding(), y.ref(), p.h.stream());
+    const HostTensor y_host = p.h.download(y.ref());
+    const auto routed_y = static_cast<std::ptrdiff_t>(routed * c.out);
+    CHECK(relative_error({y_host.values.begin(), y_host.values.begin() + routed_y}, ref.forward(p.x, adapters)) <
+          tolerance(DType::bf16));
+    CHECK(std::all_of(y_host.values.begin() + routed_y, y_host.values.end(), [](float v) { return std::isnan(v); }));
+
+    std::vector<double> dx_ref;
+    std::vector<Reference::Grads> grads_ref;
+    ref.backward(p.x, dy, adapters, dx_ref, grads_ref);
+    auto dy_dev = p.h.upload(dy);
+    auto dx = p.h.poisoned(DType::bf16, {c.rows, c.in});
+    p.poison_grads("ad");
+    p.layer->backward(p.x_dev.ref(), p.device_counts().with_padding(), dy_dev.ref(), dx.ref(), p.h.stream(),
+                      WriteMode::overwrite);
+    const HostTensor dx_host = p.h.download(dx.ref());
+    const auto routed_x = static_cast<std::ptrdiff_t>(routed * c.in);
+    CHECK(relative_error({dx_host.values.begin(), dx_host.values.begin() + routed_x}, dx_ref) < tolerance(DType::bf16));
+    CHECK(std::all_of(dx_host.values.begin() + routed_x, dx_host.values.end(), [](float v) { return std::isnan(v); }));
+    CHECK(relative_error(p.h.download(p.layer->adapter("ad").grad_a).values, grads_ref[0].a) < tolerance(DType::bf16));
+    CHECK(relative_error(p.h.download(p.layer->adapter("ad").grad_b).values, grads_ref[0].b) < tolerance(DType::bf16));
+  }
+  }
+  SUBCASE("padded counts may not sum to more than the rows") {
+    Problem<H> p(3, 16, 8, 10, DType::bf16);
+    std::vector<std::int64_t> counts{4, 4, 3};
+    auto y = p.h.poisoned(DType::bf16, {10, 8});
+    check_error([&] { p.layer->forward(p.x_dev.ref(), expert_counts(counts.data(), 3).with_padding(), y.ref(), p.h.stream()); },
+                ErrorCode::bad_counts, "sums to 11 but x has 10 rows (padded counts may sum to at most that)");
+  }
 }
 
 /// Instantiates every behaviour test for harness H.
@@ -498,4 +550,5 @@ TEST_CASE_TEMPLATE_DEFINE("AdamW trains the adapters towards a teacher", H, trai
   TEST_CASE_TEMPLATE_INVOKE(identity, H);                            \
   TEST_CASE_TEMPLATE_INVOKE(frozen, H);                              \
   TEST_CASE_TEMPLATE_INVOKE(bad_input, H);                           \
+  TEST_CASE_TEMPLATE_INVOKE(padded, H);                              \
   TEST_CASE_TEMPLATE_INVOKE(training, H)

@@ -117,8 +117,9 @@ TEST_CASE("device counts: bad counts are reported by check_counts and nothing is
   std::vector<std::int64_t> bad = p.counts;
   bad[0] += 1000;  // Σ ≠ T: a naive kernel would run past x and y
   auto y = p.h.poisoned(DType::bf16, {100, 32});
-  // The scan records the bad counts and leaves an empty schedule: neither the base (which reads
-  // the offsets back) nor the LoRA kernels touch a row, and check_counts says why.
+  // The scan records the bad counts and leaves an empty schedule (all offsets zero): neither the
+  // base (its GEMM sizes come from the offsets) nor the LoRA kernels touch a row, and check_counts
+  // says why.
   p.layer->forward(p.x_dev.ref(), p.h.counts(bad), y.ref(), p.h.stream());
   CHECK_THROWS_WITH_AS(p.layer->workspace().check_counts(p.h.stream()),
                        doctest::Contains("did not sum to the number of rows"), Error);

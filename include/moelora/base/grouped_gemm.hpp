@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "moelora/core/dtype.hpp"
+#include "moelora/core/gemm_direction.hpp"
 #include "moelora/core/segments.hpp"
 #include "moelora/core/write_mode.hpp"
 #include "moelora/host/backend.hpp"
@@ -20,12 +21,6 @@
 #include "moelora/host/gemm.hpp"
 
 namespace moelora {
-
-/// Which product a GroupedGemm computes.
-enum class GemmDirection : std::uint8_t {
-  forward,         ///< out_t = W_e in_t
-  backward_input,  ///< out_t = W_eᵀ in_t
-};
 
 /// One GroupedGemm call.
 struct GroupedGemmArgs {
@@ -35,7 +30,7 @@ struct GroupedGemmArgs {
   std::int64_t last_expert = 0;         ///< one past the last expert of `weights`
   std::int64_t out_features = 0, in_features = 0;
   DType dtype = DType::fp32;            ///< of weights, in and out
-  const std::int64_t* offsets = nullptr;  ///< `[E+1]` row offsets in host memory
+  const ExpertSegments* segments = nullptr;  ///< row offsets of all experts (backend memory; host copy if any)
   const void* in = nullptr;             ///< all T rows (the range's rows are read)
   void* out = nullptr;                  ///< all T rows (the range's rows are written)
   WriteMode mode = WriteMode::overwrite;  ///< accumulate: out_t += product (β = 1)
@@ -43,7 +38,6 @@ struct GroupedGemmArgs {
   /// Features of an input row and of an output row.
   [[nodiscard]] std::int64_t k() const { return direction == GemmDirection::forward ? in_features : out_features; }
   [[nodiscard]] std::int64_t m() const { return direction == GemmDirection::forward ? out_features : in_features; }
-  [[nodiscard]] std::int64_t rows(std::int64_t e) const { return offsets[e + 1] - offsets[e]; }
 };
 
 template <class Backend>
@@ -53,23 +47,19 @@ class GroupedGemm;
 template <>
 class GroupedGemm<HostBackend> {
  public:
-  /// Host segments always carry host offsets.
-  static const std::int64_t* host_offsets(const ExpertSegments& segments, HostStream /*stream*/) {
-    return segments.host_offsets;
-  }
-
   void run(const GroupedGemmArgs& g, HostStream /*stream*/) {
     const std::int64_t w_elems = g.out_features * g.in_features, k = g.k(), m = g.m();
+    const std::int64_t* offsets = g.segments->host_offsets;  // host segments always carry them
     for (std::int64_t e = g.first_expert; e < g.last_expert; ++e) {
-      const std::int64_t n = g.rows(e);
+      const std::int64_t n = offsets[e + 1] - offsets[e];
       if (n == 0) continue;
       w_.resize(static_cast<std::size_t>(w_elems));
       a_.resize(static_cast<std::size_t>(n * k));
       c_.resize(static_cast<std::size_t>(n * m));
       host::load_as_float(host::element(g.weights, g.dtype, (e - g.first_expert) * w_elems), g.dtype, w_.size(),
                           w_.data(), DType::fp32);
-      host::load_as_float(host::element(g.in, g.dtype, g.offsets[e] * k), g.dtype, a_.size(), a_.data(), DType::fp32);
-      void* out = host::element(g.out, g.dtype, g.offsets[e] * m);
+      host::load_as_float(host::element(g.in, g.dtype, offsets[e] * k), g.dtype, a_.size(), a_.data(), DType::fp32);
+      void* out = host::element(g.out, g.dtype, offsets[e] * m);
       if (g.mode == WriteMode::accumulate) host::load_as_float(out, g.dtype, c_.size(), c_.data(), DType::fp32);
       // c [n, m] (+)= a [n, k] · op(W_e), W_e `[out, in]`: transposed for forward.
       host::gemm(host::Op::n, g.direction == GemmDirection::forward ? host::Op::t : host::Op::n, n, m, k, 1.0f,

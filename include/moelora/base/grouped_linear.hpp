@@ -3,8 +3,8 @@
 ///
 /// `forward`: `y_t = W_e x_t`; `backward_input`: `dx_t = W_eᵀ dy_t` (overwriting, or adding with
 /// `WriteMode::accumulate`: an AccumulatingGroupedLinearBase); fp32 accumulation, outputs rounded
-/// once to the weight dtype (bf16, fp16 or fp32). The GEMMs are the
-/// backend's GroupedGemm: OpenBLAS on the host, cuBLAS on the GPU (`cuda/grouped_linear.hpp`).
+/// once to the weight dtype (bf16, fp16 or fp32). The GEMMs are the backend's GroupedGemm: OpenBLAS on
+/// the host; on the GPU the sm90 grouped GEMM (CUTLASS, no host sync) or cuBLAS (`cuda/grouped_gemm.hpp`).
 #pragma once
 
 #include <concepts>
@@ -70,7 +70,7 @@ class GroupedLinear : public GroupedWeights<Backend> {
   template <class Handle, class... GemmOptions>
   GroupedLinear(Handle handle, std::int64_t experts, std::int64_t in, std::int64_t out, DType dtype,
                 GemmOptions... options)
-      : GroupedWeights<Backend>(experts, in, out, dtype), gemm_(handle, in, out, options...) {}
+      : GroupedWeights<Backend>(experts, in, out, dtype), gemm_(handle, experts, in, out, dtype, options...) {}
 
   /// The GEMM strategy in use, where the backend has a choice (CUDA: never `automatic`).
   [[nodiscard]] auto strategy() const
@@ -78,30 +78,35 @@ class GroupedLinear : public GroupedWeights<Backend> {
   {
     return gemm_.strategy();
   }
+  /// Whether adding into the output (β = 1) costs the GEMM little (where the backend says: CUDA);
+  /// GroupedLoRA lets the adapters write first only then.
+  [[nodiscard]] bool accumulate_is_cheap() const
+    requires requires(const GroupedGemm<Backend>& gemm) { gemm.accumulate_is_cheap(); }
+  {
+    return gemm_.accumulate_is_cheap();
+  }
+  /// The GEMM strategy of the last call (CUDA: the cuBLAS one when the sm90 path's pointers were not
+  /// 16-byte aligned).
+  [[nodiscard]] auto last_strategy() const
+    requires requires(const GroupedGemm<Backend>& gemm) { gemm.last_strategy(); }
+  {
+    return gemm_.last_strategy();
+  }
 
   void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
                WriteMode mode = WriteMode::overwrite) {
-    gemm_.run(gemm_args(GemmDirection::forward, x, segments, y, mode, stream), stream);
+    gemm_.run(gemm_args(GemmDirection::forward, x, segments, y, mode), stream);
   }
   void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream,
                       WriteMode mode = WriteMode::overwrite) {
-    gemm_.run(gemm_args(GemmDirection::backward_input, dy, segments, dx, mode, stream), stream);
+    gemm_.run(gemm_args(GemmDirection::backward_input, dy, segments, dx, mode), stream);
   }
 
  private:
   GroupedGemmArgs gemm_args(GemmDirection direction, ConstTensorRef in, const ExpertSegments& segments, TensorRef out,
-                            WriteMode mode, stream_type stream) {
-    return {direction,
-            this->weight().data,
-            0,
-            this->num_experts(),
-            this->out_features(),
-            this->in_features(),
-            this->dtype(),
-            gemm_.host_offsets(segments, stream),
-            in.data,
-            out.data,
-            mode};
+                            WriteMode mode) const {
+    return {direction,     this->weight().data, 0,       this->num_experts(), this->out_features(), this->in_features(),
+            this->dtype(), &segments,           in.data, out.data,            mode};
   }
 
   GroupedGemm<Backend> gemm_;

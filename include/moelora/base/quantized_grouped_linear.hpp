@@ -8,8 +8,14 @@
 /// - the source weights W `[E, out, in]` in D, kept for the SVD-based initialisers and for
 ///   re-quantization until `release_source()` (a base without a quantizer computes with them);
 /// - a dequantization scratch of at most `dequant_budget` bytes (default 256 MiB): experts are
-///   dequantized into it a chunk at a time, in D, and multiplied by the backend's GroupedGemm;
+///   dequantized into it a chunk at a time, in D, and multiplied by the backend's GroupedGemm. When
+///   the whole weight fits, it is dequantized once and stays resident until the weights change
+///   (set_weight, set_effective_weight, restore_packed, set_dequant_budget);
 /// - with an input quantizer, a `[T, in]` scratch for Q(x).
+///
+/// `reserve(rows)` sizes both scratches, so that calls of up to `rows` rows allocate nothing. With
+/// device counts (and the sync-free sm90 GEMM on the GPU) no call synchronises the host: every chunk
+/// is dequantized, since which chunks have rows is known only on the device.
 ///
 /// Forward `y_t = Q(W)_e · Qin(x_t)`; backward_input `dx_t = Q(W)_eᵀ dy_t` (the input quantizer is
 /// passed straight through); each overwrites its output or adds into it (`WriteMode`). The LoRA
@@ -55,16 +61,14 @@ class QuantizedGroupedLinear {
   /// the first forward.
   QuantizedGroupedLinear(Linalg<Backend> linalg, std::int64_t experts, std::int64_t in, std::int64_t out, DType dtype,
                          std::optional<Q> weights, std::optional<Q> inputs = std::nullopt)
-      : experts_(experts),
+      : experts_(checked_experts(experts, in, out)),
         in_(in),
         out_(out),
         dtype_(dtype),
         linalg_(std::move(linalg)),
-        gemm_(make_gemm(linalg_, in, out)),
         weight_quantizer_(std::move(weights)),
-        input_quantizer_(std::move(inputs)) {
-    MOELORA_REQUIRE(experts >= 1 && in >= 1 && out >= 1, ErrorCode::invalid_argument,
-                    "a grouped linear needs experts, in and out >= 1, got E=", experts, " in=", in, " out=", out);
+        input_quantizer_(std::move(inputs)),
+        gemm_(make_gemm()) {
     source_ = Buffer<Backend>(weight_shape().numel() * dtype_size(dtype));
     if (weight_quantizer_) packed_ = Buffer<Backend>(weight_quantizer_->packed_bytes(experts, out, in));
   }
@@ -92,6 +96,7 @@ class QuantizedGroupedLinear {
                     " bytes does not fit the base's ", packed_.bytes());
     Backend::copy_from_host(packed_.data(), host_bytes, bytes, stream);
     weights_set_ = true;
+    resident_ = false;
   }
 
   /// Bytes this base holds for its weights: packed state plus source weights (if kept).
@@ -106,6 +111,7 @@ class QuantizedGroupedLinear {
     if (!source_.data()) source_ = Buffer<Backend>(weight_shape().numel() * dtype_size(dtype_));
     Backend::copy_from_host(source_.data(), host_weights.data, source_.bytes(), stream);
     weights_set_ = true;
+    resident_ = false;
     if (weight_quantizer_) weight_quantizer_->quantize(source_weight(), packed_.data(), stream);
   }
 
@@ -139,6 +145,7 @@ class QuantizedGroupedLinear {
     if (weight_quantizer_) weight_quantizer_->quantize(w, packed_.data(), stream);
     else linalg_.convert(w.data, w.dtype, source_.data(), dtype_, w.numel(), stream);
     weights_set_ = true;
+    resident_ = false;
   }
 
   /// What the base computes with, Q(W) (or W), into out `[E, out, in]` of out's dtype.
@@ -150,8 +157,32 @@ class QuantizedGroupedLinear {
     else linalg_.convert(source_.data(), dtype_, out.data, out.dtype, out.numel(), stream);
   }
 
-  /// Caps the dequantization scratch (at least one expert is always dequantized at a time).
-  void set_dequant_budget(std::size_t bytes) { dequant_budget_ = bytes; }
+  /// Whether adding into the output (β = 1) costs the GEMM little (where the backend says: CUDA);
+  /// GroupedLoRA lets the adapters write first only then.
+  [[nodiscard]] bool accumulate_is_cheap() const
+    requires requires(const GroupedGemm<Backend>& gemm) { gemm.accumulate_is_cheap(); }
+  {
+    return gemm_.accumulate_is_cheap();
+  }
+
+  /// Caps the dequantization scratch (at least one expert is always dequantized at a time). Not on
+  /// the hot path: it may rebuild the GEMM for the new chunk size.
+  void set_dequant_budget(std::size_t bytes) {
+    dequant_budget_ = bytes;
+    resident_ = false;
+    if (gemm_groups() != gemm_groups_) gemm_ = make_gemm();
+  }
+
+  /// Sizes the input-quantizer scratch (and the input quantizer's own, where it has `reserve`) and
+  /// the dequantization scratch for calls of up to `rows` rows: later calls allocate nothing.
+  void reserve(std::int64_t rows) {
+    MOELORA_REQUIRE(rows >= 0, ErrorCode::invalid_argument, "reserve(rows) needs rows >= 0, got ", rows);
+    if (input_quantizer_) {
+      quantized_x_.reserve(static_cast<std::size_t>(rows * in_) * dtype_size(dtype_));
+      if constexpr (requires(Q& q) { q.reserve(std::int64_t{1}); }) input_quantizer_->reserve(1);
+    }
+    if (weight_quantizer_) reserve_dequantized();
+  }
 
   void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
                WriteMode mode = WriteMode::overwrite) {
@@ -170,30 +201,60 @@ class QuantizedGroupedLinear {
   }
 
  private:
+  static std::int64_t checked_experts(std::int64_t experts, std::int64_t in, std::int64_t out) {
+    MOELORA_REQUIRE(experts >= 1 && in >= 1 && out >= 1, ErrorCode::invalid_argument,
+                    "a grouped linear needs experts, in and out >= 1, got E=", experts, " in=", in, " out=", out);
+    return experts;
+  }
+
   void require_weights() const {
     MOELORA_REQUIRE(weights_set_, ErrorCode::invalid_argument, "the quantized base has no weights yet: call set_weight");
   }
 
-  static GroupedGemm<Backend> make_gemm(const Linalg<Backend>& linalg, std::int64_t in, std::int64_t out) {
+  [[nodiscard]] std::size_t expert_bytes() const { return static_cast<std::size_t>(out_ * in_) * dtype_size(dtype_); }
+  /// Experts dequantized at a time.
+  [[nodiscard]] std::int64_t chunk_experts() const {
+    return std::clamp<std::int64_t>(static_cast<std::int64_t>(dequant_budget_ / expert_bytes()), 1, experts_);
+  }
+  /// Experts of one GEMM call: a chunk, or all of them without a weight quantizer.
+  [[nodiscard]] std::int64_t gemm_groups() const { return weight_quantizer_ ? chunk_experts() : experts_; }
+
+  /// Sizes the dequantization scratch for a chunk; a new buffer holds no resident weight.
+  void reserve_dequantized() {
+    const void* before = dequantized_.data();
+    dequantized_.reserve(static_cast<std::size_t>(chunk_experts()) * expert_bytes());
+    if (dequantized_.data() != before) resident_ = false;
+  }
+
+  GroupedGemm<Backend> make_gemm() {
+    gemm_groups_ = gemm_groups();
     if constexpr (std::default_initializable<GroupedGemm<Backend>>) return {};
-    else return GroupedGemm<Backend>(linalg.blas(), in, out);
+    else return GroupedGemm<Backend>(linalg_.blas(), gemm_groups_, in_, out_, dtype_);
   }
 
   void run(GemmDirection direction, ConstTensorRef in, const ExpertSegments& segments, TensorRef out, WriteMode mode,
            stream_type stream) {
     require_weights();
-    const std::int64_t* offsets = gemm_.host_offsets(segments, stream);
-    GroupedGemmArgs args{direction, source_.data(), 0, experts_, out_, in_, dtype_, offsets, in.data, out.data, mode};
+    GroupedGemmArgs args{direction, source_.data(), 0, experts_, out_, in_, dtype_, &segments, in.data, out.data, mode};
     if (!weight_quantizer_) return gemm_.run(args, stream);
-    const std::size_t expert_bytes = static_cast<std::size_t>(out_ * in_) * dtype_size(dtype_);
-    const auto chunk = std::clamp<std::int64_t>(static_cast<std::int64_t>(dequant_budget_ / expert_bytes), 1, experts_);
-    dequantized_.reserve(static_cast<std::size_t>(chunk) * expert_bytes);  // before any chunk is queued
+    if (segments.rows == 0) return;  // nothing to dequantize or write
+    const std::int64_t chunk = chunk_experts();
+    reserve_dequantized();  // before any chunk is queued
+    args.weights = dequantized_.data();
+    if (chunk == experts_) {  // the whole dequantized weight stays resident
+      if (!resident_)
+        weight_quantizer_->dequantize(packed_.data(), weight_shape(), 0, experts_,
+                                      {dequantized_.data(), dtype_, weight_shape()}, stream);
+      resident_ = true;
+      return gemm_.run(args, stream);
+    }
+    // Host counts say which chunks have rows; with device counts every chunk is dequantized.
+    const std::int64_t* host_offsets = segments.host_offsets;
     for (std::int64_t first = 0; first < experts_; first += chunk) {
       const std::int64_t last = std::min(experts_, first + chunk);
-      if (offsets[last] == offsets[first]) continue;  // no rows: nothing to dequantize
+      if (host_offsets && host_offsets[last] == host_offsets[first]) continue;
       weight_quantizer_->dequantize(packed_.data(), weight_shape(), first, last - first,
                                     {dequantized_.data(), dtype_, {last - first, out_, in_}}, stream);
-      args.weights = dequantized_.data();
       args.first_expert = first, args.last_expert = last;
       gemm_.run(args, stream);
     }
@@ -202,11 +263,13 @@ class QuantizedGroupedLinear {
   std::int64_t experts_, in_, out_;
   DType dtype_;
   Linalg<Backend> linalg_;
-  GroupedGemm<Backend> gemm_;
   std::optional<Q> weight_quantizer_, input_quantizer_;
-  Buffer<Backend> source_, packed_, dequantized_, quantized_x_;
+  std::int64_t gemm_groups_ = 0;  // the groups gemm_ was built for
   std::size_t dequant_budget_ = kDefaultDequantBudget;
+  GroupedGemm<Backend> gemm_;
+  Buffer<Backend> source_, packed_, dequantized_, quantized_x_;
   bool weights_set_ = false;
+  bool resident_ = false;  // dequantized_ holds the whole current Q(W)
 };
 
 }  // namespace moelora

@@ -83,24 +83,37 @@ enum class Memory : std::uint8_t { host, device };
 
 /// `tokens_per_expert` `[E]`: rows of expert e in the grouped input, int32 or int64, on the host or
 /// (CUDA backend only) on the device. Σ = T. Device counts keep the forward free of host syncs.
+///
+/// `padded` (opt-in, `with_padding()`): the rows past Σ counts are padding and Σ ≤ T is accepted, so
+/// that a step captured in a CUDA graph at T rows replays with fewer routed rows. Padding rows of
+/// x, y, dy and dx are neither read nor written (y and dx keep their old values there), with one
+/// exception: a quantized base's input quantizer reads all T rows of x, so with a tensor-wide input
+/// scale keep the padding rows finite and small (zero).
 struct ExpertCounts {
   const void* data = nullptr;
   IndexType index_type = IndexType::int64;
   std::int64_t size = 0;
   Memory memory = Memory::host;
+  bool padded = false;  ///< Σ ≤ T; rows past Σ are padding
 
   [[nodiscard]] std::int64_t at(std::int64_t e) const {  ///< host counts only
     return index_type == IndexType::int32 ? static_cast<const std::int32_t*>(data)[e]
                                           : static_cast<const std::int64_t*>(data)[e];
   }
+  /// The same counts, with the rows past their sum taken as padding.
+  [[nodiscard]] ExpertCounts with_padding() const {
+    ExpertCounts padded_counts = *this;
+    padded_counts.padded = true;
+    return padded_counts;
+  }
 };
 
 /// Views of typed count arrays; `memory` says where they live.
 inline ExpertCounts expert_counts(const std::int32_t* data, std::int64_t size, Memory memory = Memory::host) {
-  return {data, IndexType::int32, size, memory};
+  return {data, IndexType::int32, size, memory, false};
 }
 inline ExpertCounts expert_counts(const std::int64_t* data, std::int64_t size, Memory memory = Memory::host) {
-  return {data, IndexType::int64, size, memory};
+  return {data, IndexType::int64, size, memory, false};
 }
 
 }  // namespace moelora

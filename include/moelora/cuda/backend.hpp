@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "moelora/core/buffer.hpp"
@@ -127,6 +128,13 @@ struct CudaBackend {
   static void copy(void* dst, const void* src, std::size_t bytes, cudaStream_t stream) {
     if (bytes) MOELORA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
   }
+  /// `height` rows of `width` bytes from `src` (rows `src_pitch` bytes apart) to `dst` (`dst_pitch` apart).
+  static void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
+                      std::size_t height, cudaStream_t stream) {
+    if (width && height)
+      MOELORA_CUDA_CHECK(
+          cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, height, cudaMemcpyDeviceToDevice, stream));
+  }
   /// Device → host; returns when the data is on the host (synchronises `stream`).
   static void copy_to_host(void* host_dst, const void* src, std::size_t bytes, cudaStream_t stream) {
     if (!bytes) return;
@@ -180,7 +188,7 @@ struct CudaBackend {
         kernels::scan_counts_kernel<std::remove_cvref_t<decltype(*typed_counts)>, kernels::kForwardRows,
                                     kernels::kGroupRows>
             <<<1, kernels::kScanThreads, 0, stream>>>(typed_counts, static_cast<std::int32_t>(experts), rows,
-                                                      offsets_.as<std::int64_t>(), tile_offsets,
+                                                      counts.padded, offsets_.as<std::int64_t>(), tile_offsets,
                                                       tile_offsets + capacity_experts_, status_.as<std::uint32_t>());
       };
       if (scanned.index_type == IndexType::int32) launch_scan(static_cast<const std::int32_t*>(scanned.data));
@@ -218,6 +226,17 @@ struct CudaBackend {
       return multiprocessors_;
     }
 
+    /// Zeroed counters for ordered gradient adds (kernels::GradOrder) of the x pass (`x_slices`
+    /// column slices) and of the dB pass (`b_slices`) over `experts` experts, on `stream`.
+    std::pair<kernels::GradOrder, kernels::GradOrder> grad_orders(std::int64_t experts, std::int64_t x_slices,
+                                                                  std::int64_t b_slices, cudaStream_t stream) {
+      const auto count = static_cast<std::size_t>(2 + experts * (x_slices + b_slices));
+      orders_.reserve(count * sizeof(unsigned));
+      fill_zero(orders_.data(), count * sizeof(unsigned), stream);
+      unsigned* c = orders_.as<unsigned>();
+      return {{c, c + 2}, {c + 1, c + 2 + experts * x_slices}};
+    }
+
     /// An fp32 scratch of at least `count` elements, valid until the next call that asks for one.
     float* scratch(std::int64_t count) {
       scratch_.reserve(static_cast<std::size_t>(count) * sizeof(float));
@@ -226,7 +245,7 @@ struct CudaBackend {
 
     /// Synchronises `stream` and throws ErrorCode::bad_counts if any device `tokens_per_expert`
     /// scanned since the last check had a negative entry or a sum different from the row count
-    /// (the calls that saw them computed nothing for the LoRA branch). Resets the status.
+    /// (larger than it, for padded counts); the calls that saw them computed nothing. Resets the status.
     void check_counts(cudaStream_t stream) {
       if (!status_.data()) return;
       std::uint32_t status = 0;
@@ -235,7 +254,7 @@ struct CudaBackend {
       MOELORA_REQUIRE(status == kernels::kCountsOk, ErrorCode::bad_counts, "device tokens_per_expert ",
                       (status & kernels::kNegativeCount) ? "had a negative entry" : "",
                       (status == (kernels::kNegativeCount | kernels::kWrongSum)) ? " and " : "",
-                      (status & kernels::kWrongSum) ? "did not sum to the number of rows" : "");
+                      (status & kernels::kWrongSum) ? "did not sum to the number of rows (padded: summed to more)" : "");
     }
 
    private:
@@ -249,7 +268,7 @@ struct CudaBackend {
 
     std::int64_t capacity_experts_ = 0;
     int multiprocessors_ = 0;
-    Buffer<CudaBackend> counts_, offsets_, tiles_, status_, scratch_;
+    Buffer<CudaBackend> counts_, offsets_, tiles_, status_, scratch_, orders_;
     std::vector<std::int64_t> host_counts_, host_offsets_;
     ExpertSegments segments_;
   };
@@ -266,7 +285,7 @@ struct CudaBackend {
       return;
     }
     GenericParams p = generic_params(s, f, workspace);
-    p.x = args.x, p.h = args.h, p.y = args.y;
+    p.x = args.x, p.h = args.h, p.y = args.y, p.h_sums = args.h_sums;
     p.add_y = args.y_mode == WriteMode::accumulate;
     cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
       using IoT = device_t<io.value>;
@@ -293,9 +312,10 @@ struct CudaBackend {
                     "the CUDA forward launches up to 2^31 - 1 blocks of 128 rows × 128 columns; this call has ", s.rows,
                     " rows over ", s.experts, " experts and ", s.out, " output columns");
     // At most two K slices: two fp32 addends onto zero sum the same in either order, so the
-    // forward stays deterministic.
+    // forward stays deterministic. A row-parallel layer keeps the fp32 sums (its partial h).
     project<IoT, FT, NFrag, false, typename Tuning::template project<NFrag>, Tuning::kFillWave>(
-        args.x, f.a, static_cast<FT*>(args.h), s.in, f.rank, 1.0f, 2, workspace, stream);
+        args.x, f.a, static_cast<FT*>(args.h), s.in, f.rank, 1.0f, 2, workspace, stream, args.h_sums,
+        args.h_sums != nullptr);
     cuda_detail::launch_programmatic(
         Tuning::kOverlap, lora_expand_kernel<IoT, FT, NFrag, typename Tuning::template expand<NFrag>>,
         dim3(static_cast<unsigned>(expand_blocks)), kExpandThreads, expand_smem_bytes<NFrag, IoT>(), stream,
@@ -308,10 +328,16 @@ struct CudaBackend {
     const LoraShape& s = args.shape;
     const FactorsRef& f = args.factors;
     const bool needs_u = args.grad_a || args.dx;
+    const bool reduce_u = args.reduce_u && args.grad_a;  // column-parallel: dA needs the group's sum of u
     const bool add_grads = args.grad_mode == WriteMode::accumulate, add_dx = args.dx_mode == WriteMode::accumulate;
-    // The fp32 scratch holds u [T, r] (the generic path; the tensor-core path keeps the rounded u
-    // at its start) and, behind it, the fp32 sums of a projection computed in slices.
-    float* u = needs_u ? workspace.scratch(2 * s.rows * f.rank) : nullptr;
+    const std::int64_t tr = s.rows * f.rank;
+    // The fp32 scratch [2·T·r]: the tensor-core path keeps the rounded u (16-bit factors) in
+    // floats [0, T·r/2), a second rounded [T, r] array (a column-parallel layer's reduced u, or a
+    // row-parallel layer's full h) in [T·r/2, T·r), and fp32 sums (of a projection computed in
+    // slices, or a column-parallel layer's partial u) in [T·r, 2·T·r). The generic path keeps the
+    // fp32 u in [0, T·r) and the reduced u, or the rounded full h, in [T·r, 2·T·r).
+    float* scratch = needs_u || args.h_sums ? workspace.scratch(2 * tr) : nullptr;
+    float* u = needs_u ? scratch : nullptr;
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.dy, args.dx}, {f.a, f.b, args.h})) {
       const auto groups = static_cast<unsigned>(max_tiles(s.rows, s.experts, kGroupRows));
       MOELORA_REQUIRE(groups <= 65535, ErrorCode::unsupported, "the CUDA backward handles up to 65535 row groups of ",
@@ -320,7 +346,14 @@ struct CudaBackend {
         using IoT = typename decltype(io)::type;
         using FT = typename decltype(ft)::type;
         constexpr int kNFrag = decltype(nfrag)::value;
-        FT* u_rounded = reinterpret_cast<FT*>(u);  // round(scale · B_eᵀ dy) [T, r], at the scratch's start
+        FT* u_rounded = reinterpret_cast<FT*>(scratch);        // round(scale · B_eᵀ dy) [T, r]
+        FT* second = reinterpret_cast<FT*>(scratch) + tr;      // the reduced u, or the full h [T, r]
+        float* sums = scratch + tr;                            // fp32 sums [T, r]
+        const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
+        const auto out_slices = static_cast<unsigned>((s.out + kGradBCols - 1) / kGradBCols);
+        std::pair<GradOrder, GradOrder> orders{};  // null: atomic adds
+        if (args.ordered_grads && (args.grad_a || args.grad_b))
+          orders = workspace.grad_orders(s.experts, in_slices, out_slices, stream);
         if (!add_grads && (args.grad_a || args.grad_b)) {
           const std::int64_t slice_a = f.rank * s.in, slice_b = s.out * f.rank;
           const auto chunks = static_cast<unsigned>((std::max(slice_a, slice_b) + 1023) / 1024);
@@ -329,20 +362,33 @@ struct CudaBackend {
         }
         if (needs_u)
           project<IoT, FT, kNFrag, true>(args.dy, f.b, u_rounded, s.out, f.rank, f.scale, s.out, workspace, stream,
-                                         u + s.rows * f.rank);
+                                         sums, reduce_u);
         if (args.grad_b) {
-          const auto out_slices = static_cast<unsigned>((s.out + kGradBCols - 1) / kGradBCols);
+          const void* h = args.h;
+          if (args.h_sums) {  // row-parallel: dB uses round(Σ_k h_k)
+            cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(tr), 256, 0, stream,
+                                args.h_sums, second, tr, 1.0f);
+            h = second;
+          }
           cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
                               GradBLayout<kNFrag>{}.bytes, stream,
-                              GradBParams{args.dy, args.h, args.grad_b, workspace.row_groups(), s.out,
-                                          static_cast<std::int32_t>(f.rank), f.scale, add_grads});
+                              GradBParams{args.dy, h, args.grad_b, workspace.row_groups(), s.out,
+                                          static_cast<std::int32_t>(f.rank), f.scale, add_grads, orders.second});
         }
         if (!needs_u) return;
-        const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
-        cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(in_slices, groups), kBackwardThreads,
-                            BackwardXLayout<kNFrag, IoT>{}.bytes, stream,
-                            BackwardXParams{args.x, f.a, u_rounded, args.dx, args.grad_a, workspace.row_groups(),
-                                            s.in, static_cast<std::int32_t>(f.rank), add_dx, add_grads});
+        BackwardXParams params{args.x,  f.a,   u_rounded, u_rounded, args.dx,       args.grad_a, workspace.row_groups(),
+                               s.in,    static_cast<std::int32_t>(f.rank), add_dx,    add_grads, orders.first};
+        if (!reduce_u) {
+          cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag>, dim3(in_slices, groups), kBackwardThreads,
+                              BackwardXLayout<kNFrag, IoT>{}.bytes, stream, params);
+          return;
+        }
+        args.reduce_u(sums, static_cast<std::size_t>(tr));
+        cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(tr), 256, 0, stream,
+                            static_cast<const float*>(sums), second, tr, f.scale);
+        params.u_grad_a = second;
+        cuda_detail::launch(lora_backward_x_kernel<IoT, FT, kNFrag, true>, dim3(in_slices, groups), kBackwardThreads,
+                            BackwardXLayout<kNFrag, IoT, true>{}.bytes, stream, params);
       });
       return;
     }
@@ -354,32 +400,47 @@ struct CudaBackend {
       using IoT = device_t<io.value>;
       using FT = device_t<ft.value>;
       const auto grid = cuda_detail::elementwise_grid;
-      if (args.grad_b)
+      if (args.grad_b) {
+        if (args.h_sums) {  // row-parallel: dB uses round(Σ_k h_k), behind u in the scratch
+          FT* h = reinterpret_cast<FT*>(scratch + tr);
+          cuda_detail::launch(round_scaled_kernel<FT>, grid(tr), 256, 0, stream, args.h_sums, h, tr, 1.0f);
+          p.h = h;
+        }
         cuda_detail::launch(generic_grad_b_kernel<IoT, FT>, grid(s.experts * s.out * f.rank), 256, 0, stream, p);
+      }
       if (!needs_u) return;
       cuda_detail::launch(generic_u_kernel<IoT, FT>, grid(s.rows * f.rank), 256, 0, stream, p);
-      if (args.grad_a)
-        cuda_detail::launch(generic_grad_a_kernel<IoT, FT>, grid(s.experts * f.rank * s.in), 256, 0, stream, p);
       if (args.dx) cuda_detail::launch(generic_dx_kernel<IoT, FT>, grid(s.rows * s.in), 256, 0, stream, p);
+      if (!args.grad_a) return;
+      if (reduce_u) {  // column-parallel: dA from the group's sum of u, a copy behind this rank's partial one
+        float* reduced = u + tr;
+        copy(reduced, u, static_cast<std::size_t>(tr) * sizeof(float), stream);
+        args.reduce_u(reduced, static_cast<std::size_t>(tr));
+        p.u_grad_a = reduced;
+      }
+      cuda_detail::launch(generic_grad_a_kernel<IoT, FT>, grid(s.experts * f.rank * s.in), 256, 0, stream, p);
     });
   }
 
   static void kaiming_init(const KaimingInitArgs& args, cudaStream_t stream) {
-    const float bound = std::sqrt(6.0f / static_cast<float>(args.in));
+    const float bound = std::sqrt(6.0f / static_cast<float>(args.fan_in()));
     const std::int64_t count = args.experts * args.rank * args.in;
     dispatch_dtype(args.dtype, [&](auto tag) {
       using FT = kernels::device_t<tag.value>;
       cuda_detail::launch(kernels::kaiming_uniform_kernel<FT>, cuda_detail::elementwise_grid(count), 256, 0, stream,
-                          static_cast<FT*>(args.a), count, bound, args.seed);
+                          args, count, bound);
     });
     fill_zero(args.b, static_cast<std::size_t>(args.experts * args.out * args.rank) * dtype_size(args.dtype), stream);
   }
 
+  /// One AdamW update of a tensor (step `*args.steps + 1`, read on the device), then `*args.steps += 1`
+  /// when `args.advance`: nothing is decided on the host, so a captured graph replays successive steps.
   static void adamw_step(const AdamWArgs& args, cudaStream_t stream) {
     dispatch_dtype(args.dtype, [&](auto tag) {
       using FT = kernels::device_t<tag.value>;
       cuda_detail::launch(kernels::adamw_kernel<FT>, cuda_detail::elementwise_grid(args.count), 256, 0, stream, args);
     });
+    if (args.advance) cuda_detail::launch(kernels::advance_steps_kernel<std::int64_t>, dim3(1), 1, 0, stream, args.steps);
   }
 
  private:
@@ -388,10 +449,13 @@ struct CudaBackend {
   /// tiles give fewer than two blocks an SM, as few as bring them to two; with `FillWave`, as many as
   /// still fit one wave of resident blocks (counting the tiles T rows need at least). Sliced sums
   /// are added atomically into fp32 `sums` `[T, r]` (default: the workspace scratch) and then rounded.
+  /// `keep_sums`: the unscaled fp32 sums are always computed into `sums` (a tensor-parallel partial
+  /// sum), however many slices.
   template <class IoT, class FT, int NFrag, bool FactorKMajor, class Tiling = kernels::UProjectionTiling<NFrag>,
             bool FillWave = false>
   static void project(const void* in, const void* factor, FT* out, std::int64_t k, std::int64_t rank, float scale,
-                      std::int64_t max_slices, Workspace& workspace, cudaStream_t stream, float* sums = nullptr) {
+                      std::int64_t max_slices, Workspace& workspace, cudaStream_t stream, float* sums = nullptr,
+                      bool keep_sums = false) {
     using namespace kernels;
     const ExpertSegments& seg = workspace.segments();
     constexpr int kSmem = Tiling::template smem_bytes<NFrag, FactorKMajor>();
@@ -410,7 +474,7 @@ struct CudaBackend {
     const auto grid_slices = static_cast<unsigned>((k + split - 1) / split);
     const dim3 grid(static_cast<unsigned>(slots), grid_slices, Tiling::kParts);
     const ProjectParams params{in, factor, out, workspace.row_tiles(), k, split, static_cast<std::int32_t>(rank), scale};
-    if (grid_slices == 1) {
+    if (grid_slices == 1 && !keep_sums) {
       cuda_detail::launch(lora_project_kernel<IoT, FT, NFrag, FactorKMajor, FT, Tiling>, grid, Tiling::kThreads, kSmem,
                           stream, params);
       return;

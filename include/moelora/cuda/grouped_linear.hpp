@@ -1,7 +1,8 @@
 /// \file
-/// \brief GroupedLinear<CudaBackend>: the reference base on the GPU. Construct it with a cuBLAS
-/// handle: `GroupedLinear<CudaBackend>(handle, E, in, out, dtype[, GemmStrategy])`; the GEMMs and
-/// their host sync with device counts are described in `cuda/grouped_gemm.hpp`.
+/// \brief GroupedLinear<CudaBackend>: the base on the GPU. Construct it with a cuBLAS handle:
+/// `GroupedLinear<CudaBackend>(handle, E, in, out, dtype[, GemmStrategy])`; the GEMM strategies (the
+/// sync-free sm90 grouped GEMM, and cuBLAS with its host sync for device counts) are described in
+/// `cuda/grouped_gemm.hpp`.
 #pragma once
 
 #if !defined(__CUDACC__)

@@ -3,8 +3,8 @@
 /// bit to the host's (moelora/host/quantize.hpp), packed bytes included.
 ///
 /// Every call is queued on the caller's stream and never synchronises the host: the tensor amax
-/// (INT8 per tensor, FP8, NVFP4) is reduced on the device into the quantizer's scratch and read
-/// there by the quantize kernel. Bytes moved: quantize reads w twice with a tensor amax (once
+/// (INT8 per tensor, FP8, NVFP4) is reduced on the device into the quantizer's scratch (and, with
+/// an AmaxSync, max-reduced over its group there) and read there by the quantize kernel. Bytes moved: quantize reads w twice with a tensor amax (once
 /// without) and writes the packed blob; fake_quantize the same reads and writes out; dequantize
 /// reads codes and scales and writes out.
 #pragma once
@@ -38,7 +38,7 @@ namespace moelora::quant {
 /// on the first call that needs it or by `reserve`; one instance must not run on two streams at
 /// once.
 template <>
-class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
+class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec, public AmaxSharing<CudaBackend> {
  public:
   using backend_type = CudaBackend;
 
@@ -164,6 +164,8 @@ class FormatQuantizer<CudaBackend> : public FormatQuantizerSpec {
           static_cast<const T*>(w.data), per_expert, amax, shared);
       MOELORA_CUDA_CHECK(cudaGetLastError());
     });
+    // The max over the ranks that share the amax: bits of |x| order as the non-negative floats do.
+    if (amax_sync_) amax_sync_(reinterpret_cast<float*>(amax), shared ? 1 : static_cast<std::size_t>(experts), stream);
     return amax;
   }
 

@@ -37,6 +37,12 @@ struct HostBackend {
   static void copy(void* dst, const void* src, std::size_t bytes, HostStream /*stream*/) {
     if (bytes) std::memcpy(dst, src, bytes);
   }
+  /// `height` rows of `width` bytes from `src` (rows `src_pitch` bytes apart) to `dst` (`dst_pitch` apart).
+  static void copy_2d(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch, std::size_t width,
+                      std::size_t height, HostStream /*stream*/) {
+    for (std::size_t i = 0; i < height && width; ++i)
+      std::memcpy(static_cast<std::byte*>(dst) + i * dst_pitch, static_cast<const std::byte*>(src) + i * src_pitch, width);
+  }
   static void copy_to_host(void* host_dst, const void* src, std::size_t bytes, HostStream stream) {
     copy(host_dst, src, bytes, stream);
   }
@@ -85,6 +91,7 @@ struct HostBackend {
       load(host::element(args.x, s.io_dtype, row0 * s.in), s.io_dtype, n * s.in, f.dtype, x);
       h.resize(static_cast<std::size_t>(n * r));
       host::gemm(host::Op::n, host::Op::t, n, r, s.in, 1.0f, x.data(), a.data(), 0.0f, h.data());
+      if (args.h_sums) std::copy(h.begin(), h.end(), args.h_sums + row0 * r);
       round_in_place(h, f.dtype);
       host::store_from_float(h.data(), h.size(), host::element(args.h, f.dtype, row0 * r), f.dtype);
       void* y = host::element(args.y, s.io_dtype, row0 * s.out);
@@ -99,58 +106,83 @@ struct HostBackend {
     const LoraShape& s = args.shape;
     const FactorsRef& f = args.factors;
     const std::int64_t r = f.rank;
-    std::vector<float> a, b, x, dy, h, u, dx;
+    const ExpertSegments& segments = workspace.segments();
     const float grad_beta = gemm_beta(args.grad_mode);
+    // u = B_eᵀ round(dy) [T, r] in fp32 (unscaled) for every row first, so that a column-parallel
+    // layer can sum it over the group between this pass and the dA pass.
+    std::vector<float> a, b, x, dy, h, u_sums, u, u_grad_a, dx;
+    if (args.grad_a || args.dx) {
+      u_sums.resize(static_cast<std::size_t>(s.rows * r));
+      for (std::int64_t e = 0; e < s.experts; ++e) {
+        const auto [row0, n] = expert_rows(segments, e);
+        if (n == 0) continue;
+        load(host::element(f.b, f.dtype, e * s.out * r), f.dtype, s.out * r, f.dtype, b);
+        load(host::element(args.dy, s.io_dtype, row0 * s.out), s.io_dtype, n * s.out, f.dtype, dy);
+        host::gemm(host::Op::n, host::Op::n, n, r, s.out, 1.0f, dy.data(), b.data(), 0.0f, u_sums.data() + row0 * r);
+      }
+    }
+    const bool reduce = args.reduce_u && args.grad_a;
     for (std::int64_t e = 0; e < s.experts; ++e) {
-      const auto [row0, n] = expert_rows(workspace.segments(), e);
+      const auto [row0, n] = expert_rows(segments, e);
       if (n == 0) {  // no rows: the gradients are zero, written as such when overwriting
         if (grad_beta == 0.0f && args.grad_a) std::fill_n(args.grad_a + e * r * s.in, r * s.in, 0.0f);
         if (grad_beta == 0.0f && args.grad_b) std::fill_n(args.grad_b + e * s.out * r, s.out * r, 0.0f);
         continue;
       }
-      load_factors(f, s, e, a, b);
-      load(host::element(args.dy, s.io_dtype, row0 * s.out), s.io_dtype, n * s.out, f.dtype, dy);
-      u.resize(static_cast<std::size_t>(n * r));
-      host::gemm(host::Op::n, host::Op::n, n, r, s.out, f.scale, dy.data(), b.data(), 0.0f, u.data());
-      round_in_place(u, f.dtype);
       if (args.grad_b) {
-        load(host::element(args.h, f.dtype, row0 * r), f.dtype, n * r, f.dtype, h);
+        load(host::element(args.dy, s.io_dtype, row0 * s.out), s.io_dtype, n * s.out, f.dtype, dy);
+        if (args.h_sums) scale_round(args.h_sums + row0 * r, n * r, 1.0f, f.dtype, h);
+        else load(host::element(args.h, f.dtype, row0 * r), f.dtype, n * r, f.dtype, h);
         host::gemm(host::Op::t, host::Op::n, s.out, r, n, f.scale, dy.data(), h.data(), grad_beta,
                    args.grad_b + e * s.out * r);
       }
-      if (args.grad_a || args.dx) load(host::element(args.x, s.io_dtype, row0 * s.in), s.io_dtype, n * s.in, f.dtype, x);
-      if (args.grad_a)
-        host::gemm(host::Op::t, host::Op::n, r, s.in, n, 1.0f, u.data(), x.data(), grad_beta,
-                   args.grad_a + e * r * s.in);
+      if (!args.grad_a && !args.dx) continue;
+      // ũ = round(scale · u): of this rank's partial u for dx (and for dA unless it is reduced below).
+      scale_round(u_sums.data() + row0 * r, n * r, f.scale, f.dtype, u);
       if (args.dx) {
+        load(host::element(f.a, f.dtype, e * r * s.in), f.dtype, r * s.in, f.dtype, a);
         void* dx_rows = host::element(args.dx, s.io_dtype, row0 * s.in);
         load_output(dx_rows, s.io_dtype, n * s.in, args.dx_mode, dx);
         host::gemm(host::Op::n, host::Op::n, n, s.in, r, 1.0f, u.data(), a.data(), gemm_beta(args.dx_mode), dx.data());
         host::store_from_float(dx.data(), dx.size(), dx_rows, s.io_dtype);
       }
     }
+    if (!args.grad_a) return;
+    if (reduce) args.reduce_u(u_sums.data(), u_sums.size());
+    for (std::int64_t e = 0; e < s.experts; ++e) {
+      const auto [row0, n] = expert_rows(segments, e);
+      if (n == 0) continue;
+      scale_round(u_sums.data() + row0 * r, n * r, f.scale, f.dtype, u_grad_a);
+      load(host::element(args.x, s.io_dtype, row0 * s.in), s.io_dtype, n * s.in, f.dtype, x);
+      host::gemm(host::Op::t, host::Op::n, r, s.in, n, 1.0f, u_grad_a.data(), x.data(), grad_beta,
+                 args.grad_a + e * r * s.in);
+    }
   }
 
   static void kaiming_init(const KaimingInitArgs& args, HostStream stream) {
-    const float bound = std::sqrt(6.0f / static_cast<float>(args.in));
+    const float bound = std::sqrt(6.0f / static_cast<float>(args.fan_in()));
     const auto count_a = static_cast<std::size_t>(args.experts * args.rank * args.in);
     std::vector<float> a(count_a);
-    for (std::size_t i = 0; i < count_a; ++i) a[i] = (2.0f * uniform01(args.seed, 0, i) - 1.0f) * bound;
+    for (std::size_t i = 0; i < count_a; ++i)
+      a[i] = (2.0f * uniform01(args.seed, 0, args.global_index(static_cast<std::int64_t>(i))) - 1.0f) * bound;
     host::store_from_float(a.data(), count_a, args.a, args.dtype);
     fill_zero(args.b, static_cast<std::size_t>(args.experts * args.out * args.rank) * dtype_size(args.dtype), stream);
   }
 
   static void adamw_step(const AdamWArgs& args, HostStream /*stream*/) {
+    const std::int64_t t = *args.steps + 1;
+    const AdamWStep step = AdamWStep::at(args.config, t);
     dispatch_dtype(args.dtype, [&](auto tag) {
       using T = host_type_t<tag.value>;
       auto* param = static_cast<T*>(args.param);
       for (std::int64_t i = 0; i < args.count; ++i) {
-        const float w = args.master && !args.first_step ? args.master[i] : static_cast<float>(param[i]);
-        const float updated = adamw_update(w, args.grad[i], args.m[i], args.v[i], args.config, args.step);
+        const float w = args.master && t > 1 ? args.master[i] : static_cast<float>(param[i]);
+        const float updated = adamw_update(w, args.grad[i], args.m[i], args.v[i], args.config, step);
         if (args.master) args.master[i] = updated;
         param[i] = T(updated);
       }
     });
+    if (args.advance) *args.steps = t;
   }
 
  private:
@@ -174,6 +206,12 @@ struct HostBackend {
                            std::vector<float>& b) {
     load(host::element(f.a, f.dtype, e * f.rank * s.in), f.dtype, f.rank * s.in, f.dtype, a);
     load(host::element(f.b, f.dtype, e * s.out * f.rank), f.dtype, s.out * f.rank, f.dtype, b);
+  }
+  /// out = round_F(scale · in[0, n)).
+  static void scale_round(const float* in, std::int64_t n, float scale, DType dtype, std::vector<float>& out) {
+    out.assign(in, in + n);
+    for (float& v : out) v *= scale;
+    round_in_place(out, dtype);
   }
   static void round_in_place(std::vector<float>& values, DType dtype) {
     dispatch_dtype(dtype, [&](auto tag) {

@@ -25,7 +25,7 @@ namespace moelora::quant {
 /// before it returns. Not thread-safe per instance (it keeps no state besides the spec, but shares
 /// nothing either: one instance per thread is cheap).
 template <>
-class FormatQuantizer<HostBackend> : public FormatQuantizerSpec {
+class FormatQuantizer<HostBackend> : public FormatQuantizerSpec, public AmaxSharing<HostBackend> {
  public:
   using backend_type = HostBackend;
 
@@ -33,7 +33,7 @@ class FormatQuantizer<HostBackend> : public FormatQuantizerSpec {
   explicit FormatQuantizer(QuantSpec spec = {}) : FormatQuantizerSpec(spec) {}
 
   /// Calibrates (max) and quantizes w `[E, out, in]` into `packed` (packed_bytes(E, out, in) bytes).
-  void quantize(ConstTensorRef w, void* packed, HostStream /*stream*/ = {}) const {
+  void quantize(ConstTensorRef w, void* packed, HostStream stream = {}) const {
     checks::check_weight(w, "the weight to quantize");
     MOELORA_REQUIRE(packed != nullptr, ErrorCode::invalid_argument, "quantize: the packed output has no data");
     const std::int64_t experts = w.shape[0], out = w.shape[1], in = w.shape[2];
@@ -53,6 +53,10 @@ class FormatQuantizer<HostBackend> : public FormatQuantizerSpec {
         shared = std::max(shared, bits);
       }
       if (spec_.amax_scope == AmaxScope::shared) std::fill(tensor_amax.begin(), tensor_amax.end(), detail::bits_float(shared));
+      if (amax_sync_) {  // the max over the ranks that share it (the shared value is every entry)
+        amax_sync_(tensor_amax.data(), spec_.amax_scope == AmaxScope::shared ? 1 : tensor_amax.size(), stream);
+        if (spec_.amax_scope == AmaxScope::shared) std::fill(tensor_amax.begin(), tensor_amax.end(), tensor_amax.front());
+      }
     }
 
     auto* blob = static_cast<std::byte*>(packed);

@@ -25,7 +25,8 @@
 
 namespace moelora::init {
 
-/// A base that owns its weights and so supports the SVD-based initialisers:
+/// What the SVD-based initialisers read and change: weights W `[E, out, in]` that the holder owns.
+/// - `num_experts()`, `in_features()`, `out_features()`, `dtype()`: as for a GroupedLinearBase;
 /// - `linalg()`: the backend's Linalg (holding the caller's handles on the GPU);
 /// - `source_weight()`: the unquantized weights W `[E, out, in]` (the base's dtype);
 /// - `has_quantizer()`: whether the base quantizes its weights;
@@ -33,17 +34,26 @@ namespace moelora::init {
 /// - `set_effective_weight(w, stream)`: from now on the base computes with Q(w) (with a quantizer),
 ///   or with w itself, which then also becomes its source weights (without one);
 /// - `dequantized_weight(out, stream)`: what the base computes with, into out `[E, out, in]`.
+/// (parallel::GatheredBase models it for the whole weights of a tensor-parallel group.)
 template <class B>
-concept SvdInitBase = GroupedLinearBase<B> &&
-                      requires(B& base, const B& cbase, ConstTensorRef w, TensorRef out,
-                               typename B::backend_type::stream_type stream) {
-                        requires Linalg<std::remove_cvref_t<decltype(base.linalg())>>;
-                        { cbase.source_weight() } -> std::same_as<ConstTensorRef>;
-                        { cbase.has_quantizer() } -> std::convertible_to<bool>;
-                        base.fake_quantize(w, out, stream);
-                        base.set_effective_weight(w, stream);
-                        base.dequantized_weight(out, stream);
-                      };
+concept SvdInitSource = Backend<typename B::backend_type> &&
+                        requires(B& base, const B& cbase, ConstTensorRef w, TensorRef out,
+                                 typename B::backend_type::stream_type stream) {
+                          { cbase.num_experts() } -> std::convertible_to<std::int64_t>;
+                          { cbase.in_features() } -> std::convertible_to<std::int64_t>;
+                          { cbase.out_features() } -> std::convertible_to<std::int64_t>;
+                          { cbase.dtype() } -> std::same_as<DType>;
+                          requires Linalg<std::remove_cvref_t<decltype(base.linalg())>>;
+                          { cbase.source_weight() } -> std::same_as<ConstTensorRef>;
+                          { cbase.has_quantizer() } -> std::convertible_to<bool>;
+                          base.fake_quantize(w, out, stream);
+                          base.set_effective_weight(w, stream);
+                          base.dequantized_weight(out, stream);
+                        };
+
+/// A base that owns its weights and so supports the SVD-based initialisers (QuantizedGroupedLinear).
+template <class B>
+concept SvdInitBase = GroupedLinearBase<B> && SvdInitSource<B>;
 
 /// What an initialiser is asked for: one adapter's settings and its factor buffers.
 struct SvdInitArgs {
@@ -75,7 +85,7 @@ struct InitReport {
 namespace detail {
 
 /// The fp32 working set of one initialisation of a base of `[E, out, in]` weights at rank r.
-template <SvdInitBase Base>
+template <SvdInitSource Base>
 class SvdInitRun {
   using Backend = typename Base::backend_type;
   using Stream = typename Backend::stream_type;
@@ -186,7 +196,7 @@ class SvdInitRun {
 /// Initialises one adapter's factors with `args.method` (not kaiming_zeros) from `base`, updating
 /// the base's quantized weights where the method says so; warnings go to `warn`. Synchronises the
 /// stream (the SVD checks its status and the errors are returned on the host).
-template <SvdInitBase Base>
+template <SvdInitSource Base>
 InitReport svd_init(Base& base, const SvdInitArgs& args, const WarningSink& warn,
                     typename Base::backend_type::stream_type stream) {
   using Backend = typename Base::backend_type;

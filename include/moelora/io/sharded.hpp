@@ -12,6 +12,11 @@
 /// | column | replicated: `[r, in]`               | rows `[t·out/tp, (t+1)·out/tp)`, axis 0 |
 /// | row    | cols `[t·in/tp, (t+1)·in/tp)`, axis 1 | replicated: `[out, r]`               |
 ///
+/// Column mode with `blocks = n` (a gated fc1, `[gate; up]`: n = 2): B_e's rows are n blocks of
+/// out/n, each sharded on its own; rank t holds rows `[b·out/n + t·out/(n·tp), +out/(n·tp))` of
+/// every block b, stacked (parallel/placement.hpp). A live layer's layout comes from the layer
+/// (`shard_layout`, and the `save_sharded` / `load_sharded` overloads without a layout).
+///
 /// Files in the checkpoint directory:
 /// - `adapter-tp{t}-ep{e}.safetensors` for every rank: keys `{prefix}lora_a_{adapter}.weight{g}` and
 ///   `{prefix}lora_b_{adapter}.weight{g}`, 2-D, the rank's slice of expert g's factor in the factor
@@ -20,7 +25,8 @@
 ///   `moelora.prefix`; `moelora.adapters` (settings, as in state dicts); `moelora.slices`, mapping
 ///   every key of the file to {"global_shape": [R, C], "axis": -1 | 0 | 1, "offset": o}: the tensor
 ///   is rows (axis 0) or columns (axis 1) `[o, o + extent)` of the global `[R, C]` factor, or all of
-///   it (axis -1).
+///   it (axis -1); with `"blocks": n` (absent: 1) the tensor is n equal blocks along the axis, block b
+///   being `[b·G/n + o, +extent/n)` of the global extent G.
 /// - `adapter.index.json`, written last: {"format": "moelora.sharded", "version": 1, "layout": {tp,
 ///   ep, mode}, "layer": {experts, in, out}, "prefix", "adapters": [settings...], "files": [names],
 ///   "weight_map": {key: file}}; a key whose slices lie in several files maps to the array of those
@@ -51,6 +57,7 @@
 #include "moelora/io/safetensors.hpp"
 #include "moelora/io/state_dict.hpp"
 #include "moelora/io/text_file.hpp"
+#include "moelora/parallel/placement.hpp"
 #include "moelora/policies/parallel_mode.hpp"
 
 namespace moelora::io {
@@ -73,29 +80,43 @@ constexpr policy::TpAxis factor_axis(TpMode mode, policy::Factor f) {
                                 : policy::factor_tp_axis<policy::RowParallel>(f);
 }
 
-/// A grid of ranks: tp × ep ranks of one mode.
+/// A grid of ranks: tp × ep ranks of one mode; in column mode B's rows are `blocks` blocks, each
+/// sharded over tp on its own (2 for a gated fc1 `[gate; up]`).
 struct ShardGrid {
   std::int64_t tp = 1;
   std::int64_t ep = 1;
   TpMode mode = TpMode::column;
+  std::int64_t blocks = 1;
 };
 
-/// What one rank holds: its place in a tp × ep grid of `mode`.
+/// What one rank holds: its place in a tp × ep grid of `mode` (and, column mode, B's row blocks).
 struct ShardLayout {
   std::int64_t tp = 1;
   std::int64_t tp_rank = 0;
   std::int64_t ep = 1;
   std::int64_t ep_rank = 0;
   TpMode mode = TpMode::column;
+  std::int64_t blocks = 1;
 
-  [[nodiscard]] ShardGrid grid() const { return {tp, ep, mode}; }
-  /// Throws ErrorCode::invalid_argument unless tp, ep >= 1 and 0 <= tp_rank < tp, 0 <= ep_rank < ep.
+  [[nodiscard]] ShardGrid grid() const { return {tp, ep, mode, blocks}; }
+  /// Throws ErrorCode::invalid_argument unless tp, ep >= 1, 0 <= tp_rank < tp, 0 <= ep_rank < ep
+  /// and blocks >= 1 (and 1 in row mode).
   void validate() const {
     MOELORA_REQUIRE(tp >= 1 && ep >= 1 && tp_rank >= 0 && tp_rank < tp && ep_rank >= 0 && ep_rank < ep,
                     ErrorCode::invalid_argument, "shard layout tp=", tp, " tp_rank=", tp_rank, " ep=", ep,
                     " ep_rank=", ep_rank, " is not valid (need tp, ep >= 1 and 0 <= rank < size)");
+    MOELORA_REQUIRE(blocks >= 1 && (blocks == 1 || mode == TpMode::column), ErrorCode::invalid_argument,
+                    "shard layout blocks=", blocks, " is not valid (need blocks >= 1, and 1 in row mode)");
   }
 };
+
+/// The layout of a live layer (GroupedLoRA): its TP and EP ranks, mode and B blocks. A
+/// NoTensorParallel layer is a column layout with tp = 1.
+template <class Layer>
+ShardLayout shard_layout(const Layer& layer) {
+  const parallel::Shard& s = layer.shard();
+  return {s.tp_size, s.tp_rank, s.ep_size, s.ep_rank, s.row() ? TpMode::row : TpMode::column, s.out_blocks};
+}
 
 /// The sizes of the whole (unsharded) layer.
 struct GlobalSizes {
@@ -109,27 +130,44 @@ struct Region {
   std::int64_t row0 = 0, rows = 0, col0 = 0, cols = 0;
 };
 
+/// A rank's part of one expert factor: `blocks` regions of the global factor, stacked in order
+/// (rows, for B's row blocks) into the local tensor; `axis` and `offset` as the slice records say.
+struct LocalPart {
+  std::vector<Region> regions;
+  policy::TpAxis axis = policy::TpAxis::none;
+  std::int64_t offset = 0;  ///< start along the axis within each block
+  std::int64_t blocks = 1;
+  [[nodiscard]] std::vector<std::int64_t> shape() const {
+    std::int64_t rows = 0;
+    for (const Region& r : regions) rows += r.rows;
+    return {rows, regions.front().cols};
+  }
+};
+
 /// The global `[R, C]` shape of one expert's factor `f` of rank `rank`: A `[r, in]`, B `[out, r]`.
 inline std::vector<std::int64_t> global_factor_shape(const GlobalSizes& sizes, policy::Factor f, std::int64_t rank) {
   return f == policy::Factor::a ? std::vector<std::int64_t>{rank, sizes.in} : std::vector<std::int64_t>{sizes.out, rank};
 }
 
-/// The block of expert factor `f` that rank `layout` holds (sizes must split evenly).
-inline Region local_region(const ShardLayout& layout, const GlobalSizes& sizes, policy::Factor f, std::int64_t rank) {
+/// The part of expert factor `f` that rank `layout` holds (sizes must split evenly).
+inline LocalPart local_part(const ShardLayout& layout, const GlobalSizes& sizes, policy::Factor f, std::int64_t rank) {
   const std::vector<std::int64_t> global = global_factor_shape(sizes, f, rank);
-  Region region{0, global[0], 0, global[1]};
-  switch (factor_axis(layout.mode, f)) {
-    case policy::TpAxis::rows:
-      region.rows = global[0] / layout.tp;
-      region.row0 = layout.tp_rank * region.rows;
+  LocalPart part{{}, factor_axis(layout.mode, f), 0, 1};
+  switch (part.axis) {
+    case policy::TpAxis::rows: {
+      part.blocks = layout.blocks;
+      const std::int64_t block = global[0] / layout.blocks, rows = block / layout.tp;
+      part.offset = layout.tp_rank * rows;
+      for (std::int64_t b = 0; b < layout.blocks; ++b) part.regions.push_back({b * block + part.offset, rows, 0, global[1]});
       break;
+    }
     case policy::TpAxis::cols:
-      region.cols = global[1] / layout.tp;
-      region.col0 = layout.tp_rank * region.cols;
+      part.offset = layout.tp_rank * (global[1] / layout.tp);
+      part.regions.push_back({0, global[0], part.offset, global[1] / layout.tp});
       break;
-    case policy::TpAxis::none: break;
+    case policy::TpAxis::none: part.regions.push_back({0, global[0], 0, global[1]}); break;
   }
-  return region;
+  return part;
 }
 
 /// Problems with splitting `sizes` over `grid` (an empty list when every split is even).
@@ -138,9 +176,10 @@ inline std::vector<std::string> split_problems(const GlobalSizes& sizes, const S
   if (sizes.experts % grid.ep != 0)
     problems.push_back("the " + std::to_string(sizes.experts) + " experts do not split evenly over ep = " +
                        std::to_string(grid.ep) + " (E must be divisible by ep)");
-  if (grid.mode == TpMode::column && sizes.out % grid.tp != 0)
-    problems.push_back("out = " + std::to_string(sizes.out) + " does not split evenly over tp = " +
-                       std::to_string(grid.tp) + " (column mode needs out divisible by tp)");
+  if (grid.mode == TpMode::column && sizes.out % (grid.tp * grid.blocks) != 0)
+    problems.push_back("out = " + std::to_string(sizes.out) + " does not split evenly over tp = " + std::to_string(grid.tp) +
+                       (grid.blocks > 1 ? " in each of its " + std::to_string(grid.blocks) + " blocks" : std::string()) +
+                       " (column mode needs out divisible by tp" + (grid.blocks > 1 ? " · blocks)" : ")"));
   if (grid.mode == TpMode::row && sizes.in % grid.tp != 0)
     problems.push_back("in = " + std::to_string(sizes.in) + " does not split evenly over tp = " +
                        std::to_string(grid.tp) + " (row mode needs in divisible by tp)");
@@ -171,24 +210,30 @@ struct ShardContents {
   std::vector<TensorBytes> tensors;
   nlohmann::ordered_json slices = nlohmann::ordered_json::object();
 
-  /// Adds `bytes` as tensor `key`, block `region` of the global `global` factor of `dtype`.
-  void add(std::string key, StDType dtype, const std::vector<std::int64_t>& global, policy::TpAxis axis,
-           const Region& region, std::vector<std::byte> bytes) {
+  /// Adds `bytes` as tensor `key`, the part `part` of the global `global` factor of `dtype`.
+  void add(std::string key, StDType dtype, const std::vector<std::int64_t>& global, const LocalPart& part,
+           std::vector<std::byte> bytes) {
     storage.push_back(std::move(bytes));
-    slices[key] = {{"global_shape", global},
-                   {"axis", static_cast<int>(axis)},
-                   {"offset", axis == policy::TpAxis::rows ? region.row0 : (axis == policy::TpAxis::cols ? region.col0 : 0)}};
-    tensors.push_back({std::move(key), dtype, {region.rows, region.cols}, storage.back()});
+    slices[key] = {{"global_shape", global}, {"axis", static_cast<int>(part.axis)}, {"offset", part.offset}};
+    if (part.blocks != 1) slices[key]["blocks"] = part.blocks;
+    tensors.push_back({std::move(key), dtype, part.shape(), storage.back()});
   }
 };
 
+/// The `moelora.layout` record of a rank (`blocks` only when not 1, as files without it read).
+inline nlohmann::ordered_json placement_json(const ShardLayout& layout) {
+  nlohmann::ordered_json placement = {{"tp", layout.tp},
+                                      {"tp_rank", layout.tp_rank},
+                                      {"ep", layout.ep},
+                                      {"ep_rank", layout.ep_rank},
+                                      {"mode", tp_mode_name(layout.mode)}};
+  if (layout.blocks != 1) placement["blocks"] = layout.blocks;
+  return placement;
+}
+
 inline void write_shard(const std::filesystem::path& dir, const ShardLayout& layout, const GlobalSizes& sizes,
                         std::string_view prefix, const nlohmann::ordered_json& adapters, const ShardContents& contents) {
-  const nlohmann::ordered_json placement = {{"tp", layout.tp},
-                                            {"tp_rank", layout.tp_rank},
-                                            {"ep", layout.ep},
-                                            {"ep_rank", layout.ep_rank},
-                                            {"mode", tp_mode_name(layout.mode)}};
+  const nlohmann::ordered_json placement = placement_json(layout);
   write_safetensors(dir / shard_file_name(layout.tp_rank, layout.ep_rank), contents.tensors,
                     {{"format", "pt"},
                      {"moelora.layout", placement.dump()},
@@ -198,11 +243,12 @@ inline void write_shard(const std::filesystem::path& dir, const ShardLayout& lay
                      {"moelora.slices", contents.slices.dump()}});
 }
 
-/// One stored slice of a global factor.
+/// One stored run of a global factor along an axis: `extent` rows (axis 0) or columns (axis 1, or
+/// the whole factor for axis -1) starting at global `start`, read from the tensor at `src`.
 struct Piece {
   const TensorBytes* tensor;
   policy::TpAxis axis;
-  std::int64_t offset;
+  std::int64_t start, extent, src;
 };
 
 }  // namespace detail
@@ -219,7 +265,7 @@ class ShardedCheckpoint {
       if (index.value("format", "") != "moelora.sharded") problems.push_back("the index's format is not moelora.sharded");
       const nlohmann::json& layout = index.at("layout");
       grid_ = {layout.at("tp").get<std::int64_t>(), layout.at("ep").get<std::int64_t>(),
-               parse_tp_mode(layout.at("mode").get<std::string>())};
+               parse_tp_mode(layout.at("mode").get<std::string>()), layout.value("blocks", std::int64_t{1})};
       const nlohmann::json& layer = index.at("layer");
       sizes_ = {layer.at("experts").get<std::int64_t>(), layer.at("in").get<std::int64_t>(),
                 layer.at("out").get<std::int64_t>()};
@@ -229,7 +275,7 @@ class ShardedCheckpoint {
         weight_map_[key] = files.is_string() ? std::vector<std::string>{files.get<std::string>()}
                                              : files.get<std::vector<std::string>>();
       if (!adapters_.is_array()) problems.push_back("the index's adapters are not a list");
-      if (grid_.tp < 1 || grid_.ep < 1) problems.push_back("the index's layout has tp or ep < 1");
+      if (grid_.tp < 1 || grid_.ep < 1 || grid_.blocks < 1) problems.push_back("the index's layout has tp, ep or blocks < 1");
     } catch (const Error& e) {
       problems.push_back(e.what());
     } catch (const nlohmann::json::exception& e) {
@@ -246,11 +292,11 @@ class ShardedCheckpoint {
   [[nodiscard]] const nlohmann::json& adapters() const { return adapters_; }
   [[nodiscard]] const std::map<std::string, std::vector<std::string>>& weight_map() const { return weight_map_; }
 
-  /// Copies block `region` of the global factor `key` (global shape `global`, dtype `dtype`) into
-  /// `dst` (row-major `[region.rows, region.cols]`). On any problem (key not in the index, a file that
-  /// cannot be read or lacks the key, slices that disagree with `global`/`dtype` or do not tile it)
-  /// appends it to `problems` and returns false.
-  bool gather(const std::string& key, StDType dtype, const std::vector<std::int64_t>& global, const Region& region,
+  /// Copies the part `part` of the global factor `key` (global shape `global`, dtype `dtype`) into
+  /// `dst` (its regions stacked, each row-major `[rows, cols]`). On any problem (key not in the
+  /// index, a file that cannot be read or lacks the key, slices that disagree with `global`/`dtype`
+  /// or do not tile it) appends it to `problems` and returns false.
+  bool gather(const std::string& key, StDType dtype, const std::vector<std::int64_t>& global, const LocalPart& part,
               std::byte* dst, std::vector<std::string>& problems) {
     const auto entry = weight_map_.find(key);
     if (entry == weight_map_.end()) {
@@ -272,11 +318,28 @@ class ShardedCheckpoint {
         const auto record_global = slice->at("global_shape").get<std::vector<std::int64_t>>();
         const int axis = slice->at("axis").get<int>();
         const auto offset = slice->at("offset").get<std::int64_t>();
-        if (record_global != global || axis < -1 || axis > 1) {
+        const auto blocks = slice->value("blocks", std::int64_t{1});
+        if (record_global != global || axis < -1 || axis > 1 || blocks < 1 || (axis == -1 && blocks != 1)) {
           problems.push_back(name + ": " + key + " is recorded as a slice of a factor of another global shape or axis");
           return false;
         }
-        pieces.push_back({&*tensor, static_cast<policy::TpAxis>(axis), offset});
+        if (tensor->dtype != dtype || tensor->shape.size() != 2) {
+          problems.push_back(misfit(*tensor, dtype, global, "the checkpoint's layer"));
+          return false;
+        }
+        if (axis == -1) {
+          pieces.push_back({&*tensor, policy::TpAxis::none, 0, global[0], 0});
+          continue;
+        }
+        const std::size_t along = axis == 1 ? 1 : 0;
+        const std::int64_t stored = tensor->shape[along], run = stored / blocks, block = global[along] / blocks;
+        if (stored % blocks != 0 || global[along] % blocks != 0 || offset < 0 || offset + run > block) {
+          problems.push_back(name + ": " + key + " does not fit its " + std::to_string(blocks) +
+                             " block(s) of the global shape at offset " + std::to_string(offset));
+          return false;
+        }
+        for (std::int64_t b = 0; b < blocks; ++b)
+          pieces.push_back({&*tensor, static_cast<policy::TpAxis>(axis), b * block + offset, run, b * run});
       } catch (const nlohmann::json::exception&) {
         problems.push_back(name + ": the moelora.slices record of " + key + " is malformed");
         return false;
@@ -285,16 +348,21 @@ class ShardedCheckpoint {
     if (!tiles(key, dtype, global, pieces, problems)) return false;
 
     const std::size_t element = st_dtype_size(dtype);
-    for (const detail::Piece& p : pieces) {
-      const std::int64_t prow0 = p.axis == policy::TpAxis::rows ? p.offset : 0;
-      const std::int64_t pcol0 = p.axis == policy::TpAxis::cols ? p.offset : 0;
-      const std::int64_t prows = p.tensor->shape[0], pcols = p.tensor->shape[1];
-      const std::int64_t r0 = std::max(region.row0, prow0), r1 = std::min(region.row0 + region.rows, prow0 + prows);
-      const std::int64_t c0 = std::max(region.col0, pcol0), c1 = std::min(region.col0 + region.cols, pcol0 + pcols);
-      for (std::int64_t r = r0; r < r1 && c0 < c1; ++r)
-        std::memcpy(dst + static_cast<std::size_t>((r - region.row0) * region.cols + (c0 - region.col0)) * element,
-                    p.tensor->bytes.data() + static_cast<std::size_t>((r - prow0) * pcols + (c0 - pcol0)) * element,
-                    static_cast<std::size_t>(c1 - c0) * element);
+    for (const Region& region : part.regions) {
+      for (const detail::Piece& p : pieces) {
+        const bool by_cols = p.axis == policy::TpAxis::cols;
+        const std::int64_t prow0 = by_cols ? 0 : p.start, prows = by_cols ? global[0] : p.extent;
+        const std::int64_t pcol0 = by_cols ? p.start : 0, pcols = by_cols ? p.extent : global[1];
+        const std::int64_t r0 = std::max(region.row0, prow0), r1 = std::min(region.row0 + region.rows, prow0 + prows);
+        const std::int64_t c0 = std::max(region.col0, pcol0), c1 = std::min(region.col0 + region.cols, pcol0 + pcols);
+        const std::int64_t src_row = by_cols ? 0 : p.src - p.start, src_col = by_cols ? p.src - p.start : 0;
+        for (std::int64_t r = r0; r < r1 && c0 < c1; ++r)
+          std::memcpy(dst + static_cast<std::size_t>((r - region.row0) * region.cols + (c0 - region.col0)) * element,
+                      p.tensor->bytes.data() +
+                          static_cast<std::size_t>((r + src_row) * p.tensor->shape[1] + c0 + src_col) * element,
+                      static_cast<std::size_t>(c1 - c0) * element);
+      }
+      dst += static_cast<std::size_t>(region.rows * region.cols) * element;
     }
     return true;
   }
@@ -329,30 +397,25 @@ class ShardedCheckpoint {
     return &shard;
   }
 
-  /// Whether `pieces` tile the global factor exactly: one whole piece (any axis, offset 0), or
-  /// slices along one axis, contiguous from 0 to the global extent; shapes and dtypes must agree.
+  /// Whether `pieces` tile the global factor exactly: one whole piece (axis -1), or runs along one
+  /// axis, contiguous from 0 to the global extent, each spanning the other axis.
   static bool tiles(const std::string& key, StDType dtype, const std::vector<std::int64_t>& global,
                     std::vector<detail::Piece>& pieces, std::vector<std::string>& problems) {
-    for (const detail::Piece& p : pieces) {
-      if (p.tensor->dtype != dtype || p.tensor->shape.size() != 2) {
-        problems.push_back(misfit(*p.tensor, dtype, global, "the checkpoint's layer"));
-        return false;
-      }
-    }
     const policy::TpAxis axis = pieces.front().axis;
-    const int along = axis == policy::TpAxis::cols ? 1 : 0;
-    std::sort(pieces.begin(), pieces.end(), [](const detail::Piece& a, const detail::Piece& b) { return a.offset < b.offset; });
+    const std::size_t along = axis == policy::TpAxis::cols ? 1 : 0, other = 1 - along;
+    std::sort(pieces.begin(), pieces.end(), [](const detail::Piece& a, const detail::Piece& b) { return a.start < b.start; });
     std::int64_t next = 0;
     for (const detail::Piece& p : pieces) {
       std::vector<std::int64_t> expected = global;
-      if (axis != policy::TpAxis::none) expected[static_cast<std::size_t>(along)] = p.tensor->shape[static_cast<std::size_t>(along)];
-      if (p.axis != axis || p.offset != next || p.tensor->shape != expected) {
+      if (axis != policy::TpAxis::none) expected[along] = p.tensor->shape[along];
+      const bool fits = axis == policy::TpAxis::none ? p.tensor->shape == global : p.tensor->shape[other] == global[other];
+      if (p.axis != axis || p.start != next || !fits) {
         problems.push_back(misfit(*p.tensor, dtype, expected, "a slice at offset " + std::to_string(next) + " of the checkpoint's layer"));
         return false;
       }
-      next += axis == policy::TpAxis::none ? global[0] : expected[static_cast<std::size_t>(along)];
+      next += p.extent;
     }
-    if (next != global[static_cast<std::size_t>(along)] || (axis == policy::TpAxis::none && pieces.size() != 1)) {
+    if (next != global[along] || (axis == policy::TpAxis::none && pieces.size() != 1)) {
       problems.push_back("the slices of " + key + " do not cover its global shape exactly");
       return false;
     }
@@ -391,6 +454,8 @@ inline void write_sharded_index(const std::filesystem::path& dir) {
   if (prefix == first.metadata().end() || !layout.is_object()) problems.push_back("adapter-tp0-ep0 lacks its layout or prefix");
   require_no_problems(dir.string(), problems);
   const std::int64_t tp = layout.value("tp", std::int64_t{0}), ep = layout.value("ep", std::int64_t{0});
+  const ShardGrid grid{tp, ep, layout.value("mode", "") == "row" ? TpMode::row : TpMode::column,
+                       layout.value("blocks", std::int64_t{1})};
 
   nlohmann::ordered_json files = nlohmann::ordered_json::array();
   std::map<std::string, std::vector<std::string>> weight_map;
@@ -401,7 +466,8 @@ inline void write_sharded_index(const std::filesystem::path& dir) {
       try {
         const SafetensorsFile shard(dir / name);
         nlohmann::json placement = meta_json(shard, "moelora.layout");
-        const nlohmann::json expected_placement = {{"tp", tp}, {"tp_rank", t}, {"ep", ep}, {"ep_rank", e}, {"mode", layout.value("mode", "")}};
+        nlohmann::json expected_placement = detail::placement_json({tp, t, ep, e, grid.mode, grid.blocks});
+        expected_placement["mode"] = layout.value("mode", "");
         if (placement != expected_placement) problems.push_back(name + " records the layout " + placement.dump() + ", not " + expected_placement.dump());
         if (meta_json(shard, "moelora.layer") != layer || meta_json(shard, "moelora.adapters") != adapters ||
             shard.metadata().count("moelora.prefix") == 0 || shard.metadata().at("moelora.prefix") != prefix->second)
@@ -416,9 +482,11 @@ inline void write_sharded_index(const std::filesystem::path& dir) {
   nlohmann::ordered_json map = nlohmann::ordered_json::object();
   for (const auto& [key, holders] : weight_map)
     map[key] = holders.size() == 1 ? nlohmann::ordered_json(holders.front()) : nlohmann::ordered_json(holders);
+  nlohmann::ordered_json index_layout = {{"tp", tp}, {"ep", ep}, {"mode", layout.value("mode", "")}};
+  if (grid.blocks != 1) index_layout["blocks"] = grid.blocks;
   const nlohmann::ordered_json index = {{"format", "moelora.sharded"},
                                         {"version", 1},
-                                        {"layout", {{"tp", tp}, {"ep", ep}, {"mode", layout.value("mode", "")}}},
+                                        {"layout", index_layout},
                                         {"layer", layer},
                                         {"prefix", prefix->second},
                                         {"adapters", adapters},
@@ -436,6 +504,8 @@ void save_sharded(Layer& layer, const ShardLayout& layout, const std::filesystem
   using Backend = typename Layer::backend_type;
   using policy::Factor;
   layout.validate();
+  MOELORA_REQUIRE(layout.mode == TpMode::row || layer.out_features() % layout.blocks == 0, ErrorCode::invalid_argument,
+                  "the layer's out = ", layer.out_features(), " does not split into the layout's ", layout.blocks, " blocks");
   const GlobalSizes sizes{layer.num_experts() * layout.ep,
                           layer.in_features() * (layout.mode == TpMode::row ? layout.tp : 1),
                           layer.out_features() * (layout.mode == TpMode::column ? layout.tp : 1)};
@@ -445,16 +515,15 @@ void save_sharded(Layer& layer, const ShardLayout& layout, const std::filesystem
     const AdapterView view = layer.adapter(name);
     adapters.push_back(adapter_settings(name, view.config));
     for (const auto& [which, f, factor] : {std::tuple{'a', Factor::a, view.a}, std::tuple{'b', Factor::b, view.b}}) {
-      const policy::TpAxis axis = factor_axis(layout.mode, f);
-      if (axis == policy::TpAxis::none && layout.tp_rank != 0) continue;  // replicated: tp_rank 0 writes it
+      const LocalPart part = local_part(layout, sizes, f, view.config.rank);
+      if (part.axis == policy::TpAxis::none && layout.tp_rank != 0) continue;  // replicated: tp_rank 0 writes it
       std::vector<std::byte> all(factor.bytes());
       Backend::copy_to_host(all.data(), factor.data, all.size(), stream);
       const std::size_t per_expert = all.size() / static_cast<std::size_t>(layer.num_experts());
-      const Region region = local_region(layout, sizes, f, view.config.rank);
       for (std::int64_t i = 0; i < layer.num_experts(); ++i) {
         const auto begin = all.begin() + static_cast<std::ptrdiff_t>(static_cast<std::size_t>(i) * per_expert);
         contents.add(sharded_key(prefix, which, name, layout.ep_rank * layer.num_experts() + i), st_dtype_of(factor.dtype),
-                     global_factor_shape(sizes, f, view.config.rank), axis, region,
+                     global_factor_shape(sizes, f, view.config.rank), part,
                      std::vector<std::byte>(begin, begin + static_cast<std::ptrdiff_t>(per_expert)));
       }
     }
@@ -491,6 +560,10 @@ void load_sharded(Layer& layer, const ShardLayout& layout, const std::filesystem
   }
   if (checkpoint.prefix() != prefix)
     problems.push_back("its keys use the prefix \"" + checkpoint.prefix() + "\", not \"" + std::string(prefix) + "\"");
+  if (layout.mode == TpMode::column && layout.tp > 1 && checkpoint.grid().mode == TpMode::column &&
+      checkpoint.grid().blocks != layout.blocks)
+    problems.push_back("its B rows are " + std::to_string(checkpoint.grid().blocks) + " block(s) but the layer shards " +
+                       std::to_string(layout.blocks) + " over tp");
   require_no_problems(dir.string(), problems);
 
   struct Pending {
@@ -532,7 +605,7 @@ void load_sharded(Layer& layer, const ShardLayout& layout, const std::filesystem
         std::vector<std::byte>& staging = f == Factor::a ? p.a : p.b;
         const std::size_t per_expert = staging.size() / static_cast<std::size_t>(layer.num_experts());
         complete &= checkpoint.gather(key, st_dtype_of(factor.dtype), global_factor_shape(sizes, f, rank),
-                                      local_region(layout, sizes, f, rank),
+                                      local_part(layout, sizes, f, rank),
                                       staging.data() + static_cast<std::size_t>(i) * per_expert, problems);
       }
     }
@@ -553,13 +626,29 @@ void load_sharded(Layer& layer, const ShardLayout& layout, const std::filesystem
   }
 }
 
+/// `save_sharded` of a live layer, with the layer's own layout (`shard_layout(layer)`): call it on
+/// every rank (replicated factors are written by TP rank 0 only), then `write_sharded_index` once.
+template <class Layer>
+void save_sharded(Layer& layer, const std::filesystem::path& dir, std::string_view prefix,
+                  typename Layer::stream_type stream) {
+  save_sharded(layer, shard_layout(layer), dir, prefix, stream);
+}
+
+/// `load_sharded` into a live layer, with the layer's own layout (`shard_layout(layer)`): every
+/// rank loads its part, whatever the layout that saved.
+template <class Layer>
+void load_sharded(Layer& layer, const std::filesystem::path& dir, std::string_view prefix,
+                  typename Layer::stream_type stream) {
+  load_sharded(layer, shard_layout(layer), dir, prefix, stream);
+}
+
 /// Rewrites the sharded checkpoint in `src` for the grid `grid` into `dst` (another directory,
 /// created if needed): every rank file of the new grid, then the index. Pure file work, bitwise:
 /// the factors are re-cut, never converted. Uneven splits and a damaged `src` throw one
 /// ErrorCode::invalid_argument listing the problems (before anything is written).
 inline void reshard(const std::filesystem::path& src, const std::filesystem::path& dst, const ShardGrid& grid) {
   using policy::Factor;
-  ShardLayout{grid.tp, 0, grid.ep, 0, grid.mode}.validate();
+  ShardLayout{grid.tp, 0, grid.ep, 0, grid.mode, grid.blocks}.validate();
   std::error_code same_error;
   MOELORA_REQUIRE(!std::filesystem::equivalent(src, dst, same_error), ErrorCode::invalid_argument,
                   "reshard needs a destination other than its source ", src.string());
@@ -574,7 +663,7 @@ inline void reshard(const std::filesystem::path& src, const std::filesystem::pat
   const std::int64_t experts = sizes.experts / grid.ep;
   for (std::int64_t e = 0; e < grid.ep; ++e) {
     for (std::int64_t t = 0; t < grid.tp; ++t) {
-      const ShardLayout layout{grid.tp, t, grid.ep, e, grid.mode};
+      const ShardLayout layout{grid.tp, t, grid.ep, e, grid.mode, grid.blocks};
       detail::ShardContents contents;
       for (const nlohmann::json& s : checkpoint.adapters()) {
         const std::string name = s.value("name", "");
@@ -588,14 +677,14 @@ inline void reshard(const std::filesystem::path& src, const std::filesystem::pat
         }
         for (std::int64_t i = 0; i < experts; ++i) {
           for (const auto& [which, f] : {std::pair{'a', Factor::a}, std::pair{'b', Factor::b}}) {
-            const policy::TpAxis axis = factor_axis(grid.mode, f);
-            if (axis == policy::TpAxis::none && t != 0) continue;
-            const Region region = local_region(layout, sizes, f, rank);
-            std::vector<std::byte> bytes(static_cast<std::size_t>(region.rows * region.cols) * dtype_size(dtype));
+            const LocalPart part = local_part(layout, sizes, f, rank);
+            if (part.axis == policy::TpAxis::none && t != 0) continue;
+            const std::vector<std::int64_t> shape = part.shape();
+            std::vector<std::byte> bytes(static_cast<std::size_t>(shape[0] * shape[1]) * dtype_size(dtype));
             const std::string key = sharded_key(checkpoint.prefix(), which, name, e * experts + i);
             const std::vector<std::int64_t> global = global_factor_shape(sizes, f, rank);
-            if (checkpoint.gather(key, st_dtype_of(dtype), global, region, bytes.data(), problems))
-              contents.add(key, st_dtype_of(dtype), global, axis, region, std::move(bytes));
+            if (checkpoint.gather(key, st_dtype_of(dtype), global, part, bytes.data(), problems))
+              contents.add(key, st_dtype_of(dtype), global, part, std::move(bytes));
           }
         }
       }

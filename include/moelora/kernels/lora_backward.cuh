@@ -8,8 +8,11 @@
 /// a cp.async ring, then adds it to global memory once: a plain read-modify-write (or a store, when
 /// overwriting) when the group is its expert's only one, fp32 vector atomics otherwise. When
 /// overwriting, `zero_unowned_grads_kernel` first zeroes the slices of experts that have no rows or
-/// several groups.
+/// several groups. With a GradOrder the several groups of an expert add in row order instead
+/// (deterministic bits: the replicated factor of a tensor-parallel layer).
 #pragma once
+
+#include <cuda/atomic>
 
 #include "moelora/kernels/lora_forward.cuh"
 
@@ -32,10 +35,30 @@ struct SmemLayout {
 
 /// How a block's gradient slice reaches global memory.
 enum class TileUpdate {
-  store,       ///< dst = src: the block owns the elements and overwrites them
-  add,         ///< dst += src: the block owns the elements
-  atomic_add,  ///< dst += src with vector atomics: other blocks add to the same elements
+  store,        ///< dst = src: the block owns the elements and overwrites them
+  add,          ///< dst += src: the block owns the elements
+  atomic_add,   ///< dst += src with vector atomics: other blocks add to the same elements
+  ordered_add,  ///< dst += src, reading dst from L2: blocks add one after another (GradOrder)
 };
+
+/// Ordered gradient adds. Blocks take their (column slice, row-group slot) work from `ticket` in
+/// the order they start, so every block a block waits for has started (as in CUB's decoupled
+/// look-back); the row groups of one expert then add their slice to the gradient one after another,
+/// in row order: a fixed fp32 summation order, the same bits on every run and on every rank of a
+/// tensor-parallel group. Null `ticket`: blockIdx order and atomic adds.
+struct GradOrder {
+  unsigned* ticket;  // [1], zero at launch
+  unsigned* turns;   // [E × gridDim.x], zero at launch: row groups of (expert, slice) that have added
+};
+
+/// The block's work (x: column slice, y: row-group slot): blockIdx, or the next ticket.
+__device__ __forceinline__ uint2 block_work(const GradOrder& order) {
+  if (!order.ticket) return make_uint2(blockIdx.x, blockIdx.y);
+  __shared__ unsigned work;
+  if (threadIdx.x == 0) work = atomicAdd(order.ticket, 1u);
+  __syncthreads();
+  return make_uint2(work % gridDim.x, work / gridDim.x);
+}
 
 /// The update of a group's gradient slice: atomic when other row groups share the group's expert,
 /// else a store when overwriting and an add when accumulating.
@@ -57,6 +80,9 @@ __device__ __forceinline__ void update_tile(float* dst, std::int64_t ld, const f
     float4* to = reinterpret_cast<float4*>(dst + r * ld + c);
     if (update == TileUpdate::atomic_add) {
       atomicAdd(to, v);
+    } else if (update == TileUpdate::ordered_add) {
+      const float4 old = __ldcg(to);
+      *to = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
     } else if (update == TileUpdate::add) {
       const float4 old = *to;
       *to = make_float4(old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w);
@@ -64,6 +90,29 @@ __device__ __forceinline__ void update_tile(float* dst, std::int64_t ld, const f
       *to = v;
     }
   }
+}
+
+/// update_tile of row group `group`'s slice `slice` (of gridDim.x); with `order.turns` an expert's
+/// several groups add in row order (each waits for its predecessor's turn, then passes it on).
+template <int Rows, int Cols, int Threads>
+__device__ __forceinline__ void update_group_tile(const GradOrder& order, const TileSchedule& s, const RowTile& group,
+                                                  unsigned slice, float* dst, std::int64_t ld, const float* src,
+                                                  int src_ld, int rows, int cols, float scale, bool add_grads) {
+  const TileUpdate update = gradient_update(s, group, add_grads);
+  if (update != TileUpdate::atomic_add || !order.turns) {
+    update_tile<Rows, Cols, Threads>(dst, ld, src, src_ld, rows, cols, scale, update);
+    return;
+  }
+  cuda::atomic_ref<unsigned, cuda::thread_scope_device> turn(
+      order.turns[static_cast<std::int64_t>(group.expert) * gridDim.x + slice]);
+  const auto index = static_cast<unsigned>((group.row0 - s.offsets[group.expert]) / kGroupRows);
+  if (threadIdx.x == 0)
+    while (turn.load(cuda::memory_order_acquire) != index) __nanosleep(64);
+  __syncthreads();
+  update_tile<Rows, Cols, Threads>(dst, ld, src, src_ld, rows, cols, scale, TileUpdate::ordered_add);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) turn.fetch_add(1u, cuda::memory_order_release);
 }
 
 /// Before overwriting gradients: zeroes the gradient slices (`[E, slice_a]` and `[E, slice_b]`
@@ -92,6 +141,7 @@ struct GradBParams {
   std::int32_t rank;
   float scale;
   bool add_grads;  // dB += (else dB =)
+  GradOrder order;
 };
 
 inline constexpr int kGradBCols = 128;  ///< dB rows (out columns) of one dB block
@@ -122,9 +172,10 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
   extern __shared__ __align__(128) unsigned char smem[];
   FT* ring = reinterpret_cast<FT*>(smem + kLayout.ring);
 
-  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.y);
+  const uint2 work = block_work(p.order);
+  const RowTile group = locate_tile<kGroupRows>(p.groups, work.y);
   if (group.rows == 0) return;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.x) * kGradBCols;
+  const std::int64_t n0 = static_cast<std::int64_t>(work.x) * kGradBCols;
   const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(kGradBCols), p.out - n0));
   const int tiles = (group.rows + kSubTile - 1) / kSubTile;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -164,24 +215,26 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
 #pragma unroll
   for (int j = 0; j < 2 * NFrag; ++j) store_acc(stage_out, kOutLd, warp * 16, j * 8, acc[j]);
   __syncthreads();
-  update_tile<kGradBCols, kN, kGradBThreads>(
-      p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank, p.rank, stage_out, kOutLd, n_valid,
-      p.rank, p.scale, gradient_update(p.groups, group, p.add_grads));
+  update_group_tile<kGradBCols, kN, kGradBThreads>(
+      p.order, p.groups, group, work.x, p.grad_b + (static_cast<std::int64_t>(group.expert) * p.out + n0) * p.rank,
+      p.rank, stage_out, kOutLd, n_valid, p.rank, p.scale, p.add_grads);
 }
 
 // ---- dx and dA -----------------------------------------------------------------------------------
 
 struct BackwardXParams {
-  const void* x;   // [T, in]
-  const void* a;   // [E, r, in]
-  const void* u;   // [T, r] round(scale · B_eᵀ dy_t), factor dtype
-  void* dx;        // [T, in]; null: not needed
+  const void* x;         // [T, in]
+  const void* a;         // [E, r, in]
+  const void* u;         // [T, r] round(scale · B_eᵀ dy_t), factor dtype
+  const void* u_grad_a;  // [T, r]: the u of dA where it differs from dx's (SplitU kernels only)
+  void* dx;              // [T, in]; null: not needed
   float* grad_a;   // [E, r, in] fp32; null: A frozen
   TileSchedule groups;
   std::int64_t in;
   std::int32_t rank;
   bool add_dx;     // dx += (else dx =: the dx tile starts at zero, nothing is read)
   bool add_grads;  // dA += (else dA =)
+  GradOrder order;
 };
 
 inline constexpr int kBackwardThreads = 2 * kWarps * 32;  ///< warps 0–3: dx; warps 4–7: dA
@@ -190,17 +243,19 @@ inline constexpr int kBackwardThreads = 2 * kWarps * 32;  ///< warps 0–3: dx; 
 /// Ring depth of the x pass (three tiles a stage).
 inline constexpr int kXStages = 3;
 
-template <int NFrag, class IoT>
+/// SplitU: a second u tile per stage, the u of dA (a column-parallel layer's reduced u).
+template <int NFrag, class IoT, bool SplitU = false>
 struct BackwardXLayout {
   static constexpr int kN = kRankTile<NFrag>, kLdN = kN + kPad, kLdC = kChunk + kPad;
   static constexpr int kXBytes = kSubTile * kLdC * 2, kUBytes = kSubTile * kLdN * 2;
   static constexpr int kDxBytes = kSubTile * kLdC * static_cast<int>(sizeof(IoT));
-  static constexpr int kStageBytes = kXBytes + kUBytes + kDxBytes;
+  static constexpr int kUTiles = SplitU ? 2 : 1;
+  static constexpr int kStageBytes = kXBytes + kUTiles * kUBytes + kDxBytes;
   int a, ring, bytes;
   constexpr BackwardXLayout() {
     SmemLayout s;
     a = s.take(kN * kLdC * 2);                         // A slice [kN][72]
-    ring = s.take(kXStages * kStageBytes);             // [stages] × (x [64][72], u [64][kLdN], dx [64][72])
+    ring = s.take(kXStages * kStageBytes);             // [stages] × (x [64][72], u [64][kLdN] (×2), dx [64][72])
     const int da_stage = kN * (kChunk + 4) * 4;        // dA slice [kN][68] fp32, after the ring
     bytes = s.used > da_stage ? s.used : da_stage;
   }
@@ -210,10 +265,11 @@ struct BackwardXLayout {
 /// rows in L2. Per sub-tile of the group, whose x, u and dx tiles arrive through a cp.async ring:
 /// warps 0–3 add u · A slice to their 16 rows of the dx tile (in fp32, rounding once) and store
 /// them; warps 4–7 accumulate dA columns
-/// [k0 + 16 (w − 4), +16) (all rank rows, in registers) += uᵀ · x tile.
-template <class IoT, class FT, int NFrag>
+/// [k0 + 16 (w − 4), +16) (all rank rows, in registers) += uᵀ · x tile. SplitU: dA's u rows come
+/// from `p.u_grad_a`, a second tile of the ring.
+template <class IoT, class FT, int NFrag, bool SplitU = false>
 __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(BackwardXParams p) {
-  using L = BackwardXLayout<NFrag, IoT>;
+  using L = BackwardXLayout<NFrag, IoT, SplitU>;
   constexpr int kN = L::kN, kLdN = L::kLdN, kLdC = L::kLdC, kStageLd = kChunk + 4;
   constexpr int kDxVectors = 16 * (kChunk / 8) / 32;  // per lane
   constexpr L kLayout{};
@@ -221,19 +277,23 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   FT* as = reinterpret_cast<FT*>(smem + kLayout.a);
   unsigned char* ring = smem + kLayout.ring;
 
-  const RowTile group = locate_tile<kGroupRows>(p.groups, blockIdx.y);
+  const uint2 work = block_work(p.order);
+  const RowTile group = locate_tile<kGroupRows>(p.groups, work.y);
   if (group.rows == 0) return;
-  const std::int64_t k0 = static_cast<std::int64_t>(blockIdx.x) * kChunk;
+  const std::int64_t k0 = static_cast<std::int64_t>(work.x) * kChunk;
   const int k_valid = static_cast<int>(min(static_cast<std::int64_t>(kChunk), p.in - k0));
   const int tiles = (group.rows + kSubTile - 1) / kSubTile;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const IoT* x = static_cast<const IoT*>(p.x) + group.row0 * p.in + k0;
   IoT* dx = p.dx ? static_cast<IoT*>(p.dx) + group.row0 * p.in + k0 : nullptr;
   const FT* u = static_cast<const FT*>(p.u) + group.row0 * p.rank;
+  const FT* u_grad_a = SplitU ? static_cast<const FT*>(p.u_grad_a) + group.row0 * p.rank : u;
   const auto x_tile = [&](int t) { return reinterpret_cast<FT*>(ring + (t % kXStages) * L::kStageBytes); };
-  const auto u_tile = [&](int t) { return reinterpret_cast<FT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes); };
+  const auto u_tile = [&](int t, int which) {
+    return reinterpret_cast<FT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes + which * L::kUBytes);
+  };
   const auto dx_tile = [&](int t) {
-    return reinterpret_cast<IoT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes + L::kUBytes);
+    return reinterpret_cast<IoT*>(ring + (t % kXStages) * L::kStageBytes + L::kXBytes + L::kUTiles * L::kUBytes);
   };
 
   load_tile<kN, kChunk, kBackwardThreads>(
@@ -243,7 +303,9 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
     const int rows = group.rows - t * kSubTile;
     const std::int64_t row0 = static_cast<std::int64_t>(t) * kSubTile;
     if (p.grad_a) load_tile<kSubTile, kChunk, kBackwardThreads>(x_tile(t), kLdC, x + row0 * p.in, p.in, rows, k_valid);
-    load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t), kLdN, u + row0 * p.rank, p.rank, rows, p.rank);
+    load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t, 0), kLdN, u + row0 * p.rank, p.rank, rows, p.rank);
+    if (SplitU && p.grad_a)
+      load_tile<kSubTile, kN, kBackwardThreads>(u_tile(t, 1), kLdN, u_grad_a + row0 * p.rank, p.rank, rows, p.rank);
     if (dx)
       load_tile<kSubTile, kChunk, kBackwardThreads>(dx_tile(t), kLdC, dx + row0 * p.in, p.in, p.add_dx ? rows : 0,
                                                     k_valid);
@@ -254,7 +316,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
   for (int t = 0; t < tiles; ++t) {
     ring_next<kXStages>(t, tiles, load);
     const FT* xs = x_tile(t);
-    const FT* us = u_tile(t);
+    const FT* us = u_tile(t, 0);
 
     if (warp < kWarps) {
       if (!dx) continue;
@@ -301,7 +363,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
 #pragma unroll
         for (int f = 0; f < NFrag; ++f) {
           Frag a;  // uᵀ rows [16 f, +16)
-          load_a_trans(a, us + m * kLdN + f * 16, kLdN);
+          load_a_trans(a, u_tile(t, SplitU ? 1 : 0) + m * kLdN + f * 16, kLdN);
           mma<FT>(da[f][0], a, b, 0);
           mma<FT>(da[f][1], a, b, 1);
         }
@@ -319,9 +381,9 @@ __global__ void __launch_bounds__(kBackwardThreads, 2) lora_backward_x_kernel(Ba
       for (int j = 0; j < 2; ++j) store_acc(da_stage, kStageLd, f * 16, (warp - kWarps) * 16 + j * 8, da[f][j]);
   }
   __syncthreads();
-  update_tile<kN, kChunk, kBackwardThreads>(p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0,
-                                            p.in, da_stage, kStageLd, p.rank, k_valid, 1.0f,
-                                            gradient_update(p.groups, group, p.add_grads));
+  update_group_tile<kN, kChunk, kBackwardThreads>(
+      p.order, p.groups, group, work.x, p.grad_a + static_cast<std::int64_t>(group.expert) * p.rank * p.in + k0, p.in,
+      da_stage, kStageLd, p.rank, k_valid, 1.0f, p.add_grads);
 }
 
 }  // namespace moelora::kernels

@@ -44,6 +44,8 @@ struct GenericParams {
   void* y;         // [T, out]
   const void* dy;  // [T, out]
   float* u;        // [T, r] fp32 (unscaled B_eᵀ dy_t)
+  const float* u_grad_a;  // [T, r] fp32, the u of dA where it differs from dx's (column-parallel); null: u
+  float* h_sums;   // [T, r] fp32 unrounded h, written by the shrink when non-null (row-parallel)
   void* dx;        // [T, in]
   float* grad_a;   // [E, r, in]
   float* grad_b;   // [E, out, r]
@@ -62,6 +64,7 @@ __global__ void generic_shrink_kernel(GenericParams p) {
     float acc = 0.0f;
     for (std::int64_t k = 0; k < p.in; ++k) acc += as_factor<FT>(x[k]) * to_float(a[k]);
     static_cast<FT*>(p.h)[i] = from_float<FT>(acc);
+    if (p.h_sums) p.h_sums[i] = acc;
   }
 }
 
@@ -108,14 +111,15 @@ __global__ void generic_grad_b_kernel(GenericParams p) {
   }
 }
 
-/// grad_a[e, j, k] (+)= Σ_{t ∈ e} round(scale · u[t, j]) x[t, k]
+/// grad_a[e, j, k] (+)= Σ_{t ∈ e} round(scale · u[t, j]) x[t, k], u being `u_grad_a` when given
 template <class IoT, class FT>
 __global__ void generic_grad_a_kernel(GenericParams p) {
+  const float* u = p.u_grad_a ? p.u_grad_a : p.u;
   MOELORA_GRID_STRIDE(i, p.experts * p.rank * p.in) {
     const std::int64_t e = i / (p.rank * p.in), j = (i / p.in) % p.rank, k = i % p.in;
     float acc = 0.0f;
     for (std::int64_t t = p.offsets[e]; t < p.offsets[e + 1]; ++t)
-      acc += as_factor<FT>(p.scale * p.u[t * p.rank + j]) * as_factor<FT>(static_cast<const IoT*>(p.x)[t * p.in + k]);
+      acc += as_factor<FT>(p.scale * u[t * p.rank + j]) * as_factor<FT>(static_cast<const IoT*>(p.x)[t * p.in + k]);
     p.grad_a[i] = (p.add_grads ? p.grad_a[i] : 0.0f) + acc;
   }
 }

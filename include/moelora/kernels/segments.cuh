@@ -28,12 +28,14 @@ struct SumRowsAndTiles {
 };
 
 /// offsets `[E+1]` (int64), tile_offsets and group_offsets `[E+1]` (int32; schedules of row tiles of
-/// TileRows rows and of row groups of GroupRows rows) from counts `[E]` (Index = int32 or int64). Invalid counts (a negative entry, or Σ ≠ rows) set `*status` and yield an empty schedule
+/// TileRows rows and of row groups of GroupRows rows) from counts `[E]` (Index = int32 or int64).
+/// With `padded`, Σ ≤ rows is valid (rows past Σ are padding, covered by no offset or tile). Invalid
+/// counts (a negative entry, or Σ ≠ rows; Σ > rows with `padded`) set `*status` and yield an empty schedule
 /// (all offsets zero), so that no later kernel touches memory out of bounds. `*status` accumulates
 /// (bitwise or) until the caller resets it.
 template <class Index, int TileRows, int GroupRows>
 __global__ void __launch_bounds__(kScanThreads)
-    scan_counts_kernel(const Index* counts, std::int32_t experts, std::int64_t rows, std::int64_t* offsets,
+    scan_counts_kernel(const Index* counts, std::int32_t experts, std::int64_t rows, bool padded, std::int64_t* offsets,
                        std::int32_t* tile_offsets, std::int32_t* group_offsets, std::uint32_t* status) {
   using Scan = cub::BlockScan<RowsAndTiles, kScanThreads>;
   __shared__ typename Scan::TempStorage temp;
@@ -59,12 +61,13 @@ __global__ void __launch_bounds__(kScanThreads)
     if (threadIdx.x == 0) carry = SumRowsAndTiles{}(carry, total);
     __syncthreads();
   }
-  const bool bad = negative || carry.rows != rows;
+  const bool wrong_sum = padded ? carry.rows > rows : carry.rows != rows;
+  const bool bad = negative || wrong_sum;
   if (threadIdx.x == 0) {
     offsets[experts] = bad ? 0 : carry.rows;
     tile_offsets[experts] = bad ? 0 : static_cast<std::int32_t>(carry.tiles);
     group_offsets[experts] = bad ? 0 : static_cast<std::int32_t>(carry.groups);
-    if (bad) atomicOr(status, (negative ? kNegativeCount : 0u) | (carry.rows != rows ? kWrongSum : 0u));
+    if (bad) atomicOr(status, (negative ? kNegativeCount : 0u) | (wrong_sum ? kWrongSum : 0u));
   }
   if (bad)
     for (std::int32_t e = static_cast<std::int32_t>(threadIdx.x); e < experts; e += kScanThreads)

@@ -15,6 +15,11 @@ namespace moelora {
 /// AdamW for the adapters of one layer. State (moments, master weights, step count) is kept per
 /// adapter name, created at an adapter's first step and dropped when the adapter disappears.
 /// Frozen or disabled adapters are not stepped.
+///
+/// The step count lives in the backend's memory and the step's constants are computed there, so a
+/// `step` allocates nothing and decides nothing on the host once every stepped adapter has state:
+/// on the GPU it can be captured in a CUDA graph (after one eager step) and each replay is the next
+/// step. The learning rate and other settings are the ones at capture.
 template <class Layer>
 class AdamW {
  public:
@@ -38,18 +43,21 @@ class AdamW {
       auto [slot, fresh] = kept.try_emplace(name);
       State& state = slot->second;
       if (fresh || state.stale(view)) state = State(view, stream);
-      ++state.steps;
-      const AdamWStep constants = AdamWStep::at(config_, state.steps);
-      state.a.update(view.a, static_cast<const float*>(view.grad_a.data), config_, constants, state.steps == 1, stream);
-      state.b.update(view.b, static_cast<const float*>(view.grad_b.data), config_, constants, state.steps == 1, stream);
+      auto* steps = state.steps.template as<std::int64_t>();
+      state.a.update(view.a, static_cast<const float*>(view.grad_a.data), config_, steps, false, stream);
+      state.b.update(view.b, static_cast<const float*>(view.grad_b.data), config_, steps, true, stream);
     }
     states_ = std::move(kept);
   }
 
-  /// Steps taken by adapter `name` (0 if it has no state).
-  [[nodiscard]] std::int64_t steps(const std::string& name) const {
+  /// Steps taken by adapter `name` (0 if it has no state), graph replays included: read from the
+  /// backend's memory, so on the GPU this synchronises `stream`.
+  [[nodiscard]] std::int64_t steps(const std::string& name, stream_type stream) const {
     const auto it = states_.find(name);
-    return it == states_.end() ? 0 : it->second.steps;
+    if (it == states_.end()) return 0;
+    std::int64_t steps = 0;
+    backend_type::copy_to_host(&steps, it->second.steps.data(), sizeof steps, stream);
+    return steps;
   }
 
  private:
@@ -65,21 +73,24 @@ class AdamW {
       backend_type::fill_zero(v.data(), bytes, stream);
       if (param.dtype != DType::fp32) master = Buffer<backend_type>(bytes);
     }
-    void update(const TensorRef& param, const float* grad, const AdamWConfig& config, const AdamWStep& constants,
-                bool first_step, stream_type stream) {
+    void update(const TensorRef& param, const float* grad, const AdamWConfig& config, std::int64_t* steps,
+                bool advance, stream_type stream) {
       backend_type::adamw_step({param.data, param.dtype, master.template as<float>(), grad, m.template as<float>(),
-                                v.template as<float>(), param.numel(), config, constants, first_step},
+                                v.template as<float>(), param.numel(), config, steps, advance},
                                stream);
     }
   };
 
   struct State {
     Moments a, b;
-    std::int64_t steps = 0;
+    Buffer<backend_type> steps;    // std::int64_t: steps taken, in the backend's memory
     std::uint64_t adapter_id = 0;  // the adapter instance the state belongs to
 
     State() = default;
-    State(const AdapterView& view, stream_type stream) : a(view.a, stream), b(view.b, stream), adapter_id(view.id) {}
+    State(const AdapterView& view, stream_type stream)
+        : a(view.a, stream), b(view.b, stream), steps(sizeof(std::int64_t)), adapter_id(view.id) {
+      backend_type::fill_zero(steps.data(), steps.bytes(), stream);
+    }
     [[nodiscard]] bool stale(const AdapterView& view) const { return adapter_id != view.id; }
   };
 

@@ -41,6 +41,35 @@ concept Quantizer =
       q.fake_quantize(w, out, s);
     };
 
+/// How the ranks that hold slices of one weight share its tensor amax (INT8 per tensor, FP8,
+/// NVFP4's global scale): a max all-reduce, in place, of `count` non-negative fp32 values in the
+/// backend's memory, queued on `stream`, over the group that shares the amax (the TP group; the
+/// TP × EP group when the amax is shared by all experts). `parallel::amax_sync(comm)` makes one.
+/// Empty (the default): a rank's amax is its own.
+template <class Backend>
+struct AmaxSync {
+  void (*fn)(void* context, float* amax, std::size_t count, typename Backend::stream_type stream) = nullptr;
+  void* context = nullptr;
+
+  explicit operator bool() const { return fn != nullptr; }
+  void operator()(float* amax, std::size_t count, typename Backend::stream_type stream) const {
+    fn(context, amax, count, stream);
+  }
+};
+
+/// The amax synchronisation of a FormatQuantizer: with one set, every quantization (and fake
+/// quantization) is collective over its group, and every rank must make the same calls.
+template <class Backend>
+class AmaxSharing {
+ public:
+  /// From now on the tensor amax is `sync`'s reduction over its group (see AmaxSync).
+  void set_amax_sync(AmaxSync<Backend> sync) { amax_sync_ = sync; }
+  [[nodiscard]] const AmaxSync<Backend>& amax_sync() const { return amax_sync_; }
+
+ protected:
+  AmaxSync<Backend> amax_sync_;
+};
+
 /// The built-in quantizer of DESIGN.md §5 for one QuantSpec, on `Backend`'s memory; include
 /// moelora/host/quantize.hpp (HostBackend) or moelora/cuda/quantize.hpp (CudaBackend, nvcc).
 /// Packed layout: `packed_layout` (moelora/quant/packed.hpp).
