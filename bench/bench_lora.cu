@@ -14,8 +14,9 @@
 #include <vector>
 
 #include "moelora/moelora.hpp"
-#include "timing.cuh"
+#include "device_data.cuh"
 #include "shapes.hpp"
+#include "timing.cuh"
 
 namespace moelora::bench {
 
@@ -52,20 +53,10 @@ namespace {
 
 using namespace moelora;
 using moelora::bench::copy_bandwidth;
+using moelora::bench::fill;
 using moelora::bench::median_ms;
 using bench::PrecomputedBase;
 using bench::ZeroBase;
-
-__global__ void fill_uniform(__nv_bfloat16* data, std::int64_t n, std::uint64_t seed, float scale) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    data[i] = __float2bfloat16((2.0f * uniform01(seed, 1, static_cast<std::uint64_t>(i)) - 1.0f) * scale);
-}
-
-void fill(void* data, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
-  fill_uniform<<<1024, 256, 0, stream>>>(static_cast<__nv_bfloat16*>(data), n, seed, scale);
-  MOELORA_CUDA_CHECK(cudaGetLastError());
-}
 
 /// A time for the JSON: null when not measured (≤ 0).
 std::string json_ms(double ms) { return ms > 0 ? std::to_string(ms) : "null"; }

@@ -14,18 +14,13 @@
 #include <vector>
 
 #include "moelora/moelora.hpp"
+#include "device_data.cuh"
 #include "shapes.hpp"
 #include "timing.cuh"
 
 namespace {
 
 using namespace moelora;
-
-__global__ void fill_uniform(float* data, std::int64_t n, std::uint64_t seed, float scale) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    data[i] = (2.0f * uniform01(seed, 2, static_cast<std::uint64_t>(i)) - 1.0f) * scale;
-}
 
 /// One bf16 adapter's factors and fp32 gradients in device memory, without a base: all the
 /// optimizer needs of a layer (TrainableLayer).
@@ -46,7 +41,7 @@ struct Adapters {
     CudaBackend::fill_zero(a.data(), a.bytes(), stream);
     CudaBackend::fill_zero(b.data(), b.bytes(), stream);
     for (const auto& [g, seed] : {std::pair{&grad_a, 5}, std::pair{&grad_b, 6}}) {
-      fill_uniform<<<1024, 256, 0, stream>>>(g->as<float>(), static_cast<std::int64_t>(g->bytes() / 4), seed, 1e-2f);
+      bench::fill_uniform_kernel<float><<<1024, 256, 0, stream>>>(g->as<float>(), static_cast<std::int64_t>(g->bytes() / 4), seed, 1e-2f);
       MOELORA_CUDA_CHECK(cudaGetLastError());
     }
   }

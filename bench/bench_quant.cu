@@ -13,33 +13,13 @@
 #include <string>
 #include <vector>
 
-#include "moelora/core/random.hpp"
 #include "moelora/cuda/quantize.hpp"
+#include "quant_data.cuh"
 #include "timing.cuh"
 
-namespace {
-
 using namespace moelora;
-using moelora::bench::median_ms;
 using namespace moelora::quant;
-
-__global__ void fill_normalish(__nv_bfloat16* data, std::int64_t n, std::uint64_t seed) {
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    // Sum of 3 uniforms: a bell shape, with the occasional larger value a real weight has.
-    const float u = uniform01(seed, 0, static_cast<std::uint64_t>(i)) + uniform01(seed, 1, static_cast<std::uint64_t>(i)) +
-                    uniform01(seed, 2, static_cast<std::uint64_t>(i)) - 1.5f;
-    data[i] = __float2bfloat16(u * 0.02f);
-  }
-}
-
-/// A weight shape `[experts, out, in]` of the benchmark.
-struct BenchShape {
-  const char* name;
-  std::int64_t experts, out, in;
-};
-
-}  // namespace
+using moelora::bench::median_ms;
 
 int main(int argc, char** argv) {
   CLI::App app{"moelora quantizer benchmark (bf16 weights): GB/s against the device copy bandwidth"};
@@ -66,15 +46,14 @@ int main(int argc, char** argv) {
   else
     for (const std::string& name : specs) chosen.push_back(parse_quant_spec(name));
 
-  const BenchShape shapes[] = {{"qwen3_30b_a3b.fc2", 128, 768, 2048}, {"mixtral_8x7b", 8, 4096, 14336}};
   std::ofstream json(out_path);
   std::printf("| shape | quantizer | copy GB/s | fake ms | fake GB/s | fake %% | quantize ms | quantize GB/s | quantize %% | dequantize ms | dequantize GB/s | dequantize %% |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-  for (const BenchShape& s : shapes) {
+  for (const bench::QuantShape& s : bench::kQuantShapes) {
     const std::int64_t numel = s.experts * s.out * s.in;
     const auto weight_bytes = static_cast<double>(numel) * 2.0;
     Buffer<CudaBackend> w(static_cast<std::size_t>(numel) * 2), out(static_cast<std::size_t>(numel) * 2);
-    fill_normalish<<<1024, 256, 0, stream>>>(w.as<__nv_bfloat16>(), numel, 7);
+    bench::fill_normalish_kernel<<<1024, 256, 0, stream>>>(w.as<__nv_bfloat16>(), numel, 7);
     MOELORA_CUDA_CHECK(cudaGetLastError());
     const double copy_ms = median_ms(stream, iters, [&] { CudaBackend::copy(out.data(), w.data(), w.bytes(), stream); });
     const double copy_gbps = 2.0 * weight_bytes / (copy_ms * 1e6);
@@ -85,14 +64,14 @@ int main(int argc, char** argv) {
       q.reserve(s.experts);
       const std::size_t packed_bytes = q.packed_bytes(s.experts, s.out, s.in);
       Buffer<CudaBackend> packed(packed_bytes);
-      const double reads = weight_bytes * (has_tensor_amax(spec) ? 2.0 : 1.0);
+      const bench::QuantBytes moved = bench::quant_bytes(spec, numel, packed_bytes);
       const double fake_ms = median_ms(stream, iters, [&] { q.fake_quantize(wr, outr, stream); });
       const double quant_ms = median_ms(stream, iters, [&] { q.quantize(wr, packed.data(), stream); });
       const double deq_ms =
           median_ms(stream, iters, [&] { q.dequantize(packed.data(), wr.shape, 0, s.experts, outr, stream); });
-      const double fake_gbps = (reads + weight_bytes) / (fake_ms * 1e6);
-      const double quant_gbps = (reads + static_cast<double>(packed_bytes)) / (quant_ms * 1e6);
-      const double deq_gbps = (static_cast<double>(packed_bytes) + weight_bytes) / (deq_ms * 1e6);
+      const double fake_gbps = moved.fake / (fake_ms * 1e6);
+      const double quant_gbps = moved.quantize / (quant_ms * 1e6);
+      const double deq_gbps = moved.dequantize / (deq_ms * 1e6);
       const std::string name = quant_spec_name(spec);
       std::printf("| %s | %s | %.0f | %.3f | %.0f | %.0f%% | %.3f | %.0f | %.0f%% | %.3f | %.0f | %.0f%% |\n", s.name,
                   name.c_str(), copy_gbps, fake_ms, fake_gbps, 100.0 * fake_gbps / copy_gbps, quant_ms, quant_gbps,

@@ -62,6 +62,53 @@ TEST_CASE("tensor-core kernels at sizes that slice K and share an expert across 
   }
 }
 
+TEST_CASE("the tensor-core forward captured in a CUDA graph replays the stream's result bit for bit") {
+  // The expand kernel is a programmatic dependent of the projection; with few row tiles and
+  // K ≥ 1024 the projection also runs in two K slices (zeroing, atomics, rounding pass).
+  struct Sized {
+    std::int64_t experts, in, out, rows, rank;
+  };
+  for (const Sized& c : {Sized{5, 64, 48, 300, 16}, Sized{3, 1088, 1056, 1100, 32}, Sized{4, 1024, 520, 700, 64}}) {
+    CudaDeviceCountsHarness h;
+    Rng rng;
+    INFO("seed " << rng.seed << " rank " << c.rank << " in " << c.in);
+    const auto x = h.upload(random_tensor(rng, DType::bf16, {c.rows, c.in}));
+    const auto a = h.upload(random_tensor(rng, DType::bf16, {c.experts, c.rank, c.in}, 0.5f));
+    const auto b = h.upload(random_tensor(rng, DType::bf16, {c.experts, c.out, c.rank}, 0.5f));
+    const ExpertCounts counts = h.counts(make_counts(rng, c.experts, c.rows, Spread::skewed));
+    auto h_stream = h.poisoned(DType::bf16, {c.rows, c.rank}), y_stream = h.poisoned(DType::bf16, {c.rows, c.out});
+    auto h_graph = h.poisoned(DType::bf16, {c.rows, c.rank}), y_graph = h.poisoned(DType::bf16, {c.rows, c.out});
+    CudaBackend::Workspace workspace;
+    workspace.reserve(c.rows, c.experts, c.rank);
+    const auto forward = [&](void* saved_h, void* y) {
+      workspace.prepare_segments(counts, c.rows, h.stream());
+      CudaBackend::lora_forward({{c.experts, c.in, c.out, c.rows, DType::bf16},
+                                 {a.ref().data, b.ref().data, DType::bf16, c.rank, 0.5f},
+                                 x.ref().data,
+                                 y,
+                                 saved_h,
+                                 WriteMode::overwrite},
+                                workspace, h.stream());
+    };
+    forward(h_stream.ref().data, y_stream.ref().data);
+
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    MOELORA_CUDA_CHECK(cudaStreamBeginCapture(h.stream(), cudaStreamCaptureModeThreadLocal));
+    forward(h_graph.ref().data, y_graph.ref().data);
+    MOELORA_CUDA_CHECK(cudaStreamEndCapture(h.stream(), &graph));
+    MOELORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int replay = 0; replay < 2; ++replay) {  // y is overwritten: every replay gives the same y
+      MOELORA_CUDA_CHECK(cudaGraphLaunch(exec, h.stream()));
+      CHECK(h.download(h_graph.ref()).values == h.download(h_stream.ref()).values);
+      CHECK(h.download(y_graph.ref()).values == h.download(y_stream.ref()).values);
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    CHECK_NOTHROW(workspace.check_counts(h.stream()));
+  }
+}
+
 TEST_CASE("device counts: bad counts are reported by check_counts and nothing is touched out of bounds") {
   Problem<CudaDeviceCountsHarness> p(4, 64, 32, 100, DType::bf16);
   p.add_random("ad", adapter_config(16));

@@ -136,3 +136,53 @@ TEST_CASE("quant: GPU quantizer: host-side validation before any launch") {
                   Error);
   CHECK_THROWS_AS(gpu.dequantize(packed.data(), {2, 3, 4}, 2, 1, {w.data(), DType::fp32, {1, 3, 4}}, qs.stream), Error);
 }
+
+TEST_CASE("quant: every kernel tiling gives the default tiling's bits") {
+  // bench/sweep_quant times such tilings; they must only move where the work is done.
+  Rng rng;
+  INFO("seed ", rng.seed);
+  QuantStream qs;
+  const cudaStream_t stream = qs.stream;
+  using Few = kernels::QuantTiling<1, 1, 1, 1>;
+  using Many = kernels::QuantTiling<3, 8, 5, 8>;
+  const Shape shapes[] = {{2, 5, 200}, {2, 3, 37}, {2, 16, 2048}, {1, 2, 14336}};
+  for (const QuantSpec& spec : kAllQuantSpecs) {
+    FormatQuantizer<CudaBackend> gpu(spec);
+    for (const Shape shape : shapes) {
+      CAPTURE(quant_spec_name(spec));
+      CAPTURE(shape);
+      const HostTensor w = weights(rng, DType::bf16, shape);
+      const Buffer<CudaBackend> w_dev = upload(w.encode(), stream);
+      const ConstTensorRef w_gpu{w_dev.data(), DType::bf16, shape};
+      const std::size_t packed_bytes = gpu.packed_bytes(shape[0], shape[1], shape[2]);
+      const std::size_t out_bytes = static_cast<std::size_t>(shape.numel()) * 2;
+      const Buffer<CudaBackend> packed = poisoned(packed_bytes, stream), fake = poisoned(out_bytes, stream);
+      const Buffer<CudaBackend> unpacked = poisoned(out_bytes, stream);
+      gpu.quantize(w_gpu, packed.data(), stream);
+      gpu.fake_quantize(w_gpu, {fake.data(), DType::bf16, shape}, stream);
+      gpu.dequantize(packed.data(), shape, 0, shape[0], {unpacked.data(), DType::bf16, shape}, stream);
+      const std::vector<std::byte> want_packed = download(packed.data(), packed_bytes, stream);
+      const std::vector<std::byte> want_fake = download(fake.data(), out_bytes, stream);
+      REQUIRE(download(unpacked.data(), out_bytes, stream) == want_fake);
+
+      const auto check = [&](auto tiling) {
+        using Tiling = decltype(tiling);
+        const Buffer<CudaBackend> p = poisoned(packed_bytes, stream), f = poisoned(out_bytes, stream);
+        const Buffer<CudaBackend> u = poisoned(out_bytes, stream);
+        gpu.quantize_tiled<Tiling, DType::bf16>(w_gpu, p.data(), stream);
+        gpu.fake_quantize_tiled<Tiling, DType::bf16, DType::bf16>(w_gpu, {f.data(), DType::bf16, shape}, stream);
+        gpu.dequantize_tiled<Tiling, DType::bf16>(packed.data(), shape, 0, shape[0], {u.data(), DType::bf16, shape}, stream);
+        CHECK(download(p.data(), packed_bytes, stream) == want_packed);
+        CHECK(download(f.data(), out_bytes, stream) == want_fake);
+        CHECK(download(u.data(), out_bytes, stream) == want_fake);
+      };
+      check(Few{});
+      check(Many{});
+    }
+  }
+  FormatQuantizer<CudaBackend> gpu(QuantSpec{Format::nf4});
+  Buffer<CudaBackend> w(2 * 8 * 64 * 4), packed(gpu.packed_bytes(2, 8, 64));
+  CHECK_THROWS_WITH_AS((gpu.quantize_tiled<kernels::DefaultQuantTiling, DType::bf16>({w.data(), DType::fp32, {2, 8, 64}},
+                                                                                    packed.data(), stream)),
+                       doctest::Contains("the weight to quantize is fp32, this call takes bf16"), Error);
+}

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -79,13 +80,32 @@ inline bool tensor_core_path(const LoraShape& s, const FactorsRef& f, std::initi
 }
 
 /// Launches `kernel` with `smem` bytes of dynamic shared memory, raising the kernel's limit first.
+/// `programmatic`: as a programmatic dependent of the kernel queued before it on `stream`, which
+/// lets it start while that kernel's last blocks run; it must then wait for them
+/// (`kernels::wait_for_prerequisites`) before it reads what they write.
 template <class Kernel, class... Args>
-void launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, const Args&... args) {
+void launch_programmatic(bool programmatic, Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream,
+                         const Args&... args) {
   if (grid.x == 0 || grid.y == 0) return;
   if (smem > 48 * 1024)
     MOELORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  kernel<<<grid, threads, smem, stream>>>(args...);
-  MOELORA_CUDA_CHECK(cudaGetLastError());
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<std::size_t>(smem);
+  config.stream = stream;
+  config.attrs = &dependent;
+  config.numAttrs = programmatic ? 1 : 0;
+  MOELORA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+}
+
+/// Launches `kernel` in stream order (see launch_programmatic).
+template <class Kernel, class... Args>
+void launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, const Args&... args) {
+  launch_programmatic(false, kernel, grid, threads, smem, stream, args...);
 }
 
 /// Grid of a grid-stride element-wise kernel over `count` elements.
@@ -260,20 +280,8 @@ struct CudaBackend {
     const FactorsRef& f = args.factors;
     if (cuda_detail::tensor_core_path(s, f, {args.x, args.y}, {f.a, f.b, args.h})) {
       cuda_detail::dispatch_tensor_core(s.io_dtype, f.dtype, f.rank, [&](auto io, auto ft, auto nfrag) {
-        using IoT = typename decltype(io)::type;
-        using FT = typename decltype(ft)::type;
-        constexpr int kNFrag = decltype(nfrag)::value;
-        // At most two K slices: two fp32 addends onto zero sum the same in either order, so the
-        // forward stays deterministic. A row-parallel layer keeps the fp32 sums (its partial h).
-        project<IoT, FT, kNFrag, false>(args.x, f.a, static_cast<FT*>(args.h), s.in, f.rank, 1.0f, 2, workspace,
-                                        stream, args.h_sums, args.h_sums != nullptr);
-        const dim3 expand_grid(static_cast<unsigned>(max_tiles(s.rows, s.experts, kForwardRows)),
-                               static_cast<unsigned>((s.out + kExpandCols - 1) / kExpandCols));
-        cuda_detail::launch(lora_expand_kernel<IoT, FT, kNFrag>, expand_grid, kExpandThreads, expand_smem_bytes<kNFrag, IoT>(),
-                            stream,
-                            ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out,
-                                         static_cast<std::int32_t>(f.rank), f.scale,
-                                         args.y_mode == WriteMode::accumulate});
+        lora_forward_tensor_core<typename decltype(io)::type, typename decltype(ft)::type, decltype(nfrag)::value>(
+            args, workspace, stream);
       });
       return;
     }
@@ -288,6 +296,32 @@ struct CudaBackend {
       cuda_detail::launch(generic_expand_kernel<IoT, FT>, cuda_detail::elementwise_grid(s.rows * s.out), 256, 0,
                           stream, p);
     });
+  }
+
+  /// The forward on the tensor-core kernels, for activations of device type IoT, factors of FT and
+  /// rank tile NFrag (`args` must pass `cuda_detail::tensor_core_path`, rank ≤ 16·NFrag): the
+  /// projection `h = round(A_e x)`, then the expand `y (+)= scale · B_e h`. `Tuning`: the kernels'
+  /// tilings and launch rules (bench/sweep_lora.cu instantiates alternatives to measure them).
+  template <class IoT, class FT, int NFrag, kernels::ForwardTuning Tuning = kernels::DefaultForwardTuning>
+  static void lora_forward_tensor_core(const LoraForwardArgs& args, Workspace& workspace, cudaStream_t stream) {
+    using namespace kernels;
+    const LoraShape& s = args.shape;
+    const FactorsRef& f = args.factors;
+    const std::int64_t expand_blocks =
+        max_tiles(s.rows, s.experts, kForwardRows) * ((s.out + kExpandCols - 1) / kExpandCols);
+    MOELORA_REQUIRE(expand_blocks <= std::numeric_limits<std::int32_t>::max(), ErrorCode::unsupported,
+                    "the CUDA forward launches up to 2^31 - 1 blocks of 128 rows × 128 columns; this call has ", s.rows,
+                    " rows over ", s.experts, " experts and ", s.out, " output columns");
+    // At most two K slices: two fp32 addends onto zero sum the same in either order, so the
+    // forward stays deterministic. A row-parallel layer keeps the fp32 sums (its partial h).
+    project<IoT, FT, NFrag, false, typename Tuning::template project<NFrag>, Tuning::kFillWave>(
+        args.x, f.a, static_cast<FT*>(args.h), s.in, f.rank, 1.0f, 2, workspace, stream, args.h_sums,
+        args.h_sums != nullptr);
+    cuda_detail::launch_programmatic(
+        Tuning::kOverlap, lora_expand_kernel<IoT, FT, NFrag, typename Tuning::template expand<NFrag>>,
+        dim3(static_cast<unsigned>(expand_blocks)), kExpandThreads, expand_smem_bytes<NFrag, IoT>(), stream,
+        ExpandParams{args.h, f.b, args.y, workspace.row_tiles(), s.out, static_cast<std::int32_t>(f.rank), f.scale,
+                     args.y_mode == WriteMode::accumulate});
   }
 
   static void lora_backward(const LoraBackwardArgs& args, Workspace& workspace, cudaStream_t stream) {
@@ -414,30 +448,39 @@ struct CudaBackend {
   }
 
  private:
-  /// out `[T, r]` = round(scale · Σ_k in[t, k] · F_e(k, ·)) (lora_project_kernel) over K = `k`
-  /// columns. When the row tiles give fewer than two blocks an SM, K is split into up to
-  /// `max_slices` slices of at least 512 columns; sliced sums are added atomically into fp32 `sums`
-  /// `[T, r]` (default: the workspace scratch) and then rounded. `keep_sums`: the unscaled fp32
-  /// sums are always computed into `sums` (a tensor-parallel partial sum), however many slices.
-  template <class IoT, class FT, int NFrag, bool FactorKMajor>
+  /// out `[T, r]` = round(scale · Σ_k in[t, k] · F_e(k, ·)) (lora_project_kernel with `Tiling`) over
+  /// K = `k` columns, split into up to `max_slices` slices of at least 512 columns: when the row
+  /// tiles give fewer than two blocks an SM, as few as bring them to two; with `FillWave`, as many as
+  /// still fit one wave of resident blocks (counting the tiles T rows need at least). Sliced sums
+  /// are added atomically into fp32 `sums` `[T, r]` (default: the workspace scratch) and then rounded.
+  /// `keep_sums`: the unscaled fp32 sums are always computed into `sums` (a tensor-parallel partial
+  /// sum), however many slices.
+  template <class IoT, class FT, int NFrag, bool FactorKMajor, class Tiling = kernels::UProjectionTiling<NFrag>,
+            bool FillWave = false>
   static void project(const void* in, const void* factor, FT* out, std::int64_t k, std::int64_t rank, float scale,
                       std::int64_t max_slices, Workspace& workspace, cudaStream_t stream, float* sums = nullptr,
                       bool keep_sums = false) {
     using namespace kernels;
     const ExpertSegments& seg = workspace.segments();
-    constexpr int kParts = kForwardRows / kProjectRows<NFrag>;
-    constexpr int kThreads = kProjectThreads<NFrag>;
-    constexpr int kSmem = project_smem_bytes<NFrag, FactorKMajor>();
+    constexpr int kSmem = Tiling::template smem_bytes<NFrag, FactorKMajor>();
+    const std::int64_t sms = workspace.multiprocessors();
     const std::int64_t slots = max_tiles(seg.rows, seg.num_experts, kForwardRows);
-    const std::int64_t slices = std::clamp<std::int64_t>((2 * workspace.multiprocessors() + slots * kParts - 1) /
-                                                             (slots * kParts),
-                                                         1, std::min(max_slices, (k + 511) / 512));
-    const std::int64_t split = ((k + slices - 1) / slices + kChunk - 1) / kChunk * kChunk;
+    const std::int64_t most = std::min(max_slices, (k + 511) / 512);
+    std::int64_t slices = 1;
+    if constexpr (FillWave) {
+      const std::int64_t least_blocks = std::max<std::int64_t>(1, (seg.rows + kForwardRows - 1) / kForwardRows) * Tiling::kParts;
+      slices = sms * Tiling::template blocks_per_sm<NFrag, FactorKMajor> / least_blocks;
+    } else {
+      slices = (2 * sms + slots * Tiling::kParts - 1) / (slots * Tiling::kParts);
+    }
+    slices = std::clamp<std::int64_t>(slices, 1, most);
+    const std::int64_t split = ((k + slices - 1) / slices + Tiling::kCols - 1) / Tiling::kCols * Tiling::kCols;
     const auto grid_slices = static_cast<unsigned>((k + split - 1) / split);
-    const dim3 grid(static_cast<unsigned>(slots), grid_slices, kParts);
+    const dim3 grid(static_cast<unsigned>(slots), grid_slices, Tiling::kParts);
     const ProjectParams params{in, factor, out, workspace.row_tiles(), k, split, static_cast<std::int32_t>(rank), scale};
     if (grid_slices == 1 && !keep_sums) {
-      cuda_detail::launch(lora_project_kernel<IoT, FT, NFrag, FactorKMajor, FT>, grid, kThreads, kSmem, stream, params);
+      cuda_detail::launch(lora_project_kernel<IoT, FT, NFrag, FactorKMajor, FT, Tiling>, grid, Tiling::kThreads, kSmem,
+                          stream, params);
       return;
     }
     const std::int64_t count = seg.rows * rank;
@@ -445,7 +488,8 @@ struct CudaBackend {
     fill_zero(sums, static_cast<std::size_t>(count) * sizeof(float), stream);
     ProjectParams sliced = params;
     sliced.out = sums;
-    cuda_detail::launch(lora_project_kernel<IoT, FT, NFrag, FactorKMajor, float>, grid, kThreads, kSmem, stream, sliced);
+    cuda_detail::launch(lora_project_kernel<IoT, FT, NFrag, FactorKMajor, float, Tiling>, grid, Tiling::kThreads, kSmem,
+                        stream, sliced);
     cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(count), 256, 0, stream,
                         static_cast<const float*>(sums), out, count, scale);
   }

@@ -32,6 +32,20 @@ __device__ __forceinline__ T from_float(float v) {
   else return __float2half_rn(v);
 }
 
+/// The bits of a 16-bit value.
+__device__ __forceinline__ std::uint32_t bits16(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ std::uint32_t bits16(__half v) { return __half_as_ushort(v); }
+
+/// v[0..7], each rounded once to the 16-bit type T (from_float), as the 16 bytes of 8 consecutive
+/// T. Stored through a vector-store instruction (`__stwb`, `store_shared_16`): nvcc splits the
+/// store of a Vec8<T> or uint4 assembled element by element into 2- or 4-byte stores.
+template <class T>
+__device__ __forceinline__ uint4 pack_rounded8(const float (&v)[8]) {
+  static_assert(sizeof(T) == 2, "packs 16-bit elements");
+  const auto pair = [&](int j) { return bits16(from_float<T>(v[2 * j])) | (bits16(from_float<T>(v[2 * j + 1])) << 16); };
+  return make_uint4(pair(0), pair(1), pair(2), pair(3));
+}
+
 /// Where the tiles of one call are: offsets `[E+1]` (int64 rows) and tile_offsets `[E+1]` (int32,
 /// exclusive scan of ceil(count_e / tile rows)), both in device memory.
 struct TileSchedule {
@@ -48,25 +62,49 @@ struct RowTile {
 };
 
 /// Maps tile index `tile` (a grid slot; slots past the last tile get rows = 0) of a schedule of
-/// `TileRows`-row tiles to its expert and rows.
+/// `TileRows`-row tiles to its expert and rows. Every lane of the calling warp must call it with
+/// the same `tile`. The expert is the number of experts whose tiles end at or before `tile`,
+/// counted by the whole warp at once (each lane reads every 32nd entry, the loads all in flight
+/// together): two dependent rounds of loads, where a binary search takes log2(E) + 2 of them.
 template <int TileRows>
 __device__ __forceinline__ RowTile locate_tile(const TileSchedule& s, std::int64_t tile) {
-  if (tile >= s.tile_offsets[s.experts]) return {0, 0, 0};
-  std::int32_t lo = 0, hi = s.experts;  // tile_offsets[lo] <= tile < tile_offsets[hi]
-  while (hi - lo > 1) {
-    const std::int32_t mid = (lo + hi) / 2;
-    if (s.tile_offsets[mid] <= tile) lo = mid;
-    else hi = mid;
-  }
-  const std::int64_t row0 = s.offsets[lo] + (tile - s.tile_offsets[lo]) * TileRows;
-  const std::int64_t end = s.offsets[lo + 1];
-  return {lo, row0, static_cast<std::int32_t>(end - row0 < TileRows ? end - row0 : TileRows)};
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  unsigned before = 0;  // experts e (of this lane's) with tile_offsets[e + 1] <= tile
+  for (std::int32_t e = lane; e < s.experts; e += 32) before += s.tile_offsets[e + 1] <= tile;
+  const auto expert = static_cast<std::int32_t>(__reduce_add_sync(0xffffffffu, before));
+  if (expert >= s.experts) return {0, 0, 0};  // tile_offsets[expert] <= tile < tile_offsets[expert + 1]
+  const std::int64_t row0 = s.offsets[expert] + (tile - s.tile_offsets[expert]) * TileRows;
+  const std::int64_t end = s.offsets[expert + 1];
+  return {expert, row0, static_cast<std::int32_t>(end - row0 < TileRows ? end - row0 : TileRows)};
 }
 
 /// Upper bound of the number of `tile_rows`-row tiles of a call with `rows` rows over `experts` experts.
 inline std::int64_t max_tiles(std::int64_t rows, std::int64_t experts, std::int64_t tile_rows) {
   return (rows + tile_rows - 1) / tile_rows + experts;
 }
+
+// ---- residency and launch order (sm_90) -------------------------------------------------------
+
+inline constexpr int kSmemPerSm = 228 * 1024;       ///< shared memory an SM gives its blocks
+inline constexpr int kSmemReservedPerBlock = 1024;  ///< shared memory the system keeps per block
+inline constexpr int kThreadsPerSm = 2048;
+inline constexpr int kBlocksPerSm = 32;
+
+/// Blocks of `threads` threads and `smem` bytes of shared memory an SM holds at once, registers
+/// permitting (kernels that rely on it say so in their `__launch_bounds__`).
+constexpr int resident_blocks(int smem, int threads) {
+  const int by_smem = kSmemPerSm / (smem + kSmemReservedPerBlock);
+  const int by_threads = kThreadsPerSm / threads;
+  const int n = by_smem < by_threads ? by_smem : by_threads;
+  return n < kBlocksPerSm ? n : kBlocksPerSm;
+}
+
+/// Programmatic dependent launch: lets the kernel queued after this one on the stream, when it is
+/// launched as a programmatic dependent, start before this one finishes. No effect otherwise.
+__device__ __forceinline__ void allow_dependent_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
+/// Waits until the kernels this one depends on programmatically have finished and their writes are
+/// visible; returns at once when the kernel was launched normally (stream order already holds).
+__device__ __forceinline__ void wait_for_prerequisites() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
 // ---- asynchronous copies -------------------------------------------------------------------------
 
@@ -77,6 +115,12 @@ __device__ __forceinline__ std::uint32_t smem_address(const void* p) {
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem)), "l"(gmem),
                "r"(valid ? 16 : 0));
+}
+/// One 16-byte shared-memory store (`st.shared.v4`).
+__device__ __forceinline__ void store_shared_16(void* smem, uint4 v) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_address(smem)), "r"(v.x), "r"(v.y), "r"(v.z),
+               "r"(v.w)
+               : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int Pending>
@@ -110,7 +154,7 @@ struct alignas(sizeof(T) * 8) Vec8 {
 };
 
 /// Loads a `[Rows, Cols]` tile of a row-major global matrix `src` (row stride `ld` elements) into
-/// shared memory `dst` (row stride `dst_ld`) as `Dst`, with `Threads` threads. Rows ≥ `rows` and
+/// shared memory `dst` (row stride `dst_ld`) as `Dst` (16-bit, or fp32 from fp32), with `Threads` threads. Rows ≥ `rows` and
 /// columns ≥ `cols` read as zero. Same type and `Async`: 16-byte cp.async copies (the caller
 /// commits and waits; `cols` a multiple of 16 bytes' worth); otherwise 8 elements at a time
 /// through registers, converted (`cols` a multiple of 8).
@@ -134,16 +178,18 @@ __device__ __forceinline__ void load_tile(Dst* dst, int dst_ld, const Src* src, 
     if constexpr (kCopy) {
       cp_async_16(to, from, valid);
     } else {
-      Vec8<Dst> out;
+      float v[8] = {};
       if (valid) {
         const Vec8<Src> in = *reinterpret_cast<const Vec8<Src>*>(from);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) out.v[j] = from_float<Dst>(to_float(in.v[j]));
-      } else {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) out.v[j] = from_float<Dst>(0.0f);
+        for (int j = 0; j < 8; ++j) v[j] = to_float(in.v[j]);
       }
-      *reinterpret_cast<Vec8<Dst>*>(to) = out;
+      if constexpr (sizeof(Dst) == 2) {
+        store_shared_16(to, pack_rounded8<Dst>(v));
+      } else {
+        reinterpret_cast<float4*>(to)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        reinterpret_cast<float4*>(to)[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
     }
   }
 }

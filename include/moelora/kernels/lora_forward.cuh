@@ -8,19 +8,62 @@
 /// 16-byte aligned tensors (32-byte for fp32 activations).
 #pragma once
 
+#include <concepts>
+
 #include "moelora/kernels/common.cuh"
 #include "moelora/kernels/mma.cuh"
 
 namespace moelora::kernels {
 
 inline constexpr int kForwardRows = 128;      ///< rows of a forward tile (schedule granularity)
-inline constexpr int kChunk = 64;             ///< columns per pipelined K chunk
+inline constexpr int kChunk = 64;             ///< columns per pipelined K chunk (projection default, backward x pass)
 inline constexpr int kPad = 8;                ///< shared-memory row padding, 16-bit elements
-inline constexpr int kStages = 3;             ///< cp.async pipeline depth
 
 /// Rank columns a kernel instance covers: NFrag fragments of 16.
 template <int NFrag>
 inline constexpr int kRankTile = NFrag * 16;
+
+/// Tiling of the projection kernel: blocks of `Rows` rows (a whole forward tile or half of one;
+/// warp w owns rows [16w, 16w + 16) and all rank columns), K streamed in `Cols`-column chunks
+/// through a `Stages`-deep cp.async ring, so `Stages − 1` chunks of `Rows × Cols` activations are
+/// in flight per block while one is multiplied.
+template <int Rows, int Stages, int Cols = kChunk>
+struct ProjectTiling {
+  static_assert(Rows == kForwardRows || Rows == kForwardRows / 2, "a projection block covers a whole or half forward tile");
+  static_assert(Stages >= 2, "the cp.async ring needs at least two stages");
+  static_assert(Cols % 16 == 0, "a K chunk is a whole number of mma steps of 16");
+  static constexpr int kRows = Rows;
+  static constexpr int kStages = Stages;
+  static constexpr int kCols = Cols;
+  static constexpr int kThreads = Rows / 16 * 32;
+  static constexpr int kParts = kForwardRows / Rows;  ///< blocks per forward tile (grid.z)
+  static constexpr int kLd = Cols + kPad;             ///< row stride of the in chunk (and of a rank-major factor chunk)
+
+  /// Elements of one factor chunk: `[Cols][RankTile + 8]` (K-major) or `[RankTile][Cols + 8]`.
+  template <int NFrag, bool FactorKMajor>
+  static constexpr int factor_chunk = FactorKMajor ? Cols * (kRankTile<NFrag> + kPad) : kRankTile<NFrag> * kLd;
+  /// Shared memory: kStages × (in chunk [Rows][Cols + 8] + factor chunk), reused as the fp32
+  /// output stage [Rows][RankTile + 4].
+  template <int NFrag, bool FactorKMajor>
+  static constexpr int smem_bytes() {
+    const int stages = Stages * (Rows * kLd + factor_chunk<NFrag, FactorKMajor>) * 2;
+    const int stage_out = Rows * (kRankTile<NFrag> + 4) * 4;
+    return stages > stage_out ? stages : stage_out;
+  }
+  /// Blocks an SM holds (the kernel's `__launch_bounds__` keeps registers from lowering it).
+  template <int NFrag, bool FactorKMajor>
+  static constexpr int blocks_per_sm = resident_blocks(smem_bytes<NFrag, FactorKMajor>(), kThreads);
+};
+
+/// Blocks of a projection tiling an SM holds (`__launch_bounds__` wants a plain constant).
+template <class Tiling, int NFrag, bool FactorKMajor>
+inline constexpr int project_blocks_per_sm = Tiling::template blocks_per_sm<NFrag, FactorKMajor>;
+
+/// The projection tiling of the backward's u projection: half tiles below rank tile 64 (more,
+/// smaller blocks an SM), whole tiles from 64 on (the factor chunk, re-read per block, amortised
+/// over more rows); a 3-stage ring.
+template <int NFrag>
+using UProjectionTiling = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, 3>;
 
 /// A grouped projection onto the rank: `out[t, j] = round(scale · Σ_k in[t, k] · F_e(k, j))` over K
 /// columns, with F_e either A_e `[r, K]` (rank-major; the forward shrink, K = in, scale 1) or B_e
@@ -33,43 +76,30 @@ struct ProjectParams {
   void* out;           // [T, r]: round(scale · Σ) in the factor dtype, or the fp32 Σ added atomically
   TileSchedule schedule;
   std::int64_t k;      // K
-  std::int64_t split;  // K columns per grid.y slice (a multiple of kChunk)
+  std::int64_t split;  // K columns per grid.y slice (a multiple of the tiling's chunk)
   std::int32_t rank;
   float scale;         // factor-dtype out only
 };
 
-/// Rows per projection block: a whole forward tile for large ranks (the factor chunk is re-read
-/// per block, so more rows amortise it), else half a tile (more, smaller blocks per SM).
-template <int NFrag>
-inline constexpr int kProjectRows = NFrag >= 4 ? kForwardRows : kForwardRows / 2;
-template <int NFrag>
-inline constexpr int kProjectThreads = kProjectRows<NFrag> / 16 * 32;
-
-/// Shared memory of the projection kernel: kStages × (in chunk [rows][72] + factor chunk), reused
-/// as the fp32 output stage [rows][RankTile + 4].
-template <int NFrag, bool FactorKMajor>
-constexpr int project_smem_bytes() {
-  constexpr int factor_chunk = FactorKMajor ? kChunk * (kRankTile<NFrag> + kPad) : kRankTile<NFrag> * (kChunk + kPad);
-  const int stages = kStages * (kProjectRows<NFrag> * (kChunk + kPad) + factor_chunk) * 2;
-  const int stage_out = kProjectRows<NFrag> * (kRankTile<NFrag> + 4) * 4;
-  return stages > stage_out ? stages : stage_out;
-}
-
-/// Grid (128-row tile slots, K slices, kForwardRows / kProjectRows parts of the tile's rows). Warp
-/// w owns rows [16w, 16w + 16) of its part and all RankTile columns; K is streamed in 64-column
-/// chunks through a kStages-deep cp.async ring.
-template <class IoT, class FT, int NFrag, bool FactorKMajor, class OutT>
-__global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(ProjectParams p) {
-  constexpr int kRows = kProjectRows<NFrag>;
-  constexpr int kBlockThreads = kProjectThreads<NFrag>;
-  constexpr int kLd = kChunk + kPad;
+/// Grid (128-row tile slots, K slices, Tiling::kParts parts of the tile's rows), Tiling::kThreads
+/// threads, Tiling::smem_bytes of dynamic shared memory. Lets a programmatic dependent (the expand
+/// kernel) launch as soon as every block has started.
+template <class IoT, class FT, int NFrag, bool FactorKMajor, class OutT, class Tiling>
+__global__ void __launch_bounds__(Tiling::kThreads, (project_blocks_per_sm<Tiling, NFrag, FactorKMajor>))
+    lora_project_kernel(ProjectParams p) {
+  constexpr int kRows = Tiling::kRows;
+  constexpr int kStages = Tiling::kStages;
+  constexpr int kCols = Tiling::kCols;
+  constexpr int kBlockThreads = Tiling::kThreads;
+  constexpr int kLd = Tiling::kLd;
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLdN = kN + kPad;
-  constexpr int kFactorChunk = FactorKMajor ? kChunk * kLdN : kN * kLd;
+  constexpr int kFactorChunk = Tiling::template factor_chunk<NFrag, FactorKMajor>;
   extern __shared__ __align__(128) unsigned char smem[];
-  FT* xs = reinterpret_cast<FT*>(smem);        // [kStages][kRows][kLd]
-  FT* fs = xs + kStages * kRows * kLd;  // [kStages][kFactorChunk]
+  FT* xs = reinterpret_cast<FT*>(smem);  // [kStages][kRows][kLd]
+  FT* fs = xs + kStages * kRows * kLd;   // [kStages][kFactorChunk]
 
+  allow_dependent_launch();
   RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
   tile.row0 += static_cast<std::int64_t>(blockIdx.z) * kRows;
   tile.rows -= static_cast<std::int32_t>(blockIdx.z) * kRows;
@@ -79,18 +109,17 @@ __global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(Pr
   const IoT* in = static_cast<const IoT*>(p.in) + tile.row0 * p.k;
   const FT* factor = static_cast<const FT*>(p.factor) + static_cast<std::int64_t>(tile.expert) * p.rank * p.k;
   const int warp = static_cast<int>(threadIdx.x) / 32;
-  const auto chunks = static_cast<int>((k_end - k_begin + kChunk - 1) / kChunk);
+  const auto chunks = static_cast<int>((k_end - k_begin + kCols - 1) / kCols);
 
   const auto load_chunk = [&](int chunk) {  // into stage chunk % kStages
     const int stage = chunk % kStages;
-    const std::int64_t k0 = k_begin + static_cast<std::int64_t>(chunk) * kChunk;
-    load_tile<kRows, kChunk, kBlockThreads>(xs + stage * kRows * kLd, kLd, in + k0, p.k, tile.rows,
-                                                     k_end - k0);
+    const std::int64_t k0 = k_begin + static_cast<std::int64_t>(chunk) * kCols;
+    load_tile<kRows, kCols, kBlockThreads>(xs + stage * kRows * kLd, kLd, in + k0, p.k, tile.rows, k_end - k0);
     if constexpr (FactorKMajor)
-      load_tile<kChunk, kN, kBlockThreads>(fs + stage * kFactorChunk, kLdN, factor + k0 * p.rank, p.rank,
-                                             static_cast<int>(min(static_cast<std::int64_t>(kChunk), k_end - k0)), p.rank);
+      load_tile<kCols, kN, kBlockThreads>(fs + stage * kFactorChunk, kLdN, factor + k0 * p.rank, p.rank,
+                                          static_cast<int>(min(static_cast<std::int64_t>(kCols), k_end - k0)), p.rank);
     else
-      load_tile<kN, kChunk, kBlockThreads>(fs + stage * kFactorChunk, kLd, factor + k0, p.k, p.rank, k_end - k0);
+      load_tile<kN, kCols, kBlockThreads>(fs + stage * kFactorChunk, kLd, factor + k0, p.k, p.rank, k_end - k0);
   };
 
   Acc acc[2 * NFrag];  // 8-column tiles of the warp's 16 rows
@@ -101,7 +130,7 @@ __global__ void __launch_bounds__(kProjectThreads<NFrag>) lora_project_kernel(Pr
     const FT* xt = xs + (chunk % kStages) * kRows * kLd + warp * 16 * kLd;
     const FT* ft = fs + (chunk % kStages) * kFactorChunk;
 #pragma unroll
-    for (int k = 0; k < kChunk; k += 16) {
+    for (int k = 0; k < kCols; k += 16) {
       Frag a;
       load_a(a, xt + k, kLd);
 #pragma unroll
@@ -165,19 +194,42 @@ constexpr int expand_smem_bytes() {
   return factors + kExpandRows * (kExpandCols + kPad) * static_cast<int>(sizeof(IoT));
 }
 
+/// Tiling of the expand kernel: up to `MinBlocks` resident blocks an SM (registers capped so that
+/// as many fit, where shared memory lets them), and the launch order of its blocks: the column
+/// blocks of one row tile one after the other (`ColumnsFirst`: the blocks running together read
+/// whole rows of y and share the tile's h rows in L2) or the row tiles of one column block.
+template <int MinBlocks, bool ColumnsFirst>
+struct ExpandTiling {
+  static_assert(MinBlocks >= 1, "at least one block an SM");
+  static constexpr bool kColumnsFirst = ColumnsFirst;
+  /// Resident blocks the kernel's `__launch_bounds__` asks for: MinBlocks, or fewer where shared
+  /// memory holds fewer (asking more would only cost registers).
+  template <int NFrag, class IoT>
+  static constexpr int min_blocks = MinBlocks < resident_blocks(expand_smem_bytes<NFrag, IoT>(), kExpandThreads)
+                                        ? MinBlocks
+                                        : resident_blocks(expand_smem_bytes<NFrag, IoT>(), kExpandThreads);
+};
+
+/// Resident blocks the expand kernel's `__launch_bounds__` asks for (a plain constant).
+template <class Tiling, int NFrag, class IoT>
+inline constexpr int expand_min_blocks = Tiling::template min_blocks<NFrag, IoT>;
+
 /// Two neighbouring elements, accessed as one aligned word.
 template <class T>
 struct alignas(2 * sizeof(T)) Pair {
   T v[2];
 };
 
-/// Grid (128-row tile slots, ceil(out / 128)); rank ≤ RankTile, a multiple of 8. The y tile (zeros
-/// when overwriting), h and the B slice arrive by cp.async (no registers hold data in flight, so three blocks fit an SM);
-/// warp w multiplies rows [16w, 16w + 16) on tensor cores, 64 columns at a time, adds the products
-/// to its rows of the y tile in fp32, rounding once, and finally stores its rows with 16-byte
-/// vectors.
-template <class IoT, class FT, int NFrag>
-__global__ void __launch_bounds__(kExpandThreads, 3) lora_expand_kernel(ExpandParams p) {
+/// Grid: (128-row tile slots × ceil(out / 128) column blocks) in Tiling's order, one dimension;
+/// rank ≤ RankTile, a multiple of 8. The y tile (zeros when overwriting), the B slice and h arrive
+/// by cp.async (no registers hold data in flight); y and B are requested before the kernel waits
+/// for its prerequisites (as a programmatic dependent of the projection, whose output h is, they
+/// load while the projection finishes). Warp w multiplies rows [16w, 16w + 16) on tensor cores,
+/// 64 columns at a time, adds the products to its rows of the y tile in fp32, rounding once, and
+/// finally stores its rows with 16-byte vectors.
+template <class IoT, class FT, int NFrag, class Tiling>
+__global__ void __launch_bounds__(kExpandThreads, (expand_min_blocks<Tiling, NFrag, IoT>))
+    lora_expand_kernel(ExpandParams p) {
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLd = kN + kPad;
   constexpr int kLdY = kExpandCols + kPad;
@@ -188,20 +240,25 @@ __global__ void __launch_bounds__(kExpandThreads, 3) lora_expand_kernel(ExpandPa
   FT* bs = hs + kExpandRows * kLd;                               // [kExpandCols][kLd]
   IoT* ys = reinterpret_cast<IoT*>(bs + kExpandCols * kLd);      // [kExpandRows][kLdY]
 
-  const RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
+  const auto columns = static_cast<unsigned>((p.out + kExpandCols - 1) / kExpandCols);
+  const unsigned slots = gridDim.x / columns;
+  const unsigned slot = Tiling::kColumnsFirst ? blockIdx.x / columns : blockIdx.x % slots;
+  const unsigned column = Tiling::kColumnsFirst ? blockIdx.x % columns : blockIdx.x / slots;
+  const RowTile tile = locate_tile<kForwardRows>(p.schedule, slot);
   if (tile.rows == 0) return;
-  const std::int64_t n0 = static_cast<std::int64_t>(blockIdx.y) * kExpandCols;
+  const std::int64_t n0 = static_cast<std::int64_t>(column) * kExpandCols;
   const int n_valid = static_cast<int>(min(static_cast<std::int64_t>(kExpandCols), p.out - n0));
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   IoT* y = static_cast<IoT*>(p.y) + tile.row0 * p.out + n0;
 
   load_tile<kExpandRows, kExpandCols, kExpandThreads>(ys, kLdY, static_cast<const IoT*>(y), p.out,
                                                       p.add_y ? tile.rows : 0, n_valid);
-  load_tile<kExpandRows, kN, kExpandThreads>(hs, kLd, static_cast<const FT*>(p.h) + tile.row0 * p.rank, p.rank,
-                                             tile.rows, p.rank);
   load_tile<kExpandCols, kN, kExpandThreads>(
       bs, kLd, static_cast<const FT*>(p.b) + (static_cast<std::int64_t>(tile.expert) * p.out + n0) * p.rank, p.rank,
       n_valid, p.rank);
+  wait_for_prerequisites();
+  load_tile<kExpandRows, kN, kExpandThreads>(hs, kLd, static_cast<const FT*>(p.h) + tile.row0 * p.rank, p.rank,
+                                             tile.rows, p.rank);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -241,5 +298,33 @@ __global__ void __launch_bounds__(kExpandThreads, 3) lora_expand_kernel(ExpandPa
       *reinterpret_cast<Vec8<IoT>*>(y + r * p.out + c) = *reinterpret_cast<const Vec8<IoT>*>(ys + r * kLdY + c);
   }
 }
+
+/// The forward's kernel tunings: `project<NFrag>` and `expand<NFrag>` (a ProjectTiling and an
+/// ExpandTiling per rank tile), `kFillWave` (split K in the projection while the split grid still
+/// fits one wave of resident blocks, at most two slices; else only below two blocks an SM) and
+/// `kOverlap` (launch the expand kernel as a programmatic dependent of the projection).
+template <class T>
+concept ForwardTuning = requires {
+  typename T::template project<1>;
+  typename T::template expand<1>;
+  { T::kFillWave } -> std::convertible_to<bool>;
+  { T::kOverlap } -> std::convertible_to<bool>;
+};
+
+/// The forward's tuning on the H200 (bench/sweep_lora.cu measures the alternatives). Projection:
+/// 4-stage rings (3 chunks in flight a block: rank tile ≤ 32, 64-row blocks, 4 an SM, 96 KiB in
+/// flight an SM; rank tile 64, 128-row blocks, 2 an SM, 96 KiB), 3 stages at rank tile 128 (where
+/// 4 would leave one block an SM); K split to fill a wave. Expand: four blocks an SM where shared
+/// memory allows it (rank tile ≤ 32), column blocks first; launched to overlap the projection's
+/// last wave.
+struct DefaultForwardTuning {
+  template <int NFrag>
+  using project = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, NFrag >= 8 ? 3 : 4>;
+  template <int NFrag>
+  using expand = ExpandTiling<4, true>;
+  static constexpr bool kFillWave = true;
+  static constexpr bool kOverlap = true;
+};
+static_assert(ForwardTuning<DefaultForwardTuning>, "DefaultForwardTuning must model ForwardTuning");
 
 }  // namespace moelora::kernels

@@ -4,7 +4,7 @@
 ///
 /// Work is cut into chunks of 8 consecutive elements of one row (`in` axis), loaded as one 16-byte
 /// vector (two for fp32) when rows are 8-aligned, element by element otherwise. The group and
-/// dequantize kernels give each thread a few chunks (slabs, kGroupSlabs / kDequantizeSlabs): slab s of a block is blockDim.x
+/// dequantize kernels give each thread a few chunks (slabs, QuantTiling): slab s of a block is blockDim.x
 /// consecutive chunks, one per thread, so every load and store of a warp is contiguous. A group of
 /// G elements (NVFP4 16, MXFP4 32, NF4 64, INT4 128) is G/8 neighbouring lanes of one warp, which
 /// reduce the group's amax by shuffles.
@@ -32,21 +32,34 @@ namespace moelora::kernels {
 
 /// Elements per chunk.
 inline constexpr int kQuantChunk = 8;
-/// Chunks per thread (slabs) of the group kernel: 4 when it quantizes (Out = void; the encode is
-/// instruction bound and the codes are few bytes, so more chunks per thread pay), 2 when it
-/// fake-quantizes (more would cost occupancy there).
-template <class Out>
-inline constexpr int kGroupSlabs = std::is_void_v<Out> ? 4 : 2;
-/// Chunks per thread (slabs) of the dequantize kernel.
-inline constexpr int kDequantizeSlabs = 2;
 /// Threads per block of the amax kernel.
 inline constexpr int kAmaxThreads = 256;
 /// Threads per block (at most) of the per-channel kernel, and chunks each keeps in registers
 /// between its two passes over the row (rows up to 512·4·8 = 16384 elements are read once).
 inline constexpr int kChannelThreads = 512;
 inline constexpr int kChannelKeep = 4;
-/// Threads per block (at most) of the group and dequantize kernels.
-inline constexpr int kQuantTileThreads = 128;
+
+/// Tiling of the group and dequantize kernels: chunks per thread (slabs) when fake-quantizing,
+/// quantizing and dequantizing, and the widest block, in warps (the launcher picks 1 to Warps
+/// warps a block, as few idle threads per row as possible). Every slab is one more 16-byte load
+/// (or store) a thread has in flight.
+template <int FakeSlabs, int QuantizeSlabs, int DequantizeSlabs, int Warps>
+struct QuantTiling {
+  static_assert(FakeSlabs >= 1 && QuantizeSlabs >= 1 && DequantizeSlabs >= 1, "every thread takes at least one chunk");
+  static_assert(Warps >= 1 && Warps <= 32, "a block has 1 to 32 warps");
+  static constexpr int kDequantizeSlabs = DequantizeSlabs;
+  static constexpr int kWarps = Warps;
+  /// Slabs of the group kernel: quantizing (Out = void) or fake-quantizing into Out.
+  template <class Out>
+  static constexpr int group_slabs = std::is_void_v<Out> ? QuantizeSlabs : FakeSlabs;
+};
+
+/// The quantizers' tiling on the H200 (bench/sweep_quant.cu measures the alternatives): 4 slabs
+/// when quantizing (the 4-bit encodes are instruction bound and write few bytes: more independent
+/// work a thread), 2 when fake-quantizing (32 bytes read and 32 written a thread; more costs
+/// registers and occupancy), 4 when dequantizing (a thread reads 4 or 8 bytes of codes per 16
+/// bytes it writes: with 2 slabs too few reads were in flight on the H200); blocks of up to 4 warps.
+using DefaultQuantTiling = QuantTiling<2, 4, 4, 4>;
 
 /// Rows and groups of a `[E, out, in]` weight seen as E·out rows of `in` elements.
 struct QuantGeometry {
@@ -110,10 +123,10 @@ struct SchemeConstants {
 template <quant::Scheme S>
 __device__ constexpr SchemeConstants<S> kSchemeConstants{};
 
-/// Shared memory of a group or dequantize kernel block: the decode table and, for binned schemes,
-/// the candidate code of each bin and, for threshold schemes, each warp's group thresholds (one
-/// set per slab of the Slabs a thread has).
-template <quant::Scheme S, int Slabs>
+/// Shared memory of a group or dequantize kernel block of up to `Warps` warps: the decode table
+/// and, for binned schemes, the candidate code of each bin and, for threshold schemes, each warp's
+/// group thresholds (one set per slab of the Slabs a thread has).
+template <quant::Scheme S, int Slabs, int Warps>
 struct QuantShared {
   using Layout = SchemeLayout<S>;
   static constexpr int kGroupsPerWarp = 32 / Layout::kLanes;
@@ -122,7 +135,7 @@ struct QuantShared {
     std::uint8_t bins[Layout::kBinTable];
     std::uint32_t bin_words[SchemeConstants<S>::kBinWords];
   };
-  float thresholds[Layout::kThresholded ? kQuantTileThreads / 32 : 1][Slabs]
+  float thresholds[Layout::kThresholded ? Warps : 1][Slabs]
                   [Layout::kThresholded ? kGroupsPerWarp * Layout::kThresholdStride : 1];
 };
 
@@ -130,8 +143,8 @@ struct QuantShared {
 /// code values of 8-bit schemes, whose scale is the block's; the 16 unit values otherwise) and the
 /// bin table of binned schemes (when `Encode`); then synchronises the block. Every thread must
 /// call it.
-template <quant::Scheme S, bool Decode, bool Encode, int Slabs>
-__device__ __forceinline__ void fill_shared(QuantShared<S, Slabs>& smem, quant::GroupScale scale) {
+template <quant::Scheme S, bool Decode, bool Encode, int Slabs, int Warps>
+__device__ __forceinline__ void fill_shared(QuantShared<S, Slabs, Warps>& smem, quant::GroupScale scale) {
   using Codec = quant::SchemeCodec<S>;
   using Layout = SchemeLayout<S>;
   constexpr bool kTable = Decode && Layout::kTableSize > 0;
@@ -235,11 +248,11 @@ __device__ __forceinline__ void load_chunk(const T* row, std::int64_t c0, std::i
 /// Stores elements [c0, min(c0 + 8, in)) of `row`, each rounded once from fp32.
 template <bool Vec, class T>
 __device__ __forceinline__ void store_chunk(T* row, std::int64_t c0, std::int64_t in, const float (&v)[kQuantChunk]) {
-  if constexpr (Vec) {
-    Vec8<T> x;
-#pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) x.v[j] = from_float<T>(v[j]);
-    *reinterpret_cast<Vec8<T>*>(row + c0) = x;
+  if constexpr (Vec && std::is_same_v<T, float>) {
+    __stwb(reinterpret_cast<float4*>(row + c0), make_float4(v[0], v[1], v[2], v[3]));
+    __stwb(reinterpret_cast<float4*>(row + c0 + 4), make_float4(v[4], v[5], v[6], v[7]));
+  } else if constexpr (Vec) {
+    __stwb(reinterpret_cast<uint4*>(row + c0), pack_rounded8<T>(v));
   } else {
 #pragma unroll
     for (int j = 0; j < kQuantChunk; ++j)
@@ -296,36 +309,42 @@ __device__ __forceinline__ void store_codes(std::uint8_t* codes, std::int64_t c0
   }
 }
 
+/// The codes of one chunk as loaded: 8 bytes (8-bit codes) or 4 (4-bit codes, low nibble first),
+/// little endian; unpacked by `code_at` when decoded, so that a thread's chunks in flight take one
+/// or two registers each.
+template <int Bits>
+struct PackedChunk {
+  std::uint32_t w[Bits == 8 ? 2 : 1] = {};
+};
+
 /// Loads the codes of elements [c0, c0 + 8) (columns ≥ in: 0).
 template <int Bits, bool Vec>
-__device__ __forceinline__ void load_codes(const std::uint8_t* codes, std::int64_t c0, std::int64_t in,
-                                           std::uint32_t (&c)[kQuantChunk]) {
-  if constexpr (Bits == 8) {
-    if constexpr (Vec) {
+__device__ __forceinline__ PackedChunk<Bits> load_codes(const std::uint8_t* codes, std::int64_t c0, std::int64_t in) {
+  PackedChunk<Bits> p;
+  if constexpr (Vec) {
+    if constexpr (Bits == 8) {
       const uint2 packed = *reinterpret_cast<const uint2*>(codes + c0);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        c[j] = static_cast<std::uint8_t>(packed.x >> (8 * j));
-        c[j + 4] = static_cast<std::uint8_t>(packed.y >> (8 * j));
-      }
+      p.w[0] = packed.x, p.w[1] = packed.y;
     } else {
-#pragma unroll
-      for (int j = 0; j < kQuantChunk; ++j) c[j] = c0 + j < in ? codes[c0 + j] : 0;
+      p.w[0] = *reinterpret_cast<const std::uint32_t*>(codes + c0 / 2);
     }
+  } else if constexpr (Bits == 8) {
+#pragma unroll
+    for (int j = 0; j < kQuantChunk; ++j)
+      if (c0 + j < in) p.w[j / 4] |= static_cast<std::uint32_t>(codes[c0 + j]) << (8 * (j % 4));
   } else {
-    if constexpr (Vec) {
-      const std::uint32_t packed = *reinterpret_cast<const std::uint32_t*>(codes + c0 / 2);
 #pragma unroll
-      for (int j = 0; j < kQuantChunk; ++j) c[j] = static_cast<std::uint8_t>((packed >> (4 * j)) & 0xfu);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kQuantChunk; j += 2) {
-        const std::uint8_t b = c0 + j < in ? codes[(c0 + j) / 2] : 0;
-        c[j] = b & 0xfu;
-        c[j + 1] = b >> 4;
-      }
-    }
+    for (int j = 0; j < kQuantChunk; j += 2)
+      if (c0 + j < in) p.w[0] |= static_cast<std::uint32_t>(codes[(c0 + j) / 2]) << (4 * j);
   }
+  return p;
+}
+
+/// Code j (< 8) of a loaded chunk.
+template <int Bits>
+__device__ __forceinline__ std::uint32_t code_at(const PackedChunk<Bits>& p, int j) {
+  if constexpr (Bits == 8) return (p.w[j / 4] >> (8 * (j % 4))) & 0xffu;
+  else return (p.w[0] >> (4 * j)) & 0xfu;
 }
 
 /// Chunk index of slab `s` of this thread along its block's row (grid (rows, chunk tiles of
@@ -346,6 +365,7 @@ __global__ void __launch_bounds__(kAmaxThreads)
   const std::int64_t e = blockIdx.y;
   const T* x = w + e * per_expert;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  allow_dependent_launch();  // the quantize kernel loads w while this pass ends
   std::int64_t k = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   std::uint32_t m = 0;
   if constexpr (Vec) {
@@ -374,21 +394,35 @@ __global__ void __launch_bounds__(kAmaxThreads)
 
 /// Quantizes (Out = void: codes, scales and amax into `packed`) or fake-quantizes (into `out` of
 /// type Out) w `[rows, in]`, for schemes with kGroup ≥ 0 (groups of G/8 lanes; per-tensor schemes:
-/// single chunks). Grid (rows, chunk tiles of kGroupSlabs<Out>·blockDim.x chunks); `tensor_amax` is the
-/// reduced amax bits (index 0 when `shared`, else the expert), unused without a tensor amax.
-template <quant::Scheme S, bool Vec, class In, class Out>
-__global__ void __launch_bounds__(kQuantTileThreads)
+/// single chunks). Grid (rows, chunk tiles of Tiling::group_slabs<Out>·blockDim.x chunks), at most
+/// Tiling::kWarps warps; `tensor_amax` is the reduced amax bits (index 0 when `shared`, else the
+/// expert), unused without a tensor amax. A thread's loads of w are issued first, so that they are
+/// in flight while the block fills its shared constants; with a tensor amax the kernel may run as
+/// a programmatic dependent of the amax pass, which it waits for before reading the amax (and so
+/// before any store: out may alias w).
+template <quant::Scheme S, bool Vec, class In, class Out, class Tiling>
+__global__ void __launch_bounds__(Tiling::kWarps * 32)
     quantize_groups_kernel(const In* w, Out* out, PackedSections<std::uint8_t> packed,
                            const std::uint32_t* tensor_amax, bool shared, QuantGeometry g) {
   using Codec = quant::SchemeCodec<S>;
   using Layout = SchemeLayout<S>;
   constexpr bool kFake = !std::is_void_v<Out>;
-  constexpr int kSlabs = kGroupSlabs<Out>;
-  __shared__ QuantShared<S, kSlabs> smem;
+  constexpr int kSlabs = Tiling::template group_slabs<Out>;
+  __shared__ QuantShared<S, kSlabs, Tiling::kWarps> smem;
   const std::int64_t row = blockIdx.x;
   const std::int64_t e = row / g.rows_per_expert;
+  const In* x = w + row * g.in;
+  float v[kSlabs][kQuantChunk];
+#pragma unroll
+  for (int s = 0; s < kSlabs; ++s) {
+    load_chunk<Vec>(x, slab_chunk<kSlabs>(s) * kQuantChunk, g.in, v[s]);
+  }
+
   float amax = 0.0f;
-  if constexpr (Codec::kTensorAmax) amax = moelora::detail::bits_float(tensor_amax[shared ? 0 : e]);
+  if constexpr (Codec::kTensorAmax) {
+    wait_for_prerequisites();
+    amax = moelora::detail::bits_float(tensor_amax[shared ? 0 : e]);
+  }
   fill_shared<S, kFake, true>(smem, Codec::load(typename Codec::Stored{}, amax));  // 8-bit tables: the tensor's scale
   const LaneBoundaries<S> boundaries;
 
@@ -396,13 +430,6 @@ __global__ void __launch_bounds__(kQuantTileThreads)
   constexpr int kThresholdSlab = sizeof(smem.thresholds[0][0]) / sizeof(float);
   float* const group_thresholds = smem.thresholds[threadIdx.x / 32][0] +
                                   static_cast<int>(threadIdx.x % 32) / Layout::kLanes * Layout::kThresholdStride;
-
-  const In* x = w + row * g.in;
-  float v[kSlabs][kQuantChunk];
-#pragma unroll
-  for (int s = 0; s < kSlabs; ++s) {
-    load_chunk<Vec>(x, slab_chunk<kSlabs>(s) * kQuantChunk, g.in, v[s]);
-  }
 
 #pragma unroll
   for (int s = 0; s < kSlabs; ++s) {
@@ -485,7 +512,7 @@ __global__ void __launch_bounds__(kChannelThreads)
   constexpr quant::Scheme kScheme = quant::Scheme::int8_channel;
   using Codec = quant::SchemeCodec<kScheme>;
   constexpr bool kFake = !std::is_void_v<Out>;
-  __shared__ QuantShared<kScheme, 1> smem;  // no thresholds: one slab
+  __shared__ QuantShared<kScheme, 1, 1> smem;  // no thresholds
   const std::int64_t row = blockIdx.x;
   const In* x = w + row * g.in;
   const std::int64_t chunks = (g.in + kQuantChunk - 1) / kQuantChunk;
@@ -538,45 +565,44 @@ __global__ void __launch_bounds__(kChannelThreads)
 }
 
 /// Dequantizes rows [row0, row0 + gridDim.x) of a packed weight into out `[gridDim.x, in]`.
-/// Grid (rows, chunk tiles of kDequantizeSlabs·blockDim.x chunks).
-template <quant::Scheme S, bool Vec, class Out>
-__global__ void __launch_bounds__(kQuantTileThreads)
+/// Grid (rows, chunk tiles of Tiling::kDequantizeSlabs·blockDim.x chunks), at most Tiling::kWarps
+/// warps. A thread's loads of codes and group scales are issued first, so that they are in flight
+/// while the block loads its row or tensor scale and fills its decode table.
+template <quant::Scheme S, bool Vec, class Out, class Tiling>
+__global__ void __launch_bounds__(Tiling::kWarps * 32)
     dequantize_kernel(PackedSections<const std::uint8_t> packed, std::int64_t row0, QuantGeometry g, Out* out) {
   using Codec = quant::SchemeCodec<S>;
-  __shared__ QuantShared<S, kDequantizeSlabs> smem;
+  constexpr int kSlabs = Tiling::kDequantizeSlabs;
+  __shared__ QuantShared<S, kSlabs, Tiling::kWarps> smem;
   const std::int64_t row = row0 + blockIdx.x;
-  float amax = 0.0f;
-  if constexpr (Codec::kTensorAmax) amax = packed.amax[row / g.rows_per_expert];
   const auto* scales = static_cast<const typename Codec::Stored*>(packed.scales);
-  typename Codec::Stored row_stored{};
-  if constexpr (Codec::kGroup < 0) row_stored = scales[row];
-  fill_shared<S, true, false>(smem, Codec::load(row_stored, amax));  // 8-bit tables: the tensor's or row's scale
-
   const std::uint8_t* codes_row = packed.codes + row * g.code_row_bytes;
-  std::uint32_t codes[kDequantizeSlabs][kQuantChunk];
-  typename Codec::Stored stored[kDequantizeSlabs];
+  PackedChunk<Codec::kBits> codes[kSlabs];
+  typename Codec::Stored stored[kSlabs];
 #pragma unroll
-  for (int s = 0; s < kDequantizeSlabs; ++s) {
-    const std::int64_t c0 = slab_chunk<kDequantizeSlabs>(s) * kQuantChunk;
-    stored[s] = row_stored;
+  for (int s = 0; s < kSlabs; ++s) {
+    const std::int64_t c0 = slab_chunk<kSlabs>(s) * kQuantChunk;
+    stored[s] = {};
     if constexpr (Codec::kGroup > 0) {  // also for idle lanes of a group that exists (INT4 shuffles)
       const std::int64_t group = c0 / Codec::kGroup;
       if (group * Codec::kGroup < g.in) stored[s] = scales[row * g.groups_per_row + group];
     }
-    if (c0 < g.in) {
-      load_codes<Codec::kBits, Vec>(codes_row, c0, g.in, codes[s]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kQuantChunk; ++j) codes[s][j] = 0;
-    }
+    if (c0 < g.in) codes[s] = load_codes<Codec::kBits, Vec>(codes_row, c0, g.in);
   }
+
+  float amax = 0.0f;
+  if constexpr (Codec::kTensorAmax) amax = packed.amax[row / g.rows_per_expert];
+  typename Codec::Stored row_stored{};
+  if constexpr (Codec::kGroup < 0) row_stored = scales[row];
+  fill_shared<S, true, false>(smem, Codec::load(row_stored, amax));  // 8-bit tables: the tensor's or row's scale
+
 #pragma unroll
-  for (int s = 0; s < kDequantizeSlabs; ++s) {
-    const std::int64_t c0 = slab_chunk<kDequantizeSlabs>(s) * kQuantChunk;
-    const GroupDecoder<S> decode(smem.table, Codec::load(stored[s], amax));
+  for (int s = 0; s < kSlabs; ++s) {
+    const std::int64_t c0 = slab_chunk<kSlabs>(s) * kQuantChunk;
+    const GroupDecoder<S> decode(smem.table, Codec::load(Codec::kGroup > 0 ? stored[s] : row_stored, amax));
     float y[kQuantChunk];
 #pragma unroll
-    for (int j = 0; j < kQuantChunk; ++j) y[j] = decode(codes[s][j]);
+    for (int j = 0; j < kQuantChunk; ++j) y[j] = decode(code_at(codes[s], j));
     if (c0 < g.in) store_chunk<Vec>(out + (row - row0) * g.in, c0, g.in, y);
   }
 }
