@@ -76,7 +76,7 @@ TEST_CASE("MSE loss on the GPU: dy bit for bit the host's, the loss within fp64 
       HostTensor dy(dtype, {count});
       double host_sum = 0.0, gpu_sum = 0.0;
       std::vector<std::byte> yb = y.encode(), tb = target.encode(), db = dy.encode();
-      loss::mse_loss({yb.data(), tb.data(), db.data(), dtype, count, 1.0f / static_cast<float>(count), &scale, &host_sum}, {});
+      loss::mse_loss({yb.data(), tb.data(), db.data(), dtype, count, 1.0f / static_cast<float>(count), &scale, &host_sum}, HostStream{});
       dy.decode(db);
       CHECK(gpu.download(dy_dev.ref()).values == dy.values);
       CudaBackend::copy_to_host(&gpu_sum, sum_dev.data(), sizeof(double), gpu.stream());
