@@ -118,6 +118,26 @@ enum Stream : std::uint64_t { kGate = 1, kFc1, kFc2, kFc1A, kFc1B, kFc2A, kFc2B,
 /// tokens of slice `q·ep + p` of the batch.
 using Place = moe::GridPlace;
 
+/// A rank's communicators (owned by the rank's harness): its EP group and its TP group.
+template <class Comm>
+struct RankGroups {
+  Comm& ep;
+  Comm& tp;
+
+  /// The amax sync of a quantized base (`parallel::amax_sync`), so that every layout quantizes the
+  /// whole weights alike: over the TP group for an amax per expert, over the whole grid (the max
+  /// over TP, then over EP) for one shared by all experts. `*this` must outlive the quantizer.
+  quant::AmaxSync<typename Comm::backend_type> amax_sync(quant::AmaxScope scope) {
+    if (scope == quant::AmaxScope::per_expert) return parallel::amax_sync(tp);
+    return {[](void* self, float* amax, std::size_t count, typename Comm::stream_type stream) {
+              auto& groups = *static_cast<RankGroups*>(self);
+              parallel::amax_sync(groups.tp)(amax, count, stream);
+              parallel::amax_sync(groups.ep)(amax, count, stream);
+            },
+            this};
+  }
+};
+
 /// The rank of the teacher's hidden update and its size relative to the base's output.
 constexpr std::int64_t kHiddenRank = 4;
 constexpr float kHiddenUpdate = 0.5f;
@@ -226,11 +246,16 @@ struct Device<CudaBackend> {
 template <class Backend>
 using ExpertBase = QuantizedGroupedLinear<Backend>;
 
-template <class Backend>
-ExpertBase<Backend> expert_base(Device<Backend>& dev, std::int64_t experts, std::int64_t in, std::int64_t out,
-                                const std::vector<bfloat16_t>& w, const std::string& format) {
+/// `w`: this rank's slice; a quantized base's amax is shared with the ranks of `groups` that hold the
+/// other slices of the same weights.
+template <class Backend, class Comm>
+ExpertBase<Backend> expert_base(Device<Backend>& dev, RankGroups<Comm>& groups, std::int64_t experts, std::int64_t in,
+                                std::int64_t out, const std::vector<bfloat16_t>& w, const std::string& format) {
   std::optional<quant::FormatQuantizer<Backend>> quantizer;
-  if (format != "none") quantizer.emplace(quant::parse_quant_spec(format));
+  if (format != "none") {
+    quantizer.emplace(quant::parse_quant_spec(format));
+    quantizer->set_amax_sync(groups.amax_sync(quantizer->spec().amax_scope));
+  }
   ExpertBase<Backend> base(dev.linalg(), experts, in, out, DType::bf16, std::move(quantizer));
   base.set_weight({w.data(), DType::bf16, {experts, out, in}}, dev.stream);
   return base;
@@ -520,28 +545,30 @@ class Block {
 };
 
 /// This rank's block: the gate, its slices of the expert weights (with `teacher`: the teacher's) in
-/// expert layers over the TP group `tp`, and the exchange over `ep` and `tp` when there are several
-/// ranks.
+/// expert layers over the TP group, and the exchange over the EP and TP groups when there are
+/// several ranks.
 template <class Backend, class Comm>
-Block<Backend, ExpertBase<Backend>, Comm> make_block(const Options& o, Device<Backend>& dev, const Place& at, Comm& ep,
-                                                     Comm& tp, bool teacher, const std::string& format) {
+Block<Backend, ExpertBase<Backend>, Comm> make_block(const Options& o, Device<Backend>& dev, const Place& at,
+                                                     RankGroups<Comm>& groups, bool teacher, const std::string& format) {
   using Result = Block<Backend, ExpertBase<Backend>, Comm>;
   GroupedLinear<Backend> gate = dev.gate(o.experts, o.hidden);
   const std::vector<bfloat16_t> gate_host = gate_weights(o);
   gate.set_weight({gate_host.data(), DType::bf16, {1, o.experts, o.hidden}}, dev.stream);
   const std::int64_t experts = o.experts / at.ep, ffn = o.ffn / at.tp, tokens = o.tokens / (at.tp * at.ep);
   std::unique_ptr<moe::ExpertExchange<Backend, Comm>> exchange;
-  if (at.tp * at.ep > 1) exchange = std::make_unique<moe::ExpertExchange<Backend, Comm>>(ep, tp, o.experts);
+  if (at.tp * at.ep > 1) exchange = std::make_unique<moe::ExpertExchange<Backend, Comm>>(groups.ep, groups.tp, o.experts);
   // fc1's rows are two blocks, gate and up, each split over TP; fc2's columns are split over TP.
   const parallel::Placement fc1_place{
       .ep_rank = at.p, .ep_size = at.ep, .tp_size = at.tp, .global_in = o.hidden, .global_out = 2 * o.ffn, .out_blocks = 2};
   const parallel::Placement fc2_place{
       .ep_rank = at.p, .ep_size = at.ep, .tp_size = at.tp, .global_in = o.ffn, .global_out = o.hidden};
   return {std::move(gate),
-          typename Result::Fc1(expert_base(dev, experts, o.hidden, 2 * ffn, expert_weights(o, kFc1, at, teacher), format),
-                              tp, fc1_place, dev.stream),
-          typename Result::Fc2(expert_base(dev, experts, ffn, o.hidden, expert_weights(o, kFc2, at, teacher), format), tp,
-                              fc2_place, dev.stream),
+          typename Result::Fc1(
+              expert_base(dev, groups, experts, o.hidden, 2 * ffn, expert_weights(o, kFc1, at, teacher), format),
+              groups.tp, fc1_place, dev.stream),
+          typename Result::Fc2(
+              expert_base(dev, groups, experts, ffn, o.hidden, expert_weights(o, kFc2, at, teacher), format),
+              groups.tp, fc2_place, dev.stream),
           {tokens, o.experts, o.top_k},
           o.hidden,
           ffn,
@@ -634,11 +661,12 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 
 /// One rank's training of the student's adapters on its tokens of `data` (or, --bench, the timing
-/// of its training step), with the other ranks of `ep` and `tp`.
+/// of its training step), with the other ranks of its groups.
 template <class Backend, class Comm>
-Report train(const Options& o, Device<Backend>& dev, const Data& data, const Place& at, Comm& ep, Comm& tp) {
+Report train(const Options& o, Device<Backend>& dev, const Data& data, const Place& at, RankGroups<Comm>& groups) {
   const auto stream = dev.stream;
-  auto block = make_block(o, dev, at, ep, tp, false, o.format);
+  Comm &ep = groups.ep, &tp = groups.tp;
+  auto block = make_block(o, dev, at, groups, false, o.format);
   // The layers draw their Kaiming A by global expert and column: every layout starts from the
   // slices of the one-rank adapters.
   AdapterConfig config;
@@ -846,13 +874,15 @@ auto on_gpu_ranks(int tp, int ep, F&& f) {
 }
 #endif
 
-/// Calls `f(place, device, ep, tp)` on every rank of a tp × ep grid of the backend's ranks (host
-/// threads, or one thread per GPU), each with its Device, and returns the leader's result.
+/// Calls `f(place, device, groups)` on every rank of a tp × ep grid of the backend's ranks (host
+/// threads, or one thread per GPU), each with its Device and RankGroups, and returns the leader's
+/// result.
 template <class Backend, class F>
 auto on_ranks(int tp, int ep, F&& f) {
-  const auto rank = [&](const Place& at, auto& ep_comm, auto& tp_comm) {
+  const auto rank = [&]<class Comm>(const Place& at, Comm& ep_comm, Comm& tp_comm) {
     Device<Backend> dev(at.q * at.ep + at.p);
-    return f(at, dev, ep_comm, tp_comm);
+    RankGroups<Comm> groups{ep_comm, tp_comm};
+    return f(at, dev, groups);
   };
 #if defined(__CUDACC__)
   if constexpr (std::is_same_v<Backend, CudaBackend>) return on_gpu_ranks(tp, ep, rank);
@@ -872,8 +902,8 @@ Data make_data(const Options& o) {
     std::rotate(data.target.begin(), data.target.begin() + 1, data.target.end());
     return data;
   }
-  data.target = on_ranks<Backend>(1, 1, [&](const Place& at, Device<Backend>& dev, auto& ep, auto& tp) {
-    auto teacher = make_block(o, dev, at, ep, tp, o.format == "none", "none");
+  data.target = on_ranks<Backend>(1, 1, [&](const Place& at, Device<Backend>& dev, auto& groups) {
+    auto teacher = make_block(o, dev, at, groups, o.format == "none", "none");
     Buffer<Backend> y(static_cast<std::size_t>(o.tokens * o.hidden) * sizeof(bfloat16_t));
     std::vector<std::vector<bfloat16_t>> targets;
     for (const auto& x : data.x) {
@@ -892,8 +922,8 @@ template <class Backend>
 Report train_on(const Options& o, const Data& data, int tp, int ep) {
   Options layout = o;
   layout.tp = tp, layout.ep = ep;
-  return on_ranks<Backend>(tp, ep, [&](const Place& at, Device<Backend>& dev, auto& ep_comm, auto& tp_comm) {
-    return train<Backend>(layout, dev, data, at, ep_comm, tp_comm);
+  return on_ranks<Backend>(tp, ep, [&](const Place& at, Device<Backend>& dev, auto& groups) {
+    return train(layout, dev, data, at, groups);
   });
 }
 
