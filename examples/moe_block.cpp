@@ -25,9 +25,10 @@
 // columns (RowParallel); fc2's partial outputs are summed by the exchange's reduce-scatter on the
 // way back (PARALLEL.md §1). The layers reduce what their replicated factors' gradients need (fc1's
 // u, fc2's h, over TP) themselves, so every TP rank steps those factors identically. Weights and
-// tokens are keyed by global index, and the layers initialise their adapters by global index, so
-// every layout trains the same block; the program then trains it again on one rank and checks that
-// the losses agree (tolerance in `kLayoutTolerance`).
+// tokens are keyed by global index, the layers initialise their adapters by global index, and a
+// quantized base's amax is shared by the ranks holding the same weights, so every layout trains the
+// same block; the program then trains it again on one rank and checks that the losses agree
+// (tolerance in `kLayoutTolerance`).
 //
 // Runs on the GPU when built with nvcc and a GPU is present (else, or with --cpu, on the CPU).
 // --bench times the training step instead (median of 20, CUDA events) and prints tokens/s.
