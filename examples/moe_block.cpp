@@ -724,15 +724,13 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
     return host;
   };
 
-  const auto forward_backward = [&](std::size_t b, float* slot, Timeline<Backend>* timeline) {
+  /// Queues the training step on batch `b` (its loss into `slot`): forward, loss, backward, AdamW.
+  const auto training_step = [&](std::size_t b, float* slot, Timeline<Backend>* timeline) {
+    if (timeline) timeline->start();
     block.forward(rows_of(x[b], t, o.hidden), rows_of(y, t, o.hidden), stream, timeline);
     loss(b, slot, true);
     mark(timeline, Phase::rest);
     block.backward(rows_of(dy, t, o.hidden), stream, timeline);
-  };
-  const auto eager_step = [&](std::size_t b, float* slot, Timeline<Backend>* timeline) {
-    if (timeline) timeline->start();
-    forward_backward(b, slot, timeline);
     optimizer.step({block.fc1(), block.fc2()}, stream, norm_groups);
     mark(timeline, Phase::rest);
   };
@@ -744,11 +742,11 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
   // capture the whole step of each batch — forward, loss, backward and the AdamW step, whose
   // decisions and bias corrections stay on the device; the loss goes to a fixed slot, copied out
   // after each replay.
-  std::function<void(std::size_t, float*)> step = [&](std::size_t b, float* slot) { eager_step(b, slot, nullptr); };
+  std::function<void(std::size_t, float*)> step = [&](std::size_t b, float* slot) { training_step(b, slot, nullptr); };
   /// Runs step `b` eagerly (into `slot`) and, with --graph, captures the steps; false when
   /// --graph require cannot be met.
   const auto first_step = [&](std::size_t b, float* slot) {
-    eager_step(b, slot, nullptr);
+    training_step(b, slot, nullptr);
     if (o.graph == "off") return true;
     if (at.tp * at.ep > 1)
       report.not_graphed = "the expert exchange reads the expert counts on the host (the sizes of its all-to-all)";
@@ -756,7 +754,7 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
     if constexpr (std::is_same_v<Backend, CudaBackend>) {
       float* const graph_slot = scratch_at + kScratch;
       for (std::size_t i = 0; i < x.size() && report.not_graphed.empty(); ++i)
-        graphs.capture(stream, [&] { eager_step(i, graph_slot, nullptr); }, report.not_graphed);
+        graphs.capture(stream, [&] { training_step(i, graph_slot, nullptr); }, report.not_graphed);
       report.graphed = report.not_graphed.empty();
       if (report.graphed)
         step = [&, graph_slot](std::size_t i, float* into) {
@@ -810,12 +808,12 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
   // One profiled step, then the same with the adapters disabled: the expert layers' time is then
   // the base GEMMs' alone.
   Timeline<Backend> profiled(stream);
-  eager_step(0, loss_at, &profiled);
+  training_step(0, loss_at, &profiled);
   report.profile = profiled.totals();
   block.fc1().set_enabled("lora", false);
   block.fc2().set_enabled("lora", false);
   Timeline<Backend> base_only(stream);
-  eager_step(0, loss_at, &base_only);
+  training_step(0, loss_at, &base_only);
   report.base_ms = base_only.totals()[static_cast<std::size_t>(Phase::experts)];
   return report;
 }
@@ -966,9 +964,9 @@ int print_report(const Options& o, const Report& r) {
     std::printf("  %-28s %8.3f ms  %5.1f%%\n", name, ms, 100.0 * ms / std::max(total, 1e-12));
   };
   row("router / permute / combine", p[static_cast<std::size_t>(Phase::router)]);
-  if (o.tp * o.ep > 1) row("exchange (EP/TP collectives)", p[static_cast<std::size_t>(Phase::exchange)]);
+  if (o.tp * o.ep > 1) row("token exchange (EP, TP)", p[static_cast<std::size_t>(Phase::exchange)]);
   row("base GEMMs", std::min(r.base_ms, experts));
-  row("LoRA (both projections)", std::max(experts - r.base_ms, 0.0));
+  row(o.tp > 1 ? "LoRA (+ its TP all-reduces)" : "LoRA (both projections)", std::max(experts - r.base_ms, 0.0));
   row("rest (SwiGLU, loss, AdamW)", p[static_cast<std::size_t>(Phase::rest)]);
   row("total", total);
   // Success: the hidden low-rank updates are learnable, so the loss must at least halve; a
