@@ -4,28 +4,31 @@
 // The block, per token: router logits from a fixed gate `[E, hidden]` → softmax top-k with
 // renormalised weights → routed rows permuted into expert order on the device (CUB radix sort and
 // histogram; the expert counts never leave the device) → fc1 (`[gate; up]`, hidden → 2·ffn, a
-// GroupedLoRA) → SwiGLU → fc2 (ffn → hidden, a GroupedLoRA) → the rows combined back per token with
-// the router weights. The backward runs the same path in reverse for the LoRA gradients of both
-// projections (the base and the router are frozen, and the block's input is data, so neither the
-// router's gradient nor fc1's input gradient is computed).
+// column-parallel GroupedLoRA) → SwiGLU → fc2 (ffn → hidden, a row-parallel GroupedLoRA) → the rows
+// combined back per token with the router weights. The backward runs the same path in reverse for
+// the LoRA gradients of both projections (the base and the router are frozen, and the block's input
+// is data, so neither the router's gradient nor fc1's input gradient is computed).
 //
 // Training: a teacher block with the same router and base weights plus hidden low-rank updates on
 // both projections (or, with --format, the unquantized teacher of a quantized student) produces the
-// targets; the student's adapters (kaiming_zeros, rank --rank) learn them with AdamW on an MSE
-// loss computed on the device. Prints a progress bar with the loss and tokens/s, then the held-out
-// loss before and after training and how a profiled step's time splits between router/permute,
-// base GEMMs, LoRA and the rest.
+// targets; the student's adapters (kaiming_zeros, rank --rank) learn them on an MSE loss computed on
+// the device, with one AdamW over both projections whose gradient statistics (the global norm of
+// --clip, the finite check) span the TP and EP groups. Prints a progress bar with the loss and
+// tokens/s, then the held-out loss before and after training and how a profiled step's time splits
+// between router/permute, base GEMMs, LoRA and the rest.
 //
 // --tp N --ep M runs the block on N × M ranks: host threads over HostThreadCommunicator on the CPU,
 // one thread per GPU over NCCL on GPUs. Each rank routes its own share of the tokens (TP-major, then
 // EP); moe::ExpertExchange moves the routed rows to the EP rank holding their expert (counts first,
 // then an all-to-all of variable sizes) and gathers them over the TP ranks, which hold fc1 by
-// output rows (`[gate_k; up_k]`, column parallel) and fc2 by input columns (row parallel); fc2's
-// partial outputs are summed by the exchange's reduce-scatter on the way back (PARALLEL.md §1). The
-// replicated factors' gradients (fc1's A, fc2's B) are all-reduced over TP, so every TP rank steps
-// them identically. Weights, tokens and adapter inits are keyed by global index, so every layout
-// trains the same block; the program then trains it again on one rank and checks that the losses
-// agree (tolerance in `kLayoutTolerance`).
+// output rows (`[gate_k; up_k]`: a ColumnParallel layer with out_blocks = 2) and fc2 by input
+// columns (RowParallel); fc2's partial outputs are summed by the exchange's reduce-scatter on the
+// way back (PARALLEL.md §1). The layers reduce what their replicated factors' gradients need (fc1's
+// u, fc2's h, over TP) themselves, so every TP rank steps those factors identically. Weights and
+// tokens are keyed by global index, the layers initialise their adapters by global index, and a
+// quantized base's amax is shared by the ranks holding the same weights, so every layout trains the
+// same block; the program then trains it again on one rank and checks that the losses agree
+// (tolerance in `kLayoutTolerance`).
 //
 // Runs on the GPU when built with nvcc and a GPU is present (else, or with --cpu, on the CPU).
 // --bench times the training step instead (median of 20, CUDA events) and prints tokens/s.
@@ -62,7 +65,7 @@ struct Options {
   std::int64_t hidden = 256, ffn = 128, experts = 16, top_k = 4, tokens = 512, rank = 8, steps = 150, batches = 32;
   std::string format = "none";
   int tp = 1, ep = 1;
-  float lr = 8e-3f;
+  float lr = 8e-3f, clip = 0.0f;
   std::uint64_t seed = 2026;
   bool cpu = false, gpu = false, bench = false;
   std::string graph = "off", json;
@@ -85,7 +88,8 @@ std::string invalid(const Options& o) {
   if (o.tokens % (o.tp * o.ep) != 0)
     return "--tp × --ep = " + std::to_string(o.tp * o.ep) + " ranks must divide --tokens " + std::to_string(o.tokens);
   if (o.steps < 0 || o.batches < 1) return "--steps must be >= 0 and --batches >= 1";
-  if (!(o.lr > 0.0f)) return "--lr must be > 0";
+  if (!(o.lr > 0.0f && std::isfinite(o.lr))) return "--lr must be finite and > 0";
+  if (!(o.clip >= 0.0f && std::isfinite(o.clip))) return "--clip must be finite and >= 0";
   if (o.tokens * o.top_k > moe::kMaxRoutedRows) return "--tokens × --top-k must stay below 2^31";
   if (o.graph != "off" && o.graph != "auto" && o.graph != "require")
     return "--graph must be off, auto or require, got " + o.graph;
@@ -106,13 +110,34 @@ float synthetic(std::uint64_t seed, std::uint64_t stream, std::uint64_t index, f
   return (2.0f * uniform01(seed, stream, index) - 1.0f) * 1.7320508f * stddev;
 }
 
-/// Streams of `synthetic`, one per tensor.
+/// Streams of `synthetic`, one per tensor; kAdapterFc1 and kAdapterFc2 salt the seeds of the
+/// adapters' initialisation.
 enum Stream : std::uint64_t { kGate = 1, kFc1, kFc2, kFc1A, kFc1B, kFc2A, kFc2B, kTokens, kAdapterFc1, kAdapterFc2 };
 
 /// A rank's place in the tp × ep grid (`moe/rank_grid.hpp`): TP rank q, EP rank p, holding the
 /// experts `[p·E/ep, (p+1)·E/ep)`, fc1's rows `[gate_q; up_q]` and fc2's columns q of them, and the
 /// tokens of slice `q·ep + p` of the batch.
 using Place = moe::GridPlace;
+
+/// A rank's communicators (owned by the rank's harness): its EP group and its TP group.
+template <class Comm>
+struct RankGroups {
+  Comm& ep;
+  Comm& tp;
+
+  /// The amax sync of a quantized base (`parallel::amax_sync`), so that every layout quantizes the
+  /// whole weights alike: over the TP group for an amax per expert, over the whole grid (the max
+  /// over TP, then over EP) for one shared by all experts. `*this` must outlive the quantizer.
+  quant::AmaxSync<typename Comm::backend_type> amax_sync(quant::AmaxScope scope) {
+    if (scope == quant::AmaxScope::per_expert) return parallel::amax_sync(tp);
+    return {[](void* self, float* amax, std::size_t count, typename Comm::stream_type stream) {
+              auto& groups = *static_cast<RankGroups*>(self);
+              parallel::amax_sync(groups.tp)(amax, count, stream);
+              parallel::amax_sync(groups.ep)(amax, count, stream);
+            },
+            this};
+  }
+};
 
 /// The rank of the teacher's hidden update and its size relative to the base's output.
 constexpr std::int64_t kHiddenRank = 4;
@@ -145,28 +170,6 @@ std::vector<bfloat16_t> expert_weights(const Options& o, Stream which, const Pla
         w[static_cast<std::size_t>((i * rows + r) * cols + c)] = bfloat16_t(v);
       }
   return w;
-}
-
-/// Sets adapter "lora"'s A of a projection to the Kaiming-uniform values that the one-rank layer
-/// draws (`(2·uniform01(seed, 0, i) − 1)·√(6/in)`, i the global index into `[E, r, in]`, as
-/// GroupedLoRA's kaiming_zeros), sliced like the base: so every layout starts from the same
-/// adapter. (B is zero.)
-template <class Layer>
-void seed_adapter(Layer& layer, const Options& o, Stream which, const Place& at, std::uint64_t seed,
-                  typename Layer::stream_type stream) {
-  const bool fc1 = which == kFc1;
-  const AdapterView view = layer.adapter("lora");
-  const std::int64_t experts = view.a.shape[0], r = view.a.shape[1], cols = view.a.shape[2];
-  const std::int64_t in = fc1 ? o.hidden : o.ffn, col0 = fc1 ? 0 : at.q * cols;
-  const float bound = std::sqrt(6.0f / static_cast<float>(in));
-  std::vector<bfloat16_t> a(static_cast<std::size_t>(view.a.numel()));
-  for (std::int64_t i = 0; i < experts; ++i)
-    for (std::int64_t k = 0; k < r; ++k)
-      for (std::int64_t c = 0; c < cols; ++c) {
-        const auto index = static_cast<std::uint64_t>(((at.p * experts + i) * r + k) * in + col0 + c);
-        a[static_cast<std::size_t>((i * r + k) * cols + c)] = bfloat16_t((2.0f * uniform01(seed, 0, index) - 1.0f) * bound);
-      }
-  Layer::backend_type::copy_from_host(view.a.data, a.data(), view.a.bytes(), stream);
 }
 
 /// The router's gate `[E, hidden]`: logits of std. dev. ~1.5, so routing is neither uniform nor
@@ -244,11 +247,16 @@ struct Device<CudaBackend> {
 template <class Backend>
 using ExpertBase = QuantizedGroupedLinear<Backend>;
 
-template <class Backend>
-ExpertBase<Backend> expert_base(Device<Backend>& dev, std::int64_t experts, std::int64_t in, std::int64_t out,
-                                const std::vector<bfloat16_t>& w, const std::string& format) {
+/// `w`: this rank's slice; a quantized base's amax is shared with the ranks of `groups` that hold the
+/// other slices of the same weights.
+template <class Backend, class Comm>
+ExpertBase<Backend> expert_base(Device<Backend>& dev, RankGroups<Comm>& groups, std::int64_t experts, std::int64_t in,
+                                std::int64_t out, const std::vector<bfloat16_t>& w, const std::string& format) {
   std::optional<quant::FormatQuantizer<Backend>> quantizer;
-  if (format != "none") quantizer.emplace(quant::parse_quant_spec(format));
+  if (format != "none") {
+    quantizer.emplace(quant::parse_quant_spec(format));
+    quantizer->set_amax_sync(groups.amax_sync(quantizer->spec().amax_scope));
+  }
   ExpertBase<Backend> base(dev.linalg(), experts, in, out, DType::bf16, std::move(quantizer));
   base.set_weight({w.data(), DType::bf16, {experts, out, in}}, dev.stream);
   return base;
@@ -408,19 +416,21 @@ void mse(ConstTensorRef y, const void* target, TensorRef dy, double n, float* lo
 // ---- the block ---------------------------------------------------------------------------------
 
 /// The MoE block on one rank: router, permutation, the exchange with the other ranks (none on one
-/// rank), the two expert layers and the activations the backward needs. `Base` is the expert
-/// layers' base; one forward/backward in flight at a time.
+/// rank), the two expert layers — one rank of a tensor-parallel fc1 (column parallel, rows
+/// `[gate_q; up_q]`) and fc2 (row parallel) — and the activations the backward needs. `Base` is
+/// the expert layers' base; one forward/backward in flight at a time.
 template <class Backend, class Base, class Comm>
 class Block {
  public:
-  using Layer = GroupedLoRA<Base>;
+  using Fc1 = GroupedLoRA<Base, policy::ColumnParallel>;
+  using Fc2 = GroupedLoRA<Base, policy::RowParallel>;
   using Stream = typename Backend::stream_type;
   using Exchange = moe::ExpertExchange<Backend, Comm>;
 
   /// `routing`: this rank's tokens, E and k; `ffn`: this rank's width of fc1's gate (and up) half;
   /// `capacity`: the most rows the local experts can receive (all the ranks' routed rows);
   /// `exchange`: null on one rank.
-  Block(GroupedLinear<Backend> gate, Layer fc1, Layer fc2, moe::RoutingShape routing, std::int64_t hidden,
+  Block(GroupedLinear<Backend> gate, Fc1 fc1, Fc2 fc2, moe::RoutingShape routing, std::int64_t hidden,
         std::int64_t ffn, std::int64_t capacity, std::unique_ptr<Exchange> exchange, Stream stream)
       : gate_(std::move(gate)),
         fc1_(std::move(fc1)),
@@ -454,8 +464,8 @@ class Block {
     fc2_.reserve(capacity);
   }
 
-  [[nodiscard]] Layer& fc1() { return fc1_; }
-  [[nodiscard]] Layer& fc2() { return fc2_; }
+  [[nodiscard]] Fc1& fc1() { return fc1_; }
+  [[nodiscard]] Fc2& fc2() { return fc2_; }
 
   /// y `[T, hidden]` = the block applied to x `[T, hidden]` (both bf16, the backend's memory).
   void forward(ConstTensorRef x, TensorRef y, Stream stream, Timeline<Backend>* timeline = nullptr) {
@@ -488,8 +498,10 @@ class Block {
   }
 
   /// The LoRA gradients of both projections (written, not accumulated) from dy `[T, hidden]`, for
-  /// the last forward; under TP the replicated factors' gradients are summed over `tp`.
-  void backward(ConstTensorRef dy, Comm* tp, Stream stream, Timeline<Backend>* timeline = nullptr) {
+  /// the last forward. Under TP the layers reduce over their group what the replicated factors'
+  /// gradients need (fc2's h, fc1's u); fc1's input gradient, a partial sum the caller would add
+  /// over TP, is not formed.
+  void backward(ConstTensorRef dy, Stream stream, Timeline<Backend>* timeline = nullptr) {
     const std::int64_t rows = routing_.routed();
     const moe::ConstRouting routing{expert_.template as<const std::int32_t>(), weight_.template as<const float>(),
                                     routing_};
@@ -509,17 +521,6 @@ class Block {
     fc1_.backward(local(exchange_ ? x_local_ : x_rows_, hidden_), counts(), local(d_h1_, 2 * ffn_), TensorRef{},
                   stream, WriteMode::overwrite);
     mark(timeline, Phase::experts);
-    if (tp && tp->size() > 1) {
-      // Column-parallel fc1: dA = Σ_k u_kᵀ x over the TP ranks; row-parallel fc2: dB = s·dyᵀ Σ_k h_k.
-      // (The tensor-parallel GroupedLoRA policies will do this inside the layers.)
-      const auto sum = [&](const TensorRef& grad) {
-        tp->all_reduce(grad.data, grad.data, static_cast<std::size_t>(grad.numel()), parallel::CommElement::fp32,
-                      parallel::ReduceOp::sum, stream);
-      };
-      sum(fc1_.adapter("lora").grad_a);
-      sum(fc2_.adapter("lora").grad_b);
-      mark(timeline, Phase::exchange);
-    }
   }
 
  private:
@@ -532,7 +533,8 @@ class Block {
   }
 
   GroupedLinear<Backend> gate_;
-  Layer fc1_, fc2_;
+  Fc1 fc1_;
+  Fc2 fc2_;
   std::unique_ptr<Exchange> exchange_;
   moe::RoutingShape routing_;
   std::int64_t hidden_, ffn_;
@@ -543,21 +545,31 @@ class Block {
       d_act_, d_h1_;
 };
 
-/// This rank's block: the gate, its slices of the expert weights (with `teacher`: the teacher's),
-/// and the exchange over `ep` and `tp` when there are several ranks (null communicators: one rank).
+/// This rank's block: the gate, its slices of the expert weights (with `teacher`: the teacher's) in
+/// expert layers over the TP group, and the exchange over the EP and TP groups when there are
+/// several ranks.
 template <class Backend, class Comm>
 Block<Backend, ExpertBase<Backend>, Comm> make_block(const Options& o, Device<Backend>& dev, const Place& at,
-                                                     Comm* ep, Comm* tp, bool teacher, const std::string& format) {
-  using Layer = GroupedLoRA<ExpertBase<Backend>>;
+                                                     RankGroups<Comm>& groups, bool teacher, const std::string& format) {
+  using Result = Block<Backend, ExpertBase<Backend>, Comm>;
   GroupedLinear<Backend> gate = dev.gate(o.experts, o.hidden);
   const std::vector<bfloat16_t> gate_host = gate_weights(o);
   gate.set_weight({gate_host.data(), DType::bf16, {1, o.experts, o.hidden}}, dev.stream);
   const std::int64_t experts = o.experts / at.ep, ffn = o.ffn / at.tp, tokens = o.tokens / (at.tp * at.ep);
   std::unique_ptr<moe::ExpertExchange<Backend, Comm>> exchange;
-  if (at.tp * at.ep > 1) exchange = std::make_unique<moe::ExpertExchange<Backend, Comm>>(*ep, *tp, o.experts);
+  if (at.tp * at.ep > 1) exchange = std::make_unique<moe::ExpertExchange<Backend, Comm>>(groups.ep, groups.tp, o.experts);
+  // fc1's rows are two blocks, gate and up, each split over TP; fc2's columns are split over TP.
+  const parallel::Placement fc1_place{
+      .ep_rank = at.p, .ep_size = at.ep, .tp_size = at.tp, .global_in = o.hidden, .global_out = 2 * o.ffn, .out_blocks = 2};
+  const parallel::Placement fc2_place{
+      .ep_rank = at.p, .ep_size = at.ep, .tp_size = at.tp, .global_in = o.ffn, .global_out = o.hidden};
   return {std::move(gate),
-          Layer(expert_base(dev, experts, o.hidden, 2 * ffn, expert_weights(o, kFc1, at, teacher), format)),
-          Layer(expert_base(dev, experts, ffn, o.hidden, expert_weights(o, kFc2, at, teacher), format)),
+          typename Result::Fc1(
+              expert_base(dev, groups, experts, o.hidden, 2 * ffn, expert_weights(o, kFc1, at, teacher), format),
+              groups.tp, fc1_place, dev.stream),
+          typename Result::Fc2(
+              expert_base(dev, groups, experts, ffn, o.hidden, expert_weights(o, kFc2, at, teacher), format),
+              groups.tp, fc2_place, dev.stream),
           {tokens, o.experts, o.top_k},
           o.hidden,
           ffn,
@@ -567,8 +579,7 @@ Block<Backend, ExpertBase<Backend>, Comm> make_block(const Options& o, Device<Ba
 }
 
 #if defined(__CUDACC__)
-/// CUDA graphs of the training step's forward, loss and backward, one per batch. (AdamW stays
-/// eager: its bias correction is a host value of each step.)
+/// CUDA graphs of the training step (forward, loss, backward and the AdamW step), one per batch.
 class StepGraphs {
  public:
   StepGraphs() = default;
@@ -623,29 +634,6 @@ struct Data {
   std::vector<std::vector<bfloat16_t>> x, target;
 };
 
-/// The teacher's outputs on every batch, computed on one device by the block with the teacher's
-/// weights (unquantized, no adapters). --bench: one batch and any target.
-template <class Backend, class Comm>
-Data make_data(const Options& o) {
-  Data data;
-  for (std::int64_t b = 0; b <= (o.bench ? 1 : o.batches); ++b) data.x.push_back(tokens(o, b));
-  if (o.bench) {
-    data.target = data.x;
-    std::rotate(data.target.begin(), data.target.begin() + 1, data.target.end());
-    return data;
-  }
-  Device<Backend> dev(0);
-  auto teacher = make_block<Backend, Comm>(o, dev, Place{}, nullptr, nullptr, o.format == "none", "none");
-  Buffer<Backend> y(static_cast<std::size_t>(o.tokens * o.hidden) * sizeof(bfloat16_t));
-  for (const auto& x : data.x) {
-    const Buffer<Backend> x_dev = upload<Backend>(x, dev.stream);
-    teacher.forward(rows_of(x_dev, o.tokens, o.hidden), rows_of(y, o.tokens, o.hidden), dev.stream);
-    std::vector<bfloat16_t>& target = data.target.emplace_back(x.size());
-    Backend::copy_to_host(target.data(), y.data(), y.bytes(), dev.stream);
-  }
-  return data;
-}
-
 /// What a training run measured (the leader rank's view; losses are over all ranks).
 struct Report {
   std::vector<float> losses;  ///< the training loss of every step
@@ -674,19 +662,24 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 }
 
 /// One rank's training of the student's adapters on its tokens of `data` (or, --bench, the timing
-/// of its training step), with the other ranks of `ep` and `tp`.
+/// of its training step), with the other ranks of its groups.
 template <class Backend, class Comm>
-Report train(const Options& o, Device<Backend>& dev, const Data& data, const Place& at, Comm& ep, Comm& tp) {
-  using Layer = GroupedLoRA<ExpertBase<Backend>>;
+Report train(const Options& o, Device<Backend>& dev, const Data& data, const Place& at, RankGroups<Comm>& groups) {
   const auto stream = dev.stream;
-  auto block = make_block<Backend, Comm>(o, dev, at, &ep, &tp, false, o.format);
+  Comm &ep = groups.ep, &tp = groups.tp;
+  auto block = make_block(o, dev, at, groups, false, o.format);
+  // The layers draw their Kaiming A by global expert and column: every layout starts from the
+  // slices of the one-rank adapters.
   AdapterConfig config;
   config.rank = o.rank;
+  config.seed = o.seed ^ kAdapterFc1;
   block.fc1().add_adapter("lora", config, stream);
+  config.seed = o.seed ^ kAdapterFc2;
   block.fc2().add_adapter("lora", config, stream);
-  seed_adapter(block.fc1(), o, kFc1, at, o.seed ^ kAdapterFc1, stream);
-  seed_adapter(block.fc2(), o, kFc2, at, o.seed ^ kAdapterFc2, stream);
-  AdamW<Layer> fc1_optimizer(AdamWConfig{o.lr}), fc2_optimizer(AdamWConfig{o.lr});
+  // One AdamW steps both projections (groups 0 and 1); its norm and finite check sum over the TP
+  // group (sharded factors; the replicated ones counted once) and the EP group.
+  AdamW<typename decltype(block)::Fc1> optimizer(AdamWConfig{.lr = o.lr, .max_grad_norm = o.clip});
+  const NormGroups<Comm> norm_groups{&tp, &ep};
 
   // This rank's tokens of every batch, and the teacher's outputs for them.
   const std::int64_t t = o.tokens / (at.tp * at.ep);
@@ -731,33 +724,29 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
     return host;
   };
 
-  const auto forward_backward = [&](std::size_t b, float* slot, Timeline<Backend>* timeline) {
+  /// Queues the training step on batch `b` (its loss into `slot`): forward, loss, backward, AdamW.
+  const auto training_step = [&](std::size_t b, float* slot, Timeline<Backend>* timeline) {
+    if (timeline) timeline->start();
     block.forward(rows_of(x[b], t, o.hidden), rows_of(y, t, o.hidden), stream, timeline);
     loss(b, slot, true);
     mark(timeline, Phase::rest);
-    block.backward(rows_of(dy, t, o.hidden), &tp, stream, timeline);
-  };
-  const auto optimize = [&](Timeline<Backend>* timeline) {
-    fc1_optimizer.step(block.fc1(), stream);
-    fc2_optimizer.step(block.fc2(), stream);
+    block.backward(rows_of(dy, t, o.hidden), stream, timeline);
+    optimizer.step({block.fc1(), block.fc2()}, stream, norm_groups);
     mark(timeline, Phase::rest);
-  };
-  const auto eager_step = [&](std::size_t b, float* slot, Timeline<Backend>* timeline) {
-    if (timeline) timeline->start();
-    forward_backward(b, slot, timeline);
-    optimize(timeline);
   };
 #if defined(__CUDACC__)
   StepGraphs graphs;
 #endif
   Report report;
-  // --graph: after one eager step (which sizes every buffer), capture the forward, loss and
-  // backward of each batch; the loss goes to a fixed slot, copied out after each replay.
-  std::function<void(std::size_t, float*)> step = [&](std::size_t b, float* slot) { eager_step(b, slot, nullptr); };
+  // --graph: after one eager step (which sizes every buffer and creates the optimizer's state),
+  // capture the whole step of each batch — forward, loss, backward and the AdamW step, whose
+  // decisions and bias corrections stay on the device; the loss goes to a fixed slot, copied out
+  // after each replay.
+  std::function<void(std::size_t, float*)> step = [&](std::size_t b, float* slot) { training_step(b, slot, nullptr); };
   /// Runs step `b` eagerly (into `slot`) and, with --graph, captures the steps; false when
   /// --graph require cannot be met.
   const auto first_step = [&](std::size_t b, float* slot) {
-    eager_step(b, slot, nullptr);
+    training_step(b, slot, nullptr);
     if (o.graph == "off") return true;
     if (at.tp * at.ep > 1)
       report.not_graphed = "the expert exchange reads the expert counts on the host (the sizes of its all-to-all)";
@@ -765,13 +754,12 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
     if constexpr (std::is_same_v<Backend, CudaBackend>) {
       float* const graph_slot = scratch_at + kScratch;
       for (std::size_t i = 0; i < x.size() && report.not_graphed.empty(); ++i)
-        graphs.capture(stream, [&] { forward_backward(i, graph_slot, nullptr); }, report.not_graphed);
+        graphs.capture(stream, [&] { training_step(i, graph_slot, nullptr); }, report.not_graphed);
       report.graphed = report.not_graphed.empty();
       if (report.graphed)
         step = [&, graph_slot](std::size_t i, float* into) {
           graphs.launch(i, stream);
           Backend::copy(into, graph_slot, sizeof(float), stream);
-          optimize(nullptr);
         };
     }
 #endif
@@ -820,11 +808,12 @@ Report train(const Options& o, Device<Backend>& dev, const Data& data, const Pla
   // One profiled step, then the same with the adapters disabled: the expert layers' time is then
   // the base GEMMs' alone.
   Timeline<Backend> profiled(stream);
-  eager_step(0, loss_at, &profiled);
+  training_step(0, loss_at, &profiled);
   report.profile = profiled.totals();
-  for (Layer* layer : {&block.fc1(), &block.fc2()}) layer->set_enabled("lora", false);
+  block.fc1().set_enabled("lora", false);
+  block.fc2().set_enabled("lora", false);
   Timeline<Backend> base_only(stream);
-  eager_step(0, loss_at, &base_only);
+  training_step(0, loss_at, &base_only);
   report.base_ms = base_only.totals()[static_cast<std::size_t>(Phase::experts)];
   return report;
 }
@@ -884,14 +873,15 @@ auto on_gpu_ranks(int tp, int ep, F&& f) {
 }
 #endif
 
-/// Trains on a tp × ep grid of the backend's ranks.
-template <class Backend>
-Report train_on(const Options& o, const Data& data, int tp, int ep) {
-  Options layout = o;
-  layout.tp = tp, layout.ep = ep;
-  const auto rank = [&](const Place& at, auto& ep_comm, auto& tp_comm) {
+/// Calls `f(place, device, groups)` on every rank of a tp × ep grid of the backend's ranks (host
+/// threads, or one thread per GPU), each with its Device and RankGroups, and returns the leader's
+/// result.
+template <class Backend, class F>
+auto on_ranks(int tp, int ep, F&& f) {
+  const auto rank = [&]<class Comm>(const Place& at, Comm& ep_comm, Comm& tp_comm) {
     Device<Backend> dev(at.q * at.ep + at.p);
-    return train<Backend>(layout, dev, data, at, ep_comm, tp_comm);
+    RankGroups<Comm> groups{ep_comm, tp_comm};
+    return f(at, dev, groups);
   };
 #if defined(__CUDACC__)
   if constexpr (std::is_same_v<Backend, CudaBackend>) return on_gpu_ranks(tp, ep, rank);
@@ -900,17 +890,41 @@ Report train_on(const Options& o, const Data& data, int tp, int ep) {
     return on_host_ranks(tp, ep, rank);
 }
 
-/// The communicator type of a backend's ranks.
+/// The teacher's outputs on every batch, computed on one rank by the block with the teacher's
+/// weights (unquantized, no adapters). --bench: one batch and any target.
 template <class Backend>
-struct RankComm {
-  using type = parallel::HostThreadCommunicator;
-};
-#if defined(__CUDACC__)
-template <>
-struct RankComm<CudaBackend> {
-  using type = parallel::NcclCommunicator;
-};
-#endif
+Data make_data(const Options& o) {
+  Data data;
+  for (std::int64_t b = 0; b <= (o.bench ? 1 : o.batches); ++b) data.x.push_back(tokens(o, b));
+  if (o.bench) {
+    data.target = data.x;
+    std::rotate(data.target.begin(), data.target.begin() + 1, data.target.end());
+    return data;
+  }
+  data.target = on_ranks<Backend>(1, 1, [&](const Place& at, Device<Backend>& dev, auto& groups) {
+    auto teacher = make_block(o, dev, at, groups, o.format == "none", "none");
+    Buffer<Backend> y(static_cast<std::size_t>(o.tokens * o.hidden) * sizeof(bfloat16_t));
+    std::vector<std::vector<bfloat16_t>> targets;
+    for (const auto& x : data.x) {
+      const Buffer<Backend> x_dev = upload<Backend>(x, dev.stream);
+      teacher.forward(rows_of(x_dev, o.tokens, o.hidden), rows_of(y, o.tokens, o.hidden), dev.stream);
+      std::vector<bfloat16_t>& target = targets.emplace_back(x.size());
+      Backend::copy_to_host(target.data(), y.data(), y.bytes(), dev.stream);
+    }
+    return targets;
+  });
+  return data;
+}
+
+/// Trains on a tp × ep grid of the backend's ranks.
+template <class Backend>
+Report train_on(const Options& o, const Data& data, int tp, int ep) {
+  Options layout = o;
+  layout.tp = tp, layout.ep = ep;
+  return on_ranks<Backend>(tp, ep, [&](const Place& at, Device<Backend>& dev, auto& groups) {
+    return train(layout, dev, data, at, groups);
+  });
+}
 
 // ---- reports -------------------------------------------------------------------------------------
 
@@ -930,7 +944,7 @@ int print_report(const Options& o, const Report& r) {
                 r.not_graphed.c_str());
     if (o.graph == "require") return kSkipped;
   }
-  if (r.graphed) std::printf("\nsteps ran as CUDA graphs (forward, loss, backward; AdamW eager)\n");
+  if (r.graphed) std::printf("\nsteps ran as CUDA graphs (forward, loss, backward, AdamW)\n");
   const std::array<double, kPhases>& p = r.profile;
   double total = 0.0;
   for (double ms : p) total += ms;
@@ -950,9 +964,9 @@ int print_report(const Options& o, const Report& r) {
     std::printf("  %-28s %8.3f ms  %5.1f%%\n", name, ms, 100.0 * ms / std::max(total, 1e-12));
   };
   row("router / permute / combine", p[static_cast<std::size_t>(Phase::router)]);
-  if (o.tp * o.ep > 1) row("exchange (EP/TP collectives)", p[static_cast<std::size_t>(Phase::exchange)]);
+  if (o.tp * o.ep > 1) row("token exchange (EP, TP)", p[static_cast<std::size_t>(Phase::exchange)]);
   row("base GEMMs", std::min(r.base_ms, experts));
-  row("LoRA (both projections)", std::max(experts - r.base_ms, 0.0));
+  row(o.tp > 1 ? "LoRA (+ its TP all-reduces)" : "LoRA (both projections)", std::max(experts - r.base_ms, 0.0));
   row("rest (SwiGLU, loss, AdamW)", p[static_cast<std::size_t>(Phase::rest)]);
   row("total", total);
   // Success: the hidden low-rank updates are learnable, so the loss must at least halve; a
@@ -1007,7 +1021,6 @@ int print_layout_check(const Options& o, const Report& parallel, const Report& s
 
 template <class Backend>
 int run(const Options& o) {
-  using Comm = typename RankComm<Backend>::type;
   std::printf("backend: %s", Device<Backend>::name().c_str());
   if (o.tp * o.ep > 1)
     std::printf(", %d ranks (tp %d x ep %d) as %s", o.tp * o.ep, o.tp, o.ep,
@@ -1017,10 +1030,13 @@ int run(const Options& o) {
               static_cast<long long>(o.hidden), static_cast<long long>(o.ffn), static_cast<long long>(o.experts),
               static_cast<long long>(o.top_k), static_cast<long long>(o.tokens), static_cast<long long>(o.rank),
               o.format == "none" ? "bf16 (teacher: plus hidden rank-4 updates)" : (o.format + " (teacher: bf16)").c_str());
-  const Data data = make_data<Backend, Comm>(o);
-  if (!o.bench)
-    std::printf("training %lld steps on %lld batches (AdamW, lr %.1e)\n", static_cast<long long>(o.steps),
+  const Data data = make_data<Backend>(o);
+  if (!o.bench) {
+    std::printf("training %lld steps on %lld batches (AdamW, lr %.1e, ", static_cast<long long>(o.steps),
                 static_cast<long long>(o.batches), static_cast<double>(o.lr));
+    if (o.clip > 0.0f) std::printf("gradient norm clipped to %g)\n", static_cast<double>(o.clip));
+    else std::printf("no clipping)\n");
+  }
   const Report report = train_on<Backend>(o, data, o.tp, o.ep);
   int status = print_report(o, report);
   if (o.bench || o.tp * o.ep == 1 || status == kSkipped) return status;
@@ -1044,6 +1060,7 @@ int main(int argc, char** argv) {
   app.add_option("--steps", o.steps, "AdamW steps");
   app.add_option("--batches", o.batches, "distinct training batches (cycled); one more is held out");
   app.add_option("--lr", o.lr, "AdamW learning rate");
+  app.add_option("--clip", o.clip, "clip the global gradient norm (over all ranks) to this; 0: off");
   app.add_option("--tp", o.tp, "tensor-parallel ranks (they split ffn)");
   app.add_option("--ep", o.ep, "expert-parallel ranks (they split the experts)");
   app.add_option("--format", o.format, "quantized base: none, int8, int8_channel, int4, fp8, nvfp4, nf4, mxfp4");
