@@ -442,9 +442,11 @@ struct CudaBackend {
   static void optim_finish_stats(const OptimBatch& batch, cudaStream_t stream) {
     cuda_detail::launch(kernels::optim_finish_kernel<1>, dim3(1), 1, 0, stream, batch);
   }
+  /// With statistics, the update follows their pass (or the decision) as a programmatic dependent.
   static void optim_update(const OptimBatch& batch, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>(optim_blocks(batch.chunk_count)));
-    cuda_detail::launch(kernels::optim_update_kernel<kernels::kOptimThreads>, grid, kernels::kOptimThreads, 0, stream, batch);
+    cuda_detail::launch_programmatic(batch.use_stats, kernels::optim_update_kernel<kernels::kOptimThreads>, grid,
+                                     kernels::kOptimThreads, 0, stream, batch);
   }
 
  private:

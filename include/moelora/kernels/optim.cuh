@@ -62,6 +62,7 @@ __device__ __forceinline__ bool last_block(std::uint32_t* counter) {
 /// threads a block (kOptimThreads).
 template <int Threads>
 __global__ void __launch_bounds__(Threads) optim_stats_kernel(OptimBatch b) {
+  allow_dependent_launch();  // the update pass may be scheduled now; it waits for this grid's end
   using Reduce = cub::BlockReduce<double, Threads>;
   __shared__ typename Reduce::TempStorage temp;
   double sums[2] = {0.0, 0.0};  // [sharded, replicated]
@@ -154,9 +155,11 @@ __device__ __forceinline__ void adamw_chunk(const OptimTensor& t, std::int64_t b
 
 /// Update pass: AdamW over every tensor unless the step was skipped; each chunk's constants come
 /// from its tensor's step count and the schedule; the last block advances every step count.
-/// `Threads` threads a block (kOptimThreads).
+/// `Threads` threads a block (kOptimThreads). After a statistics pass it runs as that pass's
+/// programmatic dependent and waits for it before reading the decision.
 template <int Threads>
 __global__ void __launch_bounds__(Threads) optim_update_kernel(OptimBatch b) {
+  if (b.use_stats) wait_for_prerequisites();
   if (b.use_stats && !b.control->apply) return;  // the same answer for every block: skip entirely
   const float grad_scale = b.use_stats ? b.control->grad_scale : 1.0f;
   __shared__ AdamWStep constants;
