@@ -54,6 +54,7 @@
 #if defined(__CUDACC__)
 #include <cub/block/block_reduce.cuh>
 
+#include "moelora/moe/nccl_grid.hpp"
 #include "moelora/parallel/nccl_communicator.hpp"
 #endif
 
@@ -834,41 +835,30 @@ auto on_host_ranks(int tp, int ep, F&& f) {
 }
 
 #if defined(__CUDACC__)
-/// Calls `f(place, ep, tp)` on a tp × ep grid of threads, rank (q, p) on GPU q·ep + p, over NCCL
-/// communicators (one EP communicator per TP rank, one TP communicator per EP rank; their unique
-/// ids are shared in memory, since the ranks are threads of one process), and returns the
-/// leader's result. NCCL cannot abort a peer waiting in a collective, so a failing rank ends the
-/// process (exit status 1) after printing its error.
+/// Calls `f(place, ep, tp)` on a tp × ep grid of threads, one per GPU, over NCCL communicators
+/// (moe::run_nccl_grid), and returns the leader's result. NCCL cannot abort a peer waiting in a
+/// collective, so a failing rank ends the process (exit status 1) after printing its error.
 template <class F>
 auto on_gpu_ranks(int tp, int ep, F&& f) {
-  std::vector<ncclUniqueId> ep_ids(static_cast<std::size_t>(tp)), tp_ids(static_cast<std::size_t>(ep));
-  for (ncclUniqueId& id : ep_ids) MOELORA_NCCL_CHECK(ncclGetUniqueId(&id));
-  for (ncclUniqueId& id : tp_ids) MOELORA_NCCL_CHECK(ncclGetUniqueId(&id));
-  decltype(f(Place{}, std::declval<parallel::NcclCommunicator&>(), std::declval<parallel::NcclCommunicator&>())) leader{};
-  std::vector<std::thread> threads;
-  for (int q = 0; q < tp; ++q)
-    for (int p = 0; p < ep; ++p)
-      threads.emplace_back([&, p, q] {
+  using Comm = parallel::NcclCommunicator;
+  decltype(f(Place{}, std::declval<Comm&>(), std::declval<Comm&>())) leader{};
+  moe::run_nccl_grid(
+      tp, ep,
+      [&](const Place& at, Comm& ep_comm, Comm& tp_comm) {
+        auto result = f(at, ep_comm, tp_comm);
+        if (at.leader()) leader = std::move(result);
+      },
+      [](const Place& at, std::exception_ptr failure) {
         try {
-          MOELORA_CUDA_CHECK(cudaSetDevice(q * ep + p));
-          ncclComm_t ep_raw = nullptr, tp_raw = nullptr;
-          MOELORA_NCCL_CHECK(ncclCommInitRank(&ep_raw, ep, ep_ids[static_cast<std::size_t>(q)], p));
-          MOELORA_NCCL_CHECK(ncclCommInitRank(&tp_raw, tp, tp_ids[static_cast<std::size_t>(p)], q));
-          {
-            parallel::NcclCommunicator ep_comm(ep_raw), tp_comm(tp_raw);
-            const Place at{tp, ep, q, p};
-            auto result = f(at, ep_comm, tp_comm);
-            if (at.leader()) leader = std::move(result);
-          }
-          ncclCommDestroy(tp_raw);
-          ncclCommDestroy(ep_raw);
+          std::rethrow_exception(failure);
         } catch (const std::exception& e) {
-          std::fprintf(stderr, "\nrank (tp %d, ep %d): %s\n", q, p, e.what());
-          std::fflush(stderr);
-          std::_Exit(1);
+          std::fprintf(stderr, "\nrank (tp %d, ep %d): %s\n", at.q, at.p, e.what());
+        } catch (...) {
+          std::fprintf(stderr, "\nrank (tp %d, ep %d): an exception that is not a std::exception\n", at.q, at.p);
         }
+        std::fflush(stderr);
+        std::_Exit(1);
       });
-  for (std::thread& thread : threads) thread.join();
   return leader;
 }
 #endif

@@ -2,15 +2,11 @@
 // machine: NCCL's one-rank collectives are copies, still a full smoke test of every call), and a
 // collective captured in a CUDA graph.
 #include <doctest/doctest.h>
-#include <nccl.h>
 
-#include <exception>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "cases/communicator_cases.hpp"
-#include "moelora/parallel/nccl_communicator.hpp"
+#include "moelora/moe/nccl_grid.hpp"
 
 using namespace moelora;
 using namespace moelora::parallel;
@@ -19,39 +15,19 @@ using namespace moelora::testing;
 namespace {
 
 /// Runs `f(NcclCommunicator&, cudaStream_t)` on one thread per visible GPU, over one NCCL
-/// communicator created here (the test is its caller and owner); rethrows the first failure.
+/// communicator of them all (the EP group of a 1 × devices grid, moe::run_nccl_grid); rethrows the
+/// first failure.
 template <class F>
 void run_nccl_ranks(F&& f) {
   int devices = 0;
   MOELORA_CUDA_CHECK(cudaGetDeviceCount(&devices));
-  ncclUniqueId id;
-  MOELORA_NCCL_CHECK(ncclGetUniqueId(&id));
-  std::mutex error_mutex;
-  std::exception_ptr first_error;
-  std::vector<std::thread> threads;
-  for (int d = 0; d < devices; ++d) {
-    threads.emplace_back([&, d] {
-      try {
-        MOELORA_CUDA_CHECK(cudaSetDevice(d));
-        cudaStream_t stream = nullptr;
-        MOELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-        ncclComm_t raw = nullptr;
-        MOELORA_NCCL_CHECK(ncclCommInitRank(&raw, devices, id, d));
-        {
-          NcclCommunicator comm(raw);
-          f(comm, stream);
-        }
-        MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
-        MOELORA_NCCL_CHECK(ncclCommDestroy(raw));
-        MOELORA_CUDA_CHECK(cudaStreamDestroy(stream));
-      } catch (...) {
-        const std::lock_guard lock(error_mutex);
-        if (!first_error) first_error = std::current_exception();
-      }
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  if (first_error) std::rethrow_exception(first_error);
+  moe::run_nccl_grid(1, devices, [&](const moe::GridPlace&, NcclCommunicator& all, NcclCommunicator&) {
+    cudaStream_t stream = nullptr;
+    MOELORA_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    f(all, stream);
+    MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    MOELORA_CUDA_CHECK(cudaStreamDestroy(stream));
+  });
 }
 
 }  // namespace

@@ -3,24 +3,20 @@
 // whose collectives NCCL turns into copies, through every tensor-parallel code path), and a TP
 // layer's forward and backward captured in a CUDA graph.
 #include <doctest/doctest.h>
-#include <nccl.h>
 
-#include <exception>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "cases/parallel_cases.hpp"
-#include "moelora/parallel/nccl_communicator.hpp"
+#include "moelora/moe/nccl_grid.hpp"
 #include "support/cuda_harness.cuh"
 
 namespace {
 
 using namespace moelora;
 
-/// One thread per GPU: rank (e, t) runs on device e · tp + t, in TP group e (an NCCL communicator of
-/// tp ranks created here and destroyed after). A rank that fails may leave the others waiting in
-/// NCCL; the test's timeout ends such a run.
+/// One thread per GPU over NCCL (moe::run_nccl_grid): rank (TP t, EP e) runs in the TP group of EP
+/// rank e. A rank that fails may leave the others waiting in NCCL; the test's timeout ends such a
+/// run.
 struct NcclRanks {
   using Harness = testing::CudaHarness;
   using Comm = parallel::NcclCommunicator;
@@ -34,33 +30,12 @@ struct NcclRanks {
   template <class F>
   static void run(int tp, int ep, F&& f) {
     REQUIRE(tp * ep <= max_ranks());
-    std::vector<ncclUniqueId> ids(static_cast<std::size_t>(ep));
-    for (ncclUniqueId& id : ids) MOELORA_NCCL_CHECK(ncclGetUniqueId(&id));
-    std::mutex mutex;
-    std::exception_ptr first;
-    std::vector<std::thread> threads;
-    for (int e = 0; e < ep; ++e)
-      for (int t = 0; t < tp; ++t)
-        threads.emplace_back([&, e, t] {
-          try {
-            MOELORA_CUDA_CHECK(cudaSetDevice(e * tp + t));
-            ncclComm_t group = nullptr;
-            MOELORA_NCCL_CHECK(ncclCommInitRank(&group, tp, ids[static_cast<std::size_t>(e)], t));
-            {
-              Harness h;
-              Comm tp_comm(group);
-              testing::RankEnv<Harness, Comm> env{h, tp_comm, t, e, tp, ep};
-              f(env);
-              CudaBackend::synchronize(h.stream());
-            }
-            MOELORA_NCCL_CHECK(ncclCommDestroy(group));
-          } catch (...) {
-            const std::lock_guard lock(mutex);
-            if (!first) first = std::current_exception();
-          }
-        });
-    for (std::thread& thread : threads) thread.join();
-    if (first) std::rethrow_exception(first);
+    moe::run_nccl_grid(tp, ep, [&](const moe::GridPlace& at, Comm&, Comm& tp_comm) {
+      Harness h;
+      testing::RankEnv<Harness, Comm> env{h, tp_comm, at.q, at.p, tp, ep};
+      f(env);
+      CudaBackend::synchronize(h.stream());
+    });
   }
 };
 
