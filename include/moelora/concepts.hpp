@@ -1,6 +1,6 @@
 /// \file
 /// \brief The concepts a user's types must satisfy to plug into moelora: Backend, GroupedLinearBase and
-/// its refinement AccumulatingGroupedLinearBase.
+/// its refinements AccumulatingGroupedLinearBase and LowRankFusingGroupedLinearBase.
 #pragma once
 
 #include <concepts>
@@ -9,6 +9,7 @@
 
 #include "moelora/core/dtype.hpp"
 #include "moelora/core/lora_args.hpp"
+#include "moelora/core/low_rank_addend.hpp"
 #include "moelora/core/segments.hpp"
 #include "moelora/core/tensor.hpp"
 #include "moelora/core/write_mode.hpp"
@@ -76,6 +77,21 @@ concept AccumulatingGroupedLinearBase =
                                      typename L::backend_type::stream_type stream, WriteMode mode) {
       base.forward(in, segments, out, stream, mode);
       base.backward_input(in, segments, out, stream, mode);
+    };
+
+/// A base whose GEMMs can add a low-rank product in their own accumulator (a LowRankAddend: the
+/// LoRA expand `B_e h` in forward, `A_eᵀ u` in backward_input) where `fuses_low_rank(rank, dtype)`
+/// says so. GroupedLoRA then writes y and dx in the base's one pass: no separate expand over y and
+/// no read of y or dx to add into them.
+template <class L>
+concept LowRankFusingGroupedLinearBase =
+    AccumulatingGroupedLinearBase<L> &&
+    requires(L& base, const L& cbase, ConstTensorRef in, TensorRef out, const ExpertSegments& segments,
+             typename L::backend_type::stream_type stream, WriteMode mode, const LowRankAddend& addend,
+             std::int64_t rank, DType dtype) {
+      base.forward(in, segments, out, stream, mode, addend);
+      base.backward_input(in, segments, out, stream, mode, addend);
+      { cbase.fuses_low_rank(rank, dtype) } -> std::convertible_to<bool>;
     };
 
 }  // namespace moelora

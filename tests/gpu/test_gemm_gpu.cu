@@ -1,6 +1,7 @@
 // The CUDA bases' GEMMs and the sync-free layer step: the sm90 grouped GEMM (both tiles, both
 // directions, bf16 and fp16, β = 0 on poisoned and β = 1 on known outputs, empty experts, T = 0,
-// one expert with every row, counts that are no multiple of a tile) against an fp64 reference; the
+// one expert with every row, counts that are no multiple of a tile; with and without a low-rank
+// addend in its K loop) against an fp64 reference; every strategy with an addend; the
 // cuBLAS fallback where the sm90 path does not apply; GroupedLinear and QuantizedGroupedLinear with
 // device counts; and the whole layer step (forward, backward with fresh gradients, AdamW) captured
 // in one CUDA graph in global capture mode (any host sync or allocation fails the capture) and
@@ -47,6 +48,23 @@ std::vector<double> reference_gemm(GemmDirection direction, const HostTensor& w,
         result[static_cast<std::size_t>(t * m + j)] = acc;
       }
   return result;
+}
+
+/// Adds a LowRankAddend's product in fp64: out_t += F_e r_t, F = `[E, m, rank]` forward (B),
+/// `[E, rank, m]` backward_input (A, so F_eᵀ r_t); `first` is the expert of `offsets[0]`'s rows.
+void add_reference_addend(GemmDirection direction, const HostTensor& factors, const HostTensor& rows,
+                          const std::vector<std::int64_t>& offsets, std::vector<double>& out) {
+  const bool fwd = direction == GemmDirection::forward;
+  const std::int64_t rank = rows.shape[1], m = fwd ? factors.shape[1] : factors.shape[2];
+  for (std::size_t e = 0; e + 1 < offsets.size(); ++e)
+    for (std::int64_t t = offsets[e]; t < offsets[e + 1]; ++t)
+      for (std::int64_t j = 0; j < m; ++j)
+        for (std::int64_t q = 0; q < rank; ++q) {
+          const std::int64_t fidx = fwd ? (static_cast<std::int64_t>(e) * m + j) * rank + q
+                                        : (static_cast<std::int64_t>(e) * rank + q) * m + j;
+          out[static_cast<std::size_t>(t * m + j)] +=
+              double(factors[static_cast<std::size_t>(fidx)]) * rows[static_cast<std::size_t>(t * rank + q)];
+        }
 }
 
 /// Runs a base's forward and backward_input from poisoned outputs and checks both against fp64 with
@@ -127,10 +145,58 @@ TEST_CASE("sm90 grouped GEMM: both tiles and directions against fp64, β = 0 and
               for (const WriteMode mode : {WriteMode::overwrite, WriteMode::accumulate}) {
                 auto out = mode == WriteMode::overwrite ? h.poisoned(dtype, {rows, m}) : h.upload(c);
                 gemm.run({direction, w_dev.ref().data, segments.offsets, 0, s.experts, in_dev.ref().data,
-                          out.ref().data, mode},
+                          out.ref().data, mode, {}},
                          tile, h.stream());
                 const std::vector<double> ref =
                     reference_gemm(direction, w, in, offsets, mode == WriteMode::accumulate ? &c : nullptr);
+                CHECK(relative_error(h.download(out.ref()).values, ref) < tolerance(dtype));
+              }
+          }
+        }
+}
+
+TEST_CASE("sm90 grouped GEMM with a low-rank addend in its K loop: both tiles and directions against fp64") {
+  if (!sm90_here()) return;
+  CudaHarness h;
+  struct Shape3 {
+    std::int64_t experts, in, out;
+  };
+  // in = 136 and out = 200: the base's last K tile is partial (zero-filled) before the addend's tiles;
+  // rank 72 spans two K tiles of the cooperative kernel.
+  for (const Shape3 s : {Shape3{7, 136, 200}, Shape3{3, 64, 392}})
+    for (const std::int64_t rank : {8, 16, 72})
+      for (const Spread spread : {Spread::uniform, Spread::skewed, Spread::one_expert})
+        for (const std::int64_t rows : {std::int64_t{0}, std::int64_t{1}, std::int64_t{333}}) {
+          Rng rng;
+          INFO("seed " << rng.seed << " E " << s.experts << " rank " << rank << " rows " << rows);
+          const DType dtype = DType::bf16;
+          const HostTensor w = random_tensor(rng, dtype, {s.experts, s.out, s.in}, 0.1f);
+          const std::vector<std::int64_t> counts = make_counts(rng, s.experts, rows, spread);
+          const std::vector<std::int64_t> offsets = offsets_of(counts);
+          CudaBackend::Workspace workspace;
+          const DeviceCounts device_counts(counts, h.stream());
+          const ExpertSegments& segments = workspace.prepare_segments(device_counts.view, rows, h.stream());
+          const auto w_dev = h.upload(w);
+          sm90::Sm90GroupedGemm gemm({dtype, s.experts, s.out, s.in});
+          for (const GemmDirection direction : {GemmDirection::forward, GemmDirection::backward_input}) {
+            const bool fwd = direction == GemmDirection::forward;
+            const std::int64_t k = fwd ? s.in : s.out, m = fwd ? s.out : s.in;
+            const HostTensor in = random_tensor(rng, dtype, {rows, k});
+            const HostTensor c = random_tensor(rng, dtype, {rows, m});
+            const HostTensor low_rows = random_tensor(rng, dtype, {rows, rank});
+            const HostTensor factors =
+                random_tensor(rng, dtype, fwd ? Shape{s.experts, m, rank} : Shape{s.experts, rank, m}, 0.2f);
+            const auto in_dev = h.upload(in), rows_dev = h.upload(low_rows), factors_dev = h.upload(factors);
+            const LowRankAddend addend{rows_dev.ref().data, factors_dev.ref().data, rank};
+            for (const sm90::GemmTile tile : {sm90::GemmTile::cooperative, sm90::GemmTile::pingpong})
+              for (const WriteMode mode : {WriteMode::overwrite, WriteMode::accumulate}) {
+                auto out = mode == WriteMode::overwrite ? h.poisoned(dtype, {rows, m}) : h.upload(c);
+                gemm.run({direction, w_dev.ref().data, segments.offsets, 0, s.experts, in_dev.ref().data,
+                          out.ref().data, mode, addend},
+                         tile, h.stream());
+                std::vector<double> ref =
+                    reference_gemm(direction, w, in, offsets, mode == WriteMode::accumulate ? &c : nullptr);
+                add_reference_addend(direction, factors, low_rows, offsets, ref);
                 CHECK(relative_error(h.download(out.ref()).values, ref) < tolerance(dtype));
               }
           }
@@ -159,7 +225,7 @@ TEST_CASE("sm90 grouped GEMM: a range of experts (a dequantized chunk) leaves th
   auto y = h.poisoned(DType::bf16, {rows, out});
   sm90::Sm90GroupedGemm gemm({DType::bf16, chunk + 1, out, in});
   gemm.run({GemmDirection::forward, w_dev.ref().data, segments.offsets, first, chunk, x_dev.ref().data, y.ref().data,
-            WriteMode::overwrite},
+            WriteMode::overwrite, {}},
            sm90::GemmTile::pingpong, h.stream());
   const HostTensor y_host = h.download(y.ref());
   const std::vector<double> ref = reference_gemm(GemmDirection::forward, w, x, offsets, nullptr);
@@ -212,6 +278,45 @@ TEST_CASE("GroupedLinear<CudaBackend>: strategies, device counts, and the cuBLAS
         check_base(h, base, seg, w, random_tensor(rng, DType::bf16, {rows, s.in}),
                    random_tensor(rng, DType::bf16, {rows, s.out}), counts);
         CHECK(base.last_strategy() == base.strategy());
+      }
+  }
+  SUBCASE("a low-rank addend in every strategy, host and device counts, against fp64") {
+    std::vector<GemmStrategy> strategies{GemmStrategy::per_expert, GemmStrategy::grouped};
+    if (sm90_here()) strategies.push_back(GemmStrategy::sm90_grouped);
+    const std::int64_t experts = 5, in = 64, out = 48, rows = 301, rank = 16;
+    for (const GemmStrategy strategy : strategies)
+      for (const bool device : {false, true}) {
+        INFO("strategy " << gemm_strategy_name(strategy) << " device counts " << device);
+        const HostTensor w = random_tensor(rng, DType::bf16, {experts, out, in}, 0.1f);
+        GroupedLinear<CudaBackend> base(h.handle, experts, in, out, DType::bf16, strategy);
+        base.set_weight({w.encode().data(), DType::bf16, w.shape}, h.stream());
+        CHECK(base.fuses_low_rank(rank, DType::bf16) == (strategy == GemmStrategy::sm90_grouped));
+        CHECK_FALSE(base.fuses_low_rank(12, DType::bf16));
+        CHECK_FALSE(base.fuses_low_rank(rank, DType::fp32));
+        const std::vector<std::int64_t> counts = make_counts(rng, experts, rows, Spread::skewed);
+        const std::vector<std::int64_t> offsets = offsets_of(counts);
+        const DeviceCounts device_counts(counts, h.stream());
+        CudaBackend::Workspace workspace;
+        const ExpertSegments& seg = workspace.prepare_segments(
+            device ? device_counts.view : expert_counts(counts.data(), experts), rows, h.stream());
+        const HostTensor x = random_tensor(rng, DType::bf16, {rows, in}), dy = random_tensor(rng, DType::bf16, {rows, out});
+        const HostTensor h_rows = random_tensor(rng, DType::bf16, {rows, rank}), u_rows = random_tensor(rng, DType::bf16, {rows, rank});
+        const HostTensor b = random_tensor(rng, DType::bf16, {experts, out, rank}, 0.2f);
+        const HostTensor a = random_tensor(rng, DType::bf16, {experts, rank, in}, 0.2f);
+        const auto x_dev = h.upload(x), dy_dev = h.upload(dy), h_dev = h.upload(h_rows), u_dev = h.upload(u_rows);
+        const auto a_dev = h.upload(a), b_dev = h.upload(b);
+        auto y = h.poisoned(DType::bf16, {rows, out});
+        auto dx = h.poisoned(DType::bf16, {rows, in});
+        base.forward(x_dev.ref(), seg, y.ref(), h.stream(), WriteMode::overwrite,
+                     {h_dev.ref().data, b_dev.ref().data, rank});
+        base.backward_input(dy_dev.ref(), seg, dx.ref(), h.stream(), WriteMode::overwrite,
+                            {u_dev.ref().data, a_dev.ref().data, rank});
+        std::vector<double> y_ref = reference_gemm(GemmDirection::forward, w, x, offsets, nullptr);
+        add_reference_addend(GemmDirection::forward, b, h_rows, offsets, y_ref);
+        std::vector<double> dx_ref = reference_gemm(GemmDirection::backward_input, w, dy, offsets, nullptr);
+        add_reference_addend(GemmDirection::backward_input, a, u_rows, offsets, dx_ref);
+        CHECK(relative_error(h.download(y.ref()).values, y_ref) < tolerance(DType::bf16));
+        CHECK(relative_error(h.download(dx.ref()).values, dx_ref) < tolerance(DType::bf16));
       }
   }
   SUBCASE("a misaligned output falls back to one cuBLAS GEMM per expert for that call") {
@@ -404,4 +509,55 @@ TEST_CASE("the layer step (forward, backward, AdamW) with device counts replays 
             },
             experts, in, out, rows, padded);
   }
+}
+
+TEST_CASE("the LoRA expand riding on the sm90 GEMM: the layer matches the same layer on cuBLAS, which adds it apart") {
+  if (!sm90_here()) return;
+  CudaHarness h;
+  const std::int64_t experts = 6, in = 136, out = 200;
+  for (const Spread spread : {Spread::uniform, Spread::skewed, Spread::one_expert})
+    for (const std::int64_t rows : {std::int64_t{0}, std::int64_t{1}, std::int64_t{517}}) {
+      Rng rng;
+      INFO("seed " << rng.seed << " rows " << rows);
+      const HostTensor w = random_tensor(rng, DType::bf16, {experts, out, in}, 0.1f);
+      // Fused: the sm90 base takes adapter "a" (bf16, rank 16, scale 2); "b" (rank 12: no multiple
+      // of 8) and "c" (fp16 factors) add apart in both layers.
+      std::vector<HostTensor> results[2];
+      for (const int fused : {0, 1}) {
+        Rng same(rng.seed);  // both layers see the same factors and data
+        GroupedLinear<CudaBackend> base(h.handle, experts, in, out, DType::bf16,
+                                        fused ? GemmStrategy::sm90_grouped : GemmStrategy::per_expert);
+        base.set_weight({w.encode().data(), DType::bf16, w.shape}, h.stream());
+        GroupedLoRA<GroupedLinear<CudaBackend>> layer(std::move(base));
+        layer.add_adapter("a", adapter(16, 2.0), h.stream());
+        layer.add_adapter("b", adapter(12, 0.5), h.stream());
+        layer.add_adapter("c", adapter(16, 1.0, "fp16"), h.stream());
+        for (const char* name : {"a", "b", "c"}) {
+          const AdapterView v = layer.adapter(name);
+          h.write(v.b, random_tensor(same, v.b.dtype, v.b.shape, 0.1f));
+        }
+        const std::vector<std::int64_t> counts = make_counts(same, experts, rows, spread);
+        const DeviceCounts device_counts(counts, h.stream());
+        const HostTensor x = random_tensor(same, DType::bf16, {rows, in});
+        const HostTensor dy = random_tensor(same, DType::bf16, {rows, out}, 0.05f);
+        const auto x_dev = h.upload(x), dy_dev = h.upload(dy);
+        auto y = h.poisoned(DType::bf16, {rows, out});
+        auto dx = h.poisoned(DType::bf16, {rows, in});
+        layer.forward(x_dev.ref(), device_counts.view, y.ref(), h.stream());
+        layer.backward(x_dev.ref(), device_counts.view, dy_dev.ref(), dx.ref(), h.stream(), WriteMode::overwrite);
+        results[fused].push_back(h.download(y.ref()));
+        results[fused].push_back(h.download(dx.ref()));
+        for (const char* name : {"a", "b", "c"}) {
+          const AdapterView v = layer.adapter(name);
+          results[fused].push_back(h.download(v.grad_a));
+          results[fused].push_back(h.download(v.grad_b));
+        }
+      }
+      // The fused layer rounds h · scale (not h) and its GEMM sums the product with the base in
+      // one accumulator: within bf16 rounding of the unfused layer.
+      for (std::size_t i = 0; i < results[0].size(); ++i) {
+        INFO("result " << i << " (y, dx, then dA, dB of a, b, c)");
+        CHECK(relative_error(results[1][i].values, results[0][i].values) < 2 * tolerance(DType::bf16));
+      }
+    }
 }

@@ -6,7 +6,8 @@
 /// `[offsets[e], offsets[e+1])`: forward `out_t = W_e in_t` (in `[T, in]`, out `[T, out]`) or
 /// backward_input `out_t = W_eᵀ in_t` (in `[T, out]`, out `[T, in]`), overwriting out or adding
 /// into it (`mode`); fp32 accumulation, out rounded once to `dtype`. The weights of the range may live in a scratch (a
-/// dequantized chunk), so they are passed per call.
+/// dequantized chunk), so they are passed per call. A call may carry a LowRankAddend, summed into
+/// the same accumulator (forward `out_t += B_e r_t`, backward_input `out_t += A_eᵀ r_t`).
 #pragma once
 
 #include <cstdint>
@@ -14,6 +15,7 @@
 
 #include "moelora/core/dtype.hpp"
 #include "moelora/core/gemm_direction.hpp"
+#include "moelora/core/low_rank_addend.hpp"
 #include "moelora/core/segments.hpp"
 #include "moelora/core/write_mode.hpp"
 #include "moelora/host/backend.hpp"
@@ -34,6 +36,7 @@ struct GroupedGemmArgs {
   const void* in = nullptr;             ///< all T rows (the range's rows are read)
   void* out = nullptr;                  ///< all T rows (the range's rows are written)
   WriteMode mode = WriteMode::overwrite;  ///< accumulate: out_t += product (β = 1)
+  LowRankAddend addend;                 ///< in `dtype`; rank 0: none
 
   /// Features of an input row and of an output row.
   [[nodiscard]] std::int64_t k() const { return direction == GemmDirection::forward ? in_features : out_features; }
@@ -62,8 +65,17 @@ class GroupedGemm<HostBackend> {
       void* out = host::element(g.out, g.dtype, offsets[e] * m);
       if (g.mode == WriteMode::accumulate) host::load_as_float(out, g.dtype, c_.size(), c_.data(), DType::fp32);
       // c [n, m] (+)= a [n, k] · op(W_e), W_e `[out, in]`: transposed for forward.
-      host::gemm(host::Op::n, g.direction == GemmDirection::forward ? host::Op::t : host::Op::n, n, m, k, 1.0f,
-                 a_.data(), w_.data(), gemm_beta(g.mode), c_.data());
+      const host::Op op = g.direction == GemmDirection::forward ? host::Op::t : host::Op::n;
+      host::gemm(host::Op::n, op, n, m, k, 1.0f, a_.data(), w_.data(), gemm_beta(g.mode), c_.data());
+      if (const std::int64_t r = g.addend.rank) {  // c += rows [n, r] · op(F_e): F_e `[m, r]` forward, `[r, m]` else
+        w_.resize(static_cast<std::size_t>(m * r));
+        a_.resize(static_cast<std::size_t>(n * r));
+        host::load_as_float(host::element(g.addend.factors, g.dtype, e * m * r), g.dtype, w_.size(), w_.data(),
+                            DType::fp32);
+        host::load_as_float(host::element(g.addend.rows, g.dtype, offsets[e] * r), g.dtype, a_.size(), a_.data(),
+                            DType::fp32);
+        host::gemm(host::Op::n, op, n, m, r, 1.0f, a_.data(), w_.data(), 1.0f, c_.data());
+      }
       host::store_from_float(c_.data(), c_.size(), out, g.dtype);
     }
   }

@@ -2,8 +2,9 @@
 /// \brief GroupedLinear<Backend>: the reference frozen grouped base, W `[E, out, in]` per expert.
 ///
 /// `forward`: `y_t = W_e x_t`; `backward_input`: `dx_t = W_eᵀ dy_t` (overwriting, or adding with
-/// `WriteMode::accumulate`: an AccumulatingGroupedLinearBase); fp32 accumulation, outputs rounded
-/// once to the weight dtype (bf16, fp16 or fp32). The GEMMs are the backend's GroupedGemm: OpenBLAS on
+/// `WriteMode::accumulate`: an AccumulatingGroupedLinearBase), each optionally plus a LowRankAddend
+/// in the same accumulator (a LowRankFusingGroupedLinearBase where the backend's GEMM has
+/// `fuses_low_rank`); fp32 accumulation, outputs rounded once to the weight dtype (bf16, fp16 or fp32). The GEMMs are the backend's GroupedGemm: OpenBLAS on
 /// the host; on the GPU the sm90 grouped GEMM (CUTLASS, no host sync) or cuBLAS (`cuda/grouped_gemm.hpp`).
 #pragma once
 
@@ -93,20 +94,28 @@ class GroupedLinear : public GroupedWeights<Backend> {
     return gemm_.last_strategy();
   }
 
+  /// Whether a LowRankAddend of `rank` in `dtype` rides on this base's GEMMs (where the backend
+  /// says: CUDA's sm90 path); GroupedLoRA then hands them its first adapter's expand.
+  [[nodiscard]] bool fuses_low_rank(std::int64_t rank, DType dtype) const
+    requires requires(const GroupedGemm<Backend>& gemm) { gemm.fuses_low_rank(rank, dtype); }
+  {
+    return gemm_.fuses_low_rank(rank, dtype);
+  }
+
   void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
-               WriteMode mode = WriteMode::overwrite) {
-    gemm_.run(gemm_args(GemmDirection::forward, x, segments, y, mode), stream);
+               WriteMode mode = WriteMode::overwrite, const LowRankAddend& addend = {}) {
+    gemm_.run(gemm_args(GemmDirection::forward, x, segments, y, mode, addend), stream);
   }
   void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream,
-                      WriteMode mode = WriteMode::overwrite) {
-    gemm_.run(gemm_args(GemmDirection::backward_input, dy, segments, dx, mode), stream);
+                      WriteMode mode = WriteMode::overwrite, const LowRankAddend& addend = {}) {
+    gemm_.run(gemm_args(GemmDirection::backward_input, dy, segments, dx, mode, addend), stream);
   }
 
  private:
   GroupedGemmArgs gemm_args(GemmDirection direction, ConstTensorRef in, const ExpertSegments& segments, TensorRef out,
-                            WriteMode mode) const {
-    return {direction,     this->weight().data, 0,       this->num_experts(), this->out_features(), this->in_features(),
-            this->dtype(), &segments,           in.data, out.data,            mode};
+                            WriteMode mode, const LowRankAddend& addend) const {
+    return {direction, this->weight().data, 0,        this->num_experts(), this->out_features(), this->in_features(),
+            this->dtype(), &segments,       in.data,  out.data,            mode,                 addend};
   }
 
   GroupedGemm<Backend> gemm_;

@@ -18,7 +18,8 @@
 /// is dequantized, since which chunks have rows is known only on the device.
 ///
 /// Forward `y_t = Q(W)_e · Qin(x_t)`; backward_input `dx_t = Q(W)_eᵀ dy_t` (the input quantizer is
-/// passed straight through); each overwrites its output or adds into it (`WriteMode`). The LoRA
+/// passed straight through); each overwrites its output or adds into it (`WriteMode`), optionally
+/// plus a LowRankAddend in the same accumulator (the expand of the first adapter). The LoRA
 /// branch of GroupedLoRA sees the raw x and its own factors.
 #pragma once
 
@@ -184,20 +185,28 @@ class QuantizedGroupedLinear {
     if (weight_quantizer_) reserve_dequantized();
   }
 
+  /// Whether a LowRankAddend of `rank` in `dtype` rides on this base's GEMMs (where the backend
+  /// says: CUDA's sm90 path); GroupedLoRA then hands them its first adapter's expand.
+  [[nodiscard]] bool fuses_low_rank(std::int64_t rank, DType dtype) const
+    requires requires(const GroupedGemm<Backend>& gemm) { gemm.fuses_low_rank(rank, dtype); }
+  {
+    return gemm_.fuses_low_rank(rank, dtype);
+  }
+
   void forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
-               WriteMode mode = WriteMode::overwrite) {
+               WriteMode mode = WriteMode::overwrite, const LowRankAddend& addend = {}) {
     if (input_quantizer_ && segments.rows > 0) {
       const Shape rows{1, segments.rows, in_};
       quantized_x_.reserve(rows.numel() * dtype_size(dtype_));
       input_quantizer_->fake_quantize({x.data, dtype_, rows}, {quantized_x_.data(), dtype_, rows}, stream);
       x.data = quantized_x_.data();
     }
-    run(GemmDirection::forward, x, segments, y, mode, stream);
+    run(GemmDirection::forward, x, segments, y, mode, addend, stream);
   }
 
   void backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream,
-                      WriteMode mode = WriteMode::overwrite) {
-    run(GemmDirection::backward_input, dy, segments, dx, mode, stream);
+                      WriteMode mode = WriteMode::overwrite, const LowRankAddend& addend = {}) {
+    run(GemmDirection::backward_input, dy, segments, dx, mode, addend, stream);
   }
 
  private:
@@ -233,9 +242,10 @@ class QuantizedGroupedLinear {
   }
 
   void run(GemmDirection direction, ConstTensorRef in, const ExpertSegments& segments, TensorRef out, WriteMode mode,
-           stream_type stream) {
+           const LowRankAddend& addend, stream_type stream) {
     require_weights();
-    GroupedGemmArgs args{direction, source_.data(), 0, experts_, out_, in_, dtype_, &segments, in.data, out.data, mode};
+    GroupedGemmArgs args{direction, source_.data(), 0,        experts_, out_, in_, dtype_, &segments,
+                         in.data,   out.data,       mode,     addend};
     if (!weight_quantizer_) return gemm_.run(args, stream);
     if (segments.rows == 0) return;  // nothing to dequantize or write
     const std::int64_t chunk = chunk_experts();

@@ -76,7 +76,7 @@ class GroupedGemm<CudaBackend> {
   /// allocates its device arrays and workspace here, never in `run`.
   GroupedGemm(cublasHandle_t handle, [[maybe_unused]] std::int64_t groups, std::int64_t in, std::int64_t out, DType dtype,
               GemmStrategy strategy = GemmStrategy::automatic)
-      : handle_(handle), strategy_(strategy) {
+      : handle_(handle), strategy_(strategy), dtype_(dtype) {
     MOELORA_REQUIRE(handle != nullptr, ErrorCode::invalid_argument, "a CUDA grouped base needs a cuBLAS handle");
     const char* unavailable = sm90_grouped_unavailable(in, out, dtype);
     MOELORA_REQUIRE(strategy_ != GemmStrategy::sm90_grouped || !unavailable, ErrorCode::unsupported,
@@ -99,17 +99,25 @@ class GroupedGemm<CudaBackend> {
   /// with the base adding took 0.34 ms over base + LoRA branch, the LoRA kernels adding into y and dx
   /// 0.08 ms).
   [[nodiscard]] bool accumulate_is_cheap() const { return strategy_ != GemmStrategy::sm90_grouped; }
+  /// Whether a LowRankAddend of `rank` in `dtype` rides on the GEMM for free-ish (the sm90 kernels
+  /// run it as extra K tiles; `rank` a multiple of 8, the GEMM's dtype): then GroupedLoRA hands it the
+  /// LoRA expand instead of adding it in a pass of its own. (cuBLAS takes addends too, as GEMMs of
+  /// their own.)
+  [[nodiscard]] bool fuses_low_rank(std::int64_t rank, DType dtype) const {
+    return strategy_ == GemmStrategy::sm90_grouped && rank > 0 && rank % 8 == 0 && dtype == dtype_;
+  }
   /// The strategy the last `run` used: `strategy()`, or `per_expert` for a call whose pointers were
   /// not 16-byte aligned.
   [[nodiscard]] GemmStrategy last_strategy() const { return last_strategy_; }
 
-  /// out_e = op(W_e) in_e over the experts of `g`: the sm90 path reads `g.segments->offsets` on the
-  /// device; cuBLAS needs host offsets (synchronising `stream` to fetch device ones). A call whose
-  /// weights, input or output are not 16-byte aligned runs `per_expert`: the sm90 kernels need the
+  /// out_e = op(W_e) in_e (+ the addend) over the experts of `g`: the sm90 path reads
+  /// `g.segments->offsets` on the device; cuBLAS needs host offsets (synchronising `stream` to
+  /// fetch device ones) and adds an addend with one more GEMM per expert. A call whose weights,
+  /// input, output or addend are not 16-byte aligned runs `per_expert`: the sm90 kernels need the
   /// alignment, and cuBLAS 13.0's grouped call faulted on an output aligned to 2 bytes (H200).
   void run(const GroupedGemmArgs& g, cudaStream_t stream) {
-    const sm90::GroupedGemmCall call{g.direction, g.weights,         g.segments->offsets, g.first_expert,
-                                     g.last_expert - g.first_expert, g.in, g.out,         g.mode};
+    const sm90::GroupedGemmCall call{g.direction, g.weights, g.segments->offsets, g.first_expert,
+                                     g.last_expert - g.first_expert, g.in, g.out, g.mode, g.addend};
     const bool aligned = sm90::aligned_call(call);
     last_strategy_ = aligned ? strategy_ : GemmStrategy::per_expert;
 #if defined(MOELORA_HAVE_CUTLASS)
@@ -119,7 +127,9 @@ class GroupedGemm<CudaBackend> {
       return;
     }
 #endif
-    run_cublas(g, host_offsets(*g.segments, stream), stream);
+    const std::int64_t* offsets = host_offsets(*g.segments, stream);
+    run_cublas(g, offsets, stream);
+    if (!g.addend.empty()) run_cublas_addend(g, offsets, stream);
   }
 
  private:
@@ -131,6 +141,28 @@ class GroupedGemm<CudaBackend> {
     CudaBackend::copy_to_host(host_offsets_.data(), segments.offsets, host_offsets_.size() * sizeof(std::int64_t),
                               stream);
     return host_offsets_.data();
+  }
+
+  // Column-major view: out_eᵀ [m, n] += op(F_e) · rows_eᵀ per non-empty expert, F_e stored `[m, r]`
+  // row-major (= [r, m] column-major, transposed) for forward, `[r, m]` (= [m, r] column-major) else.
+  void run_cublas_addend(const GroupedGemmArgs& g, const std::int64_t* offsets, cudaStream_t stream) {
+    const std::size_t elem = dtype_size(g.dtype);
+    const std::int64_t m = g.m(), r = g.addend.rank;
+    const bool forward = g.direction == GemmDirection::forward;
+    const cudaDataType_t type = cuda_type(g.dtype);
+    const float one = 1.0f;
+    MOELORA_CUBLAS_CHECK(cublasSetStream(handle_, stream));
+    for (std::int64_t e = g.first_expert; e < g.last_expert; ++e) {
+      const auto n = static_cast<int>(offsets[e + 1] - offsets[e]);
+      if (n == 0) continue;
+      const auto* factor = static_cast<const std::byte*>(g.addend.factors) + static_cast<std::size_t>(e * m * r) * elem;
+      const auto* rows = static_cast<const std::byte*>(g.addend.rows) + static_cast<std::size_t>(offsets[e] * r) * elem;
+      auto* out = static_cast<std::byte*>(g.out) + static_cast<std::size_t>(offsets[e] * m) * elem;
+      MOELORA_CUBLAS_CHECK(cublasGemmEx(handle_, forward ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(m), n,
+                                        static_cast<int>(r), &one, factor, type, static_cast<int>(forward ? r : m), rows,
+                                        type, static_cast<int>(r), &one, out, type, static_cast<int>(m),
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
   }
 
   // Column-major view: out_eᵀ [m, n] = op(W_e) · in_eᵀ, W_e stored [in, out] column-major, transposed
@@ -203,6 +235,7 @@ class GroupedGemm<CudaBackend> {
 
   cublasHandle_t handle_;
   GemmStrategy strategy_, last_strategy_;
+  DType dtype_;
 #if defined(MOELORA_HAVE_CUTLASS)
   std::optional<sm90::Sm90GroupedGemm> sm90_;
 #endif

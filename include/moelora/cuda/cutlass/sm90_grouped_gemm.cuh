@@ -6,8 +6,8 @@
 /// cooperative, pingpong), about 2 minutes and 6 GB of compiler memory.
 ///
 /// `KernelConfig` is the one place that says how a kernel is built: the operand layouts, the tile and
-/// schedule (`TileConfig`) and the epilogue's fusion (`Fusion`: D = α·acc + β·C). A fused epilogue
-/// (the LoRA expand added to the accumulator) would replace `Fusion` there.
+/// schedule (`TileConfig`), the epilogue's fusion (`Fusion`: D = α·acc + β·C) and the mainloop
+/// (CUTLASS's, with the K loop extended by a low-rank operand pair: `k_extended_mainloop.cuh`).
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -56,6 +56,7 @@
 #include <cutlass/gemm/kernel/gemm_universal.hpp>
 #pragma nv_diag_default 2908
 #pragma GCC diagnostic pop
+#include "moelora/cuda/cutlass/k_extended_mainloop.cuh"
 #if defined(MOELORA_SM90_RESTORE_ASSERTS)
 #undef NDEBUG
 #undef MOELORA_SM90_RESTORE_ASSERTS
@@ -107,7 +108,9 @@ using TileConfig = std::conditional_t<
 
 /// One kernel: A = the rows `[m_e, K]` row-major; B = W_e, K-major for forward (`[N, K]` = `[out,
 /// in]`), N-major for backward_input (`[K, N]` = `[out, in]`); C = D = the output rows `[m_e, N]`
-/// row-major. Alignment 8 elements (16 bytes) everywhere.
+/// row-major; the low-rank pair A2 = the addend's rows `[m_e, rank]` row-major, B2 = its factor in
+/// B's layout (forward B_e `[out, rank]`, backward_input A_e `[rank, in]`). Alignment 8 elements
+/// (16 bytes) everywhere.
 template <DType D, GemmDirection Direction, GemmTile Tile>
 struct KernelConfig {
   using Element = typename CutlassElement<D>::type;
@@ -126,11 +129,12 @@ struct KernelConfig {
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Tiles::TileShape, typename Tiles::ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator, Element, LayoutD*, kAlignment,
       Element, LayoutD*, kAlignment, typename Tiles::EpilogueSchedule, Fusion>::CollectiveOp;
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using Mainloop = KExtendedMainloop<typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*,
       kAlignment, Accumulator, typename Tiles::TileShape, typename Tiles::ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      typename Tiles::KernelSchedule>::CollectiveOp;
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage)) +
+                                                        kKExtensionSmemBytes>,
+      typename Tiles::KernelSchedule>::CollectiveOp>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
@@ -160,16 +164,20 @@ struct GroupArrays {
   const ElementA** a;
   const ElementB** b;
   ElementD** d;
+  const ElementA** a2;  // the addend's rows
+  const ElementB** b2;  // the addend's factor
   StrideA* stride_a;
   StrideB* stride_b;
   StrideD* stride_d;
+  StrideA* stride_a2;
+  StrideB* stride_b2;
 
   /// Bytes of the arrays for `groups` groups (each 16-byte aligned).
   static std::size_t bytes(std::int64_t groups) {
     const auto round = [](std::size_t b) { return (b + 15) / 16 * 16; };
     const auto g = static_cast<std::size_t>(groups);
-    return round(g * sizeof(Shape)) + 3 * round(g * sizeof(void*)) + round(g * sizeof(StrideA)) +
-           round(g * sizeof(StrideB)) + round(g * sizeof(StrideD));
+    return round(g * sizeof(Shape)) + 5 * round(g * sizeof(void*)) + 2 * round(g * sizeof(StrideA)) +
+           2 * round(g * sizeof(StrideB)) + round(g * sizeof(StrideD));
   }
   /// The arrays carved from `base` (bytes(groups) bytes).
   static GroupArrays carve(void* base, std::int64_t groups) {
@@ -184,9 +192,13 @@ struct GroupArrays {
     arrays.a = static_cast<const ElementA**>(take(sizeof(void*)));
     arrays.b = static_cast<const ElementB**>(take(sizeof(void*)));
     arrays.d = static_cast<ElementD**>(take(sizeof(void*)));
+    arrays.a2 = static_cast<const ElementA**>(take(sizeof(void*)));
+    arrays.b2 = static_cast<const ElementB**>(take(sizeof(void*)));
     arrays.stride_a = static_cast<StrideA*>(take(sizeof(StrideA)));
     arrays.stride_b = static_cast<StrideB*>(take(sizeof(StrideB)));
     arrays.stride_d = static_cast<StrideD*>(take(sizeof(StrideD)));
+    arrays.stride_a2 = static_cast<StrideA*>(take(sizeof(StrideA)));
+    arrays.stride_b2 = static_cast<StrideB*>(take(sizeof(StrideB)));
     return arrays;
   }
 };
@@ -194,29 +206,41 @@ struct GroupArrays {
 inline constexpr int kArgumentThreads = 256;
 
 /// Group g of the call is expert `first_expert + g` when g < experts (else empty): problem
-/// `{m_e, n, k}` with m_e its row count, A its first input row, B its weights, D its first output
-/// row. Invalid counts leave all offsets zero (the scan's empty schedule), so every group is empty.
+/// `{m_e, n, ceil(k / TileK) · TileK + rank}` (KExtendedMainloop's extended K) with m_e its row
+/// count, A its first input row, B its weights, D its first output row, A2 its first row of the
+/// addend, B2 the addend's factor of expert e (without an addend: A's and B's, never read). Invalid
+/// counts leave all offsets zero (the scan's empty schedule), so every group is empty.
 template <class Kernel>
 __global__ void __launch_bounds__(kArgumentThreads)
     build_groups_kernel(GroupArrays<Kernel> arrays, GroupedGemmCall call, std::int32_t groups, std::int32_t n,
                         std::int32_t k) {
   using Arrays = GroupArrays<Kernel>;
+  using Mainloop = typename Kernel::CollectiveMainloop;
   const auto* in = static_cast<const typename Arrays::ElementA*>(call.in);
   const auto* weights = static_cast<const typename Arrays::ElementB*>(call.weights);
   auto* out = static_cast<typename Arrays::ElementD*>(call.out);
+  const auto rank = static_cast<std::int32_t>(call.addend.rank);
+  const auto* addend_rows = rank ? static_cast<const typename Arrays::ElementA*>(call.addend.rows) : in;
+  const auto* addend_factors = rank ? static_cast<const typename Arrays::ElementB*>(call.addend.factors) : weights;
+  const bool forward = call.direction == GemmDirection::forward;
+  const int k_extended = Mainloop::k_tiles(k) * cute::size<2>(typename Mainloop::TileShape{}) + rank;
   for (std::int32_t g = static_cast<std::int32_t>(blockIdx.x * blockDim.x + threadIdx.x); g < groups;
        g += static_cast<std::int32_t>(gridDim.x * blockDim.x)) {
     const std::int64_t e = call.first_expert + g;
     const bool used = g < call.experts;
     const std::int64_t row0 = used ? call.offsets[e] : 0;
     const std::int64_t rows = used ? call.offsets[e + 1] - row0 : 0;
-    arrays.shapes[g] = typename Arrays::Shape(static_cast<int>(rows), n, k);
+    arrays.shapes[g] = typename Arrays::Shape(static_cast<int>(rows), n, k_extended);
     arrays.a[g] = in + row0 * k;
     arrays.b[g] = weights + static_cast<std::int64_t>(g) * n * k;
     arrays.d[g] = out + row0 * n;
+    arrays.a2[g] = rank ? addend_rows + row0 * rank : arrays.a[g];
+    arrays.b2[g] = rank ? addend_factors + e * n * rank : arrays.b[g];
     arrays.stride_a[g] = leading_stride<typename Arrays::StrideA>(k);
-    arrays.stride_b[g] = leading_stride<typename Arrays::StrideB>(call.direction == GemmDirection::forward ? k : n);
+    arrays.stride_b[g] = leading_stride<typename Arrays::StrideB>(forward ? k : n);
     arrays.stride_d[g] = leading_stride<typename Arrays::StrideD>(n);
+    arrays.stride_a2[g] = leading_stride<typename Arrays::StrideA>(rank ? rank : k);
+    arrays.stride_b2[g] = leading_stride<typename Arrays::StrideB>(forward ? (rank ? rank : k) : n);
   }
 }
 
@@ -279,7 +303,12 @@ class TileKernel final : public KernelRunner {
     typename Gemm::Arguments args{};
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
     args.problem_shape = {groups_, arrays_.shapes, nullptr};  // sizes on the device only
-    args.mainloop = {arrays_.a, arrays_.stride_a, arrays_.b, arrays_.stride_b};
+    args.mainloop = {{arrays_.a, arrays_.stride_a, arrays_.b, arrays_.stride_b},
+                     arrays_.a2,
+                     arrays_.stride_a2,
+                     arrays_.b2,
+                     arrays_.stride_b2,
+                     k_};
     args.epilogue.ptr_C = const_cast<const typename Arrays::ElementD**>(arrays_.d);  // C = D (read only for β = 1)
     args.epilogue.dC = arrays_.stride_d;
     args.epilogue.ptr_D = arrays_.d;

@@ -6,7 +6,8 @@
 /// forward `out_e = in_e · W_eᵀ` (W_e `[out, in]` row-major is the K-major B operand) or
 /// backward_input `out_e = in_e · W_e` (W_e the N-major B operand); bf16 or fp16 operands, fp32
 /// accumulation, out rounded once; `out = product` (β = 0, out not read) or `out += product`
-/// (β = 1, C = D in place). Problem sizes and pointers are built on the device from the device
+/// (β = 1, C = D in place); optionally plus a low-rank product in the same accumulator (a
+/// LowRankAddend: `y_e += B_e h_e` forward, `dx_e += A_eᵀ u_e` backward_input). Problem sizes and pointers are built on the device from the device
 /// offsets by an argument kernel, so a call never synchronises the host and can be captured in a
 /// CUDA graph.
 ///
@@ -23,6 +24,7 @@
 
 #include "moelora/core/dtype.hpp"
 #include "moelora/core/gemm_direction.hpp"
+#include "moelora/core/low_rank_addend.hpp"
 #include "moelora/core/write_mode.hpp"
 
 namespace moelora::sm90 {
@@ -72,12 +74,16 @@ struct GroupedGemmCall {
   const void* in = nullptr;                ///< all rows: `[T, in]` (forward) or `[T, out]` (device)
   void* out = nullptr;                     ///< all rows: `[T, out]` (forward) or `[T, in]` (device)
   WriteMode mode = WriteMode::overwrite;   ///< accumulate: β = 1
+  LowRankAddend addend;                    ///< added in the K loop (rank 0: none); the shape's dtype
 };
 
-/// Whether a call's pointers suit the kernels (16-byte aligned weights, in and out).
+/// Whether a call's pointers suit the kernels: 16-byte aligned weights, in and out, and an addend
+/// of a rank that is a multiple of 8 (rows of 16 bytes) with 16-byte aligned rows and factors.
 inline bool aligned_call(const GroupedGemmCall& c) {
   const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  return aligned(c.weights) && aligned(c.in) && aligned(c.out);
+  const LowRankAddend& a = c.addend;
+  return aligned(c.weights) && aligned(c.in) && aligned(c.out) &&
+         (a.empty() || (a.rank > 0 && a.rank % 8 == 0 && aligned(a.rows) && aligned(a.factors)));
 }
 
 /// The sm90 grouped GEMM of one shape, both directions, both tiles, β = 0 and 1. Construction
