@@ -156,7 +156,7 @@ class GroupedLoRA {
                                   stream);
     }
     Slot slot{std::move(name), next_id_, resolved, Buffer<backend_type>(factor_bytes(resolved, Factor::a)),
-              Buffer<backend_type>(factor_bytes(resolved, Factor::b)), {}, {}, {}, false, {}, false};
+              Buffer<backend_type>(factor_bytes(resolved, Factor::b)), {}, {}, {}, false, {}, false, false};
     if (resolved.trainable) allocate_grads(slot, stream);
     init::InitReport report = initialize(slot, stream);
     slots_.push_back(std::move(slot));
@@ -218,6 +218,7 @@ class GroupedLoRA {
     for (Slot& slot : slots_) {
       reserve_saved(slot, reserved_rows_);
       max_rank = std::max(max_rank, slot.config.rank);
+      fused_u_.reserve(saved_bytes(slot, reserved_rows_));
     }
     workspace_.reserve(reserved_rows_, num_experts(), max_rank);
     if constexpr (requires(Base& b) { b.reserve(std::int64_t{}); }) base_.reserve(reserved_rows_);
@@ -227,8 +228,11 @@ class GroupedLoRA {
 
   /// `y = base(x) + Σ_enabled scale · B_e A_e x_t`. x `[T, in]`, y `[T, out]` (overwritten), both of
   /// the base's dtype; `counts` `[E]` on the host or (CUDA) the device, Σ = T. Saves `h = A x` of
-  /// each enabled adapter for `backward`. With an AccumulatingGroupedLinearBase the first enabled
-  /// adapter writes y and the base adds into it; otherwise the base writes y and the adapters add.
+  /// each enabled adapter for `backward`. With a LowRankFusingGroupedLinearBase that takes the first
+  /// enabled adapter (`fuses_low_rank`), that adapter's projection writes
+  /// `h = round(scale · A_e x_t)` and the base's GEMM adds `B_e h_t` in its own accumulator while it
+  /// writes y. Otherwise, with an AccumulatingGroupedLinearBase the first enabled adapter writes y and
+  /// the base adds into it, or the base writes y; the other adapters add.
   /// RowParallel: y is this rank's partial output (the LoRA part adds `scale · h_k Bᵀ` with this
   /// rank's partial h_k; the caller's sum over ranks yields the whole delta); no collective.
   void forward(ConstTensorRef x, const ExpertCounts& counts, TensorRef y, stream_type stream) {
@@ -240,14 +244,26 @@ class GroupedLoRA {
       if (slot.config.enabled) reserve_saved(slot, std::max(rows, reserved_rows_));
 
     const ExpertSegments& segments = workspace_.prepare_segments(counts, rows, stream);
-    const bool lora_first = lora_writes_first(rows);
-    if (!lora_first) base_.forward(x, segments, y, stream);
-    WriteMode y_mode = lora_first ? WriteMode::overwrite : WriteMode::accumulate;
     saved_rows_ = rows;
     for (Slot& slot : slots_) {
       slot.h_saved = slot.config.enabled;
       slot.h_reduced = false;
-      if (!slot.config.enabled || rows == 0) continue;
+      slot.h_scaled = false;
+    }
+    Slot* fused = fused_slot(rows);
+    const bool lora_first = !fused && lora_writes_first(rows);
+    if (fused) {
+      fused->h_scaled = true;
+      backend_type::lora_forward({shape(rows), factors(*fused), x.data, nullptr, fused->saved_h.data(),
+                                  WriteMode::overwrite, fused->h_sums.template as<float>()},
+                                 workspace_, stream);
+      base_forward(x, segments, y, stream, addend(*fused, Factor::b));
+    } else if (!lora_first) {
+      base_.forward(x, segments, y, stream);
+    }
+    WriteMode y_mode = lora_first ? WriteMode::overwrite : WriteMode::accumulate;
+    for (Slot& slot : slots_) {
+      if (!slot.config.enabled || rows == 0 || &slot == fused) continue;
       LoraForwardArgs args{shape(rows),       factors(slot), x.data, y.data, slot.saved_h.data(), y_mode,
                            slot.h_sums.template as<float>()};
       backend_type::lora_forward(args, workspace_, stream);
@@ -260,7 +276,9 @@ class GroupedLoRA {
   /// Backward of the last `forward` (same x and counts): `dA`, `dB` of trainable enabled adapters
   /// `+=` (`grads = accumulate`, gradient accumulation) or `=` (`grads = overwrite`: no zero_grad
   /// needed, the old values are not read; experts without rows get zeros); if `dx.data` is
-  /// non-null, `dx = baseᵀ(dy) + Σ_enabled A_eᵀ u_t` (overwritten).
+  /// non-null, `dx = baseᵀ(dy) + Σ_enabled A_eᵀ u_t` (overwritten; as in forward, a
+  /// LowRankFusingGroupedLinearBase adds the first enabled adapter's `A_eᵀ u_t` in its GEMM, from
+  /// `u = round(scale · B_eᵀ dy)` that the adapter's backward hands it).
   /// ColumnParallel: dy `[T, out/tp]` is this rank's shard; dx is partial (the LoRA part from this
   /// rank's unreduced u_k, summed by the caller like the base's); dA uses u summed over the group
   /// (an fp32 all-reduce of `[T, r]` per trainable adapter). RowParallel: dy is full; dB uses h
@@ -279,37 +297,25 @@ class GroupedLoRA {
                       "\" was enabled after the last forward; run forward again before backward");
 
     const ExpertSegments& segments = workspace_.prepare_segments(counts, rows, stream);
-    const bool lora_first = dx.data && lora_writes_first(rows);
-    if (dx.data && !lora_first) base_.backward_input(dy, segments, dx, stream);
-    WriteMode dx_mode = lora_first ? WriteMode::overwrite : WriteMode::accumulate;
+    Slot* fused = dx.data ? fused_slot(rows) : nullptr;
+    const bool lora_first = dx.data && !fused && lora_writes_first(rows);
     const TpReduction reduction{&tp_, stream};
+    if (fused) {
+      fused_u_.reserve(saved_bytes(*fused, rows));
+      backward_slot(*fused, x, dy, {nullptr, fused_u_.data(), WriteMode::overwrite}, grads, reduction, stream);
+      base_backward_input(dy, segments, dx, stream, addend(*fused, Factor::a));
+    } else if (dx.data && !lora_first) {
+      base_.backward_input(dy, segments, dx, stream);
+    }
+    WriteMode dx_mode = lora_first ? WriteMode::overwrite : WriteMode::accumulate;
     for (Slot& slot : slots_) {
       const bool wants_grads = slot.config.trainable;
-      if (!slot.config.enabled || (!wants_grads && !dx.data)) continue;
+      if (!slot.config.enabled || (!wants_grads && !dx.data) || &slot == fused) continue;
       if (rows == 0) {  // no rows: zero gradients, written only when overwriting
         if (wants_grads && grads == WriteMode::overwrite) zero_grads(slot, stream);
         continue;
       }
-      const bool reduce_h = wants_grads && slot.h_sums.data();  // row-parallel: dB needs Σ_k h_k
-      if (reduce_h && !slot.h_reduced) {
-        reduction.sum(slot.h_sums.template as<float>(), static_cast<std::size_t>(rows * slot.config.rank));
-        slot.h_reduced = true;
-      }
-      LoraBackwardArgs args{shape(rows),
-                            factors(slot),
-                            x.data,
-                            dy.data,
-                            slot.saved_h.data(),
-                            dx.data,
-                            wants_grads ? slot.grad_a.template as<float>() : nullptr,
-                            wants_grads ? slot.grad_b.template as<float>() : nullptr,
-                            dx_mode,
-                            grads,
-                            {},
-                            reduce_h ? slot.h_sums.template as<float>() : nullptr};
-      if (partial_u()) args.reduce_u = reduction.hook();
-      args.ordered_grads = kTensorParallel;  // the replicated factor's gradient: the same bits on every rank
-      backend_type::lora_backward(args, workspace_, stream);
+      backward_slot(slot, x, dy, {dx.data, nullptr, dx_mode}, grads, reduction, stream);
       dx_mode = WriteMode::accumulate;
     }
     if constexpr (AccumulatingGroupedLinearBase<Base>)
@@ -332,6 +338,15 @@ class GroupedLoRA {
     bool h_saved = false;                 // whether the last forward wrote saved_h
     Buffer<backend_type> h_sums;          // [T, r] fp32: a row-parallel rank's partial h (empty otherwise)
     bool h_reduced = false;               // whether h_sums holds the group's sum already
+    bool h_scaled = false;                // whether saved_h is round(scale · A x) (the base fused the expand)
+  };
+
+  /// Where an adapter's backward puts its input-gradient part: added into dx by `dx_mode`, or (dx
+  /// null) as `u = round(scale · B_eᵀ dy)` `[T, r]` into `u` for the base's GEMM.
+  struct InputGradient {
+    void* dx;
+    void* u;
+    WriteMode dx_mode;
   };
 
   /// The tensor-parallel sum all-reduce of fp32 partial sums, bound to one call's stream.
@@ -347,6 +362,64 @@ class GroupedLoRA {
               this};
     }
   };
+
+  /// One adapter's backward (rows > 0): dA, dB by `grads` where trainable, and its input-gradient
+  /// part.
+  void backward_slot(Slot& slot, ConstTensorRef x, ConstTensorRef dy, const InputGradient& input, WriteMode grads,
+                     const TpReduction& reduction, stream_type stream) {
+    const std::int64_t rows = x.shape[0];
+    const bool wants_grads = slot.config.trainable;
+    const bool reduce_h = wants_grads && slot.h_sums.data();  // row-parallel: dB needs Σ_k h_k
+    if (reduce_h && !slot.h_reduced) {
+      reduction.sum(slot.h_sums.template as<float>(), static_cast<std::size_t>(rows * slot.config.rank));
+      slot.h_reduced = true;
+    }
+    LoraBackwardArgs args{shape(rows),
+                          factors(slot),
+                          x.data,
+                          dy.data,
+                          slot.saved_h.data(),
+                          input.dx,
+                          wants_grads ? slot.grad_a.template as<float>() : nullptr,
+                          wants_grads ? slot.grad_b.template as<float>() : nullptr,
+                          input.dx_mode,
+                          grads,
+                          {},
+                          reduce_h ? slot.h_sums.template as<float>() : nullptr};
+    if (partial_u()) args.reduce_u = reduction.hook();
+    args.ordered_grads = kTensorParallel;  // the replicated factor's gradient: the same bits on every rank
+    args.u = input.u;
+    args.h_scaled = slot.h_scaled;
+    backend_type::lora_backward(args, workspace_, stream);
+  }
+
+  /// The adapter whose expand rides on the base's GEMMs: the first enabled one the base takes as a
+  /// LowRankAddend (`fuses_low_rank`), when there are rows. (Row-parallel: the base's GEMM adds
+  /// `B h_k` of this rank's partial h_k to its partial output, as the adapter's expand would.)
+  Slot* fused_slot(std::int64_t rows) {
+    if constexpr (LowRankFusingGroupedLinearBase<Base>) {
+      if (rows == 0) return nullptr;
+      for (Slot& slot : slots_)
+        if (slot.config.enabled && base_.fuses_low_rank(slot.config.rank, slot.config.dtype)) return &slot;
+    }
+    return nullptr;
+  }
+
+  /// The fused adapter's addend: forward `B_e h_t` (`Factor::b`, from its saved h), backward_input
+  /// `A_eᵀ u_t` (`Factor::a`, from the u its backward wrote).
+  [[nodiscard]] LowRankAddend addend(const Slot& slot, Factor factor) const {
+    return {factor == Factor::b ? slot.saved_h.data() : fused_u_.data(),
+            factor == Factor::b ? slot.b.data() : slot.a.data(), slot.config.rank};
+  }
+  void base_forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
+                    const LowRankAddend& addend) {
+    if constexpr (LowRankFusingGroupedLinearBase<Base>) base_.forward(x, segments, y, stream, WriteMode::overwrite, addend);
+  }
+  void base_backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream,
+                           const LowRankAddend& addend) {
+    if constexpr (LowRankFusingGroupedLinearBase<Base>)
+      base_.backward_input(dy, segments, dx, stream, WriteMode::overwrite, addend);
+  }
 
   /// Column-parallel: u is a partial sum (reduced for dA). Row-parallel: h is a partial sum (saved
   /// in fp32, reduced for dB). Also with one rank, where the reduction is a no-op and the results
@@ -504,6 +577,7 @@ class GroupedLoRA {
   std::list<Slot> slots_;  // stable addresses: AdapterView refers into it
   std::uint64_t next_id_ = 0;
   typename backend_type::Workspace workspace_;
+  Buffer<backend_type> fused_u_;  // [T, r] factor dtype: the fused adapter's u for the base's backward GEMM
   std::int64_t reserved_rows_ = 0;
   std::int64_t saved_rows_ = -1;
 };

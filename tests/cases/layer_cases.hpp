@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -299,6 +300,87 @@ TEST_CASE_TEMPLATE_DEFINE("a base that cannot accumulate: it writes first, the a
   CHECK(relative_error(p.h.download(v.grad_b).values, grads_ref[0].b) < tol);
 }
 
+/// `Base` saying that every adapter of a rank that is a multiple of 8 in its dtype rides on its GEMMs
+/// (a LowRankFusingGroupedLinearBase, whatever the backend's GEMM strategy), so that the layer's
+/// fused path runs on every backend: the projection alone, u handed over, the GEMM's addend.
+/// Counts the calls that carried an addend.
+template <class Base>
+struct FusingBase : Base {
+  using stream_type = typename Base::stream_type;
+  std::shared_ptr<int> addends = std::make_shared<int>(0);
+
+  [[nodiscard]] bool fuses_low_rank(std::int64_t rank, DType dtype) const {
+    return rank % 8 == 0 && dtype == this->dtype();
+  }
+  void forward(ConstTensorRef x, const ExpertSegments& s, TensorRef y, stream_type stream,
+               WriteMode mode = WriteMode::overwrite, const LowRankAddend& addend = {}) {
+    *addends += !addend.empty();
+    Base::forward(x, s, y, stream, mode, addend);
+  }
+  void backward_input(ConstTensorRef dy, const ExpertSegments& s, TensorRef dx, stream_type stream,
+                      WriteMode mode = WriteMode::overwrite, const LowRankAddend& addend = {}) {
+    *addends += !addend.empty();
+    Base::backward_input(dy, s, dx, stream, mode, addend);
+  }
+};
+
+TEST_CASE_TEMPLATE_DEFINE("a base that takes the expand into its GEMM: fused and apart adapters against fp64", H,
+                          fusing_base) {
+  static_assert(LowRankFusingGroupedLinearBase<FusingBase<typename H::Base>>);
+  for (const Spread spread : {Spread::skewed, Spread::one_expert})
+    for (const std::int64_t rows : {std::int64_t{0}, kFastCase.rows}) {
+      Problem<H> p(kFastCase.experts, kFastCase.in, kFastCase.out, rows, DType::bf16, spread);
+      INFO("seed " << p.rng.seed << " rows " << rows);
+      GroupedLoRA<FusingBase<typename H::Base>> layer(FusingBase<typename H::Base>{p.h.make_base(p.w)});
+      const std::shared_ptr<int> addends = layer.base().addends;
+      // "odd" (rank 12) and "half" (fp16 factors) cannot fuse; "fused" (the first that can) does, and
+      // "after" adds apart.
+      const std::vector<std::pair<std::string, AdapterConfig>> configs{{"odd", adapter_config(12, 1.5)},
+                                                                       {"fused", adapter_config(16, 0.5)},
+                                                                       {"half", adapter_config(8, 1.0, "fp16")},
+                                                                       {"after", adapter_config(16, 2.0)}};
+      std::vector<std::pair<HostTensor, HostTensor>> factors;
+      std::vector<RefAdapter> adapters;
+      for (const auto& [name, config] : configs) {
+        layer.add_adapter(name, config, p.h.stream());
+        const AdapterView v = layer.adapter(name);
+        factors.emplace_back(random_tensor(p.rng, v.a.dtype, v.a.shape, 0.5f),
+                             random_tensor(p.rng, v.b.dtype, v.b.shape, 0.5f));
+        p.h.write(v.a, factors.back().first);
+        p.h.write(v.b, factors.back().second);
+      }
+      for (std::size_t i = 0; i < configs.size(); ++i)
+        adapters.push_back({&factors[i].first, &factors[i].second, static_cast<float>(configs[i].second.scale)});
+      const Reference ref = p.reference();
+      const double tol = tolerance(DType::bf16);
+      auto y = p.h.poisoned(DType::bf16, {rows, p.out});
+      layer.forward(p.x_dev.ref(), p.device_counts(), y.ref(), p.h.stream());
+      CHECK(relative_error(p.h.download(y.ref()).values, ref.forward(p.x, adapters)) < tol);
+
+      const HostTensor dy = random_tensor(p.rng, DType::bf16, {rows, p.out});
+      std::vector<double> dx_ref;
+      std::vector<Reference::Grads> grads_ref;
+      ref.backward(p.x, dy, adapters, dx_ref, grads_ref);
+      auto dy_dev = p.h.upload(dy);
+      for (const WriteMode grads : {WriteMode::overwrite, WriteMode::accumulate}) {
+        auto dx = p.h.poisoned(DType::bf16, {rows, p.in});
+        layer.backward(p.x_dev.ref(), p.device_counts(), dy_dev.ref(), dx.ref(), p.h.stream(), grads);
+        CHECK(relative_error(p.h.download(dx.ref()).values, dx_ref) < tol);
+        const double factor = grads == WriteMode::overwrite ? 1.0 : 2.0;
+        for (std::size_t i = 0; i < configs.size(); ++i) {
+          INFO("adapter " << configs[i].first << " grads " << (grads == WriteMode::overwrite ? "=" : "+="));
+          const AdapterView v = layer.adapter(configs[i].first);
+          std::vector<double> a = grads_ref[i].a, b = grads_ref[i].b;
+          for (double& g : a) g *= factor;
+          for (double& g : b) g *= factor;
+          CHECK(relative_error(p.h.download(v.grad_a).values, a) < tol);
+          CHECK(relative_error(p.h.download(v.grad_b).values, b) < tol);
+        }
+      }
+      CHECK(*addends == (rows > 0 ? 3 : 0));  // the forward and both backwards (none without rows)
+    }
+}
+
 TEST_CASE_TEMPLATE_DEFINE("edge cases: T = 0, empty experts, every row on one expert", H, edge_cases) {
   SUBCASE("T = 0") {
     Problem<H> p(4, 32, 16, 0, DType::bf16);
@@ -545,6 +627,7 @@ TEST_CASE_TEMPLATE_DEFINE("padded counts: rows past the counts' sum are neither 
   TEST_CASE_TEMPLATE_INVOKE(against_reference, H);                   \
   TEST_CASE_TEMPLATE_INVOKE(overwrite_grads, H);                     \
   TEST_CASE_TEMPLATE_INVOKE(overwriting_base, H);                    \
+  TEST_CASE_TEMPLATE_INVOKE(fusing_base, H);                         \
   TEST_CASE_TEMPLATE_INVOKE(edge_cases, H);                          \
   TEST_CASE_TEMPLATE_INVOKE(adapters, H);                            \
   TEST_CASE_TEMPLATE_INVOKE(identity, H);                            \

@@ -47,11 +47,14 @@ struct SumAllReduce {
 /// `h_t = round(A_e x_t)`, `y_t += scale · B_e h_t` (or `=`, by `y_mode`). Numerics: x is rounded
 /// to the factor dtype, products accumulate in fp32, h is rounded to the factor dtype, y is rounded
 /// to its own dtype once.
+///
+/// With y null only the projection runs, and h holds `round(scale · A_e x_t)`: the caller adds
+/// `B_e h_t` itself (a base GEMM that takes it as a LowRankAddend).
 struct LoraForwardArgs {
   LoraShape shape;
   FactorsRef factors;
   const void* x = nullptr;  ///< `[T, in]`
-  void* y = nullptr;        ///< `[T, out]`
+  void* y = nullptr;        ///< `[T, out]`; null: the projection alone (h scaled)
   void* h = nullptr;        ///< `[T, r]`, written; saved for the backward pass
   WriteMode y_mode = WriteMode::accumulate;
   /// `[T, r]` fp32, or null. Non-null (a row-parallel layer): also written with the unrounded fp32
@@ -68,6 +71,11 @@ struct LoraForwardArgs {
 /// them over the group in place and dA uses `round(scale · Σ)` (`reduce_u` is called once, only when
 /// dA is wanted, between the u projection and the dA/dx pass). With `h_sums` (a row-parallel layer)
 /// dB uses `round(h_sums)`, the full fp32 h reduced by the layer, instead of `h`.
+///
+/// With `u` non-null (and dx null) the backend writes `round(scale · B_eᵀ dy_t)` there (with
+/// `reduce_u`: this rank's partial u, the one dx uses) and leaves the dx part to the caller (a base
+/// GEMM that adds `A_eᵀ u_t` as a LowRankAddend). `h_scaled` (after a forward with y null): dB is
+/// `Σ dy_t round(scale · h_t)ᵀ`, from h as saved (`round(scale · A_e x_t)`), or from `h_sums`.
 struct LoraBackwardArgs {
   LoraShape shape;
   FactorsRef factors;
@@ -86,6 +94,8 @@ struct LoraBackwardArgs {
   /// the CUDA generic kernels always do; the CUDA tensor-core kernels otherwise add the partial
   /// sums of an expert's row groups with atomics, in any order.
   bool ordered_grads = false;
+  void* u = nullptr;            ///< `[T, r]` factor dtype; non-null: receives round(scale · B_eᵀ dy) (dx must be null)
+  bool h_scaled = false;        ///< the forward had y null: h is `round(scale · A_e x)`, dB uses scaled h
 };
 
 /// Kaiming-uniform A (bound √(6/fan_in), counter-based RNG keyed by seed) and zero B.

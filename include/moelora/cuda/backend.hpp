@@ -288,11 +288,17 @@ struct CudaBackend {
     GenericParams p = generic_params(s, f, workspace);
     p.x = args.x, p.h = args.h, p.y = args.y, p.h_sums = args.h_sums;
     p.add_y = args.y_mode == WriteMode::accumulate;
+    const std::int64_t tr = s.rows * f.rank;
+    if (!args.y && !p.h_sums) p.h_sums = workspace.scratch(tr);  // the projection alone: h = round(scale · sums)
     cuda_detail::dispatch_io_and_factor(s.io_dtype, f.dtype, [&]([[maybe_unused]] auto io, auto ft) {
       using IoT = device_t<io.value>;
       using FT = device_t<ft.value>;
-      cuda_detail::launch(generic_shrink_kernel<IoT, FT>, cuda_detail::elementwise_grid(s.rows * f.rank), 256, 0,
-                          stream, p);
+      cuda_detail::launch(generic_shrink_kernel<IoT, FT>, cuda_detail::elementwise_grid(tr), 256, 0, stream, p);
+      if (!args.y) {
+        cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(tr), 256, 0, stream,
+                            static_cast<const float*>(p.h_sums), static_cast<FT*>(args.h), tr, f.scale);
+        return;
+      }
       cuda_detail::launch(generic_expand_kernel<IoT, FT>, cuda_detail::elementwise_grid(s.rows * s.out), 256, 0,
                           stream, p);
     });
@@ -300,8 +306,9 @@ struct CudaBackend {
 
   /// The forward on the tensor-core kernels, for activations of device type IoT, factors of FT and
   /// rank tile NFrag (`args` must pass `cuda_detail::tensor_core_path`, rank ≤ 16·NFrag): the
-  /// projection `h = round(A_e x)`, then the expand `y (+)= scale · B_e h`. `Tuning`: the kernels'
-  /// tilings and launch rules (bench/sweep_lora.cu instantiates alternatives to measure them).
+  /// projection `h = round(A_e x)`, then the expand `y (+)= scale · B_e h` (y null: the projection
+  /// alone, `h = round(scale · A_e x)`). `Tuning`: the kernels' tilings and launch rules
+  /// (bench/sweep_lora.cu instantiates alternatives to measure them).
   template <class IoT, class FT, int NFrag, kernels::ForwardTuning Tuning = kernels::DefaultForwardTuning>
   static void lora_forward_tensor_core(const LoraForwardArgs& args, Workspace& workspace, cudaStream_t stream) {
     using namespace kernels;
@@ -315,8 +322,9 @@ struct CudaBackend {
     // At most two K slices: two fp32 addends onto zero sum the same in either order, so the
     // forward stays deterministic. A row-parallel layer keeps the fp32 sums (its partial h).
     project<IoT, FT, NFrag, false, typename Tuning::template project<NFrag>, Tuning::kFillWave>(
-        args.x, f.a, static_cast<FT*>(args.h), s.in, f.rank, 1.0f, 2, workspace, stream, args.h_sums,
-        args.h_sums != nullptr);
+        args.x, f.a, static_cast<FT*>(args.h), s.in, f.rank, args.y ? 1.0f : f.scale, 2, workspace, stream,
+        args.h_sums, args.h_sums != nullptr);
+    if (!args.y) return;
     cuda_detail::launch_programmatic(
         Tuning::kOverlap, lora_expand_kernel<IoT, FT, NFrag, typename Tuning::template expand<NFrag>>,
         dim3(static_cast<unsigned>(expand_blocks)), kExpandThreads, expand_smem_bytes<NFrag, IoT>(), stream,
@@ -328,7 +336,9 @@ struct CudaBackend {
     using namespace kernels;
     const LoraShape& s = args.shape;
     const FactorsRef& f = args.factors;
-    const bool needs_u = args.grad_a || args.dx;
+    MOELORA_REQUIRE(!args.u || !args.dx, ErrorCode::invalid_argument,
+                    "a LoRA backward that hands u to the caller leaves dx to it: pass dx null");
+    const bool needs_u = args.grad_a || args.dx || args.u;
     const bool reduce_u = args.reduce_u && args.grad_a;  // column-parallel: dA needs the group's sum of u
     const bool add_grads = args.grad_mode == WriteMode::accumulate, add_dx = args.dx_mode == WriteMode::accumulate;
     const std::int64_t tr = s.rows * f.rank;
@@ -339,7 +349,7 @@ struct CudaBackend {
     // fp32 u in [0, T·r) and the reduced u, or the rounded full h, in [T·r, 2·T·r).
     float* scratch = needs_u || args.h_sums ? workspace.scratch(2 * tr) : nullptr;
     float* u = needs_u ? scratch : nullptr;
-    if (cuda_detail::tensor_core_path(s, f, {args.x, args.dy, args.dx}, {f.a, f.b, args.h})) {
+    if (cuda_detail::tensor_core_path(s, f, {args.x, args.dy, args.dx}, {f.a, f.b, args.h, args.u})) {
       const auto groups = static_cast<unsigned>(max_tiles(s.rows, s.experts, kGroupRows));
       MOELORA_REQUIRE(groups <= 65535, ErrorCode::unsupported, "the CUDA backward handles up to 65535 row groups of ",
                       kGroupRows, " rows; this call has ", s.rows, " rows over ", s.experts, " experts");
@@ -347,7 +357,7 @@ struct CudaBackend {
         using IoT = typename decltype(io)::type;
         using FT = typename decltype(ft)::type;
         constexpr int kNFrag = decltype(nfrag)::value;
-        FT* u_rounded = reinterpret_cast<FT*>(scratch);        // round(scale · B_eᵀ dy) [T, r]
+        FT* u_rounded = args.u ? static_cast<FT*>(args.u) : reinterpret_cast<FT*>(scratch);  // round(scale · B_eᵀ dy) [T, r]
         FT* second = reinterpret_cast<FT*>(scratch) + tr;      // the reduced u, or the full h [T, r]
         float* sums = scratch + tr;                            // fp32 sums [T, r]
         const auto in_slices = static_cast<unsigned>((s.in + kChunk - 1) / kChunk);
@@ -366,17 +376,18 @@ struct CudaBackend {
                                          sums, reduce_u);
         if (args.grad_b) {
           const void* h = args.h;
-          if (args.h_sums) {  // row-parallel: dB uses round(Σ_k h_k)
+          if (args.h_sums) {  // row-parallel: dB uses round(Σ_k h_k), or round(scale · Σ_k h_k)
             cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(tr), 256, 0, stream,
-                                args.h_sums, second, tr, 1.0f);
+                                args.h_sums, second, tr, args.h_scaled ? f.scale : 1.0f);
             h = second;
           }
           cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
                               GradBLayout<kNFrag>{}.bytes, stream,
                               GradBParams{args.dy, h, args.grad_b, workspace.row_groups(), s.out,
-                                          static_cast<std::int32_t>(f.rank), f.scale, add_grads, orders.second});
+                                          static_cast<std::int32_t>(f.rank), args.h_scaled ? 1.0f : f.scale,
+                                          add_grads, orders.second});
         }
-        if (!needs_u) return;
+        if (!args.grad_a && !args.dx) return;
         BackwardXParams params{args.x,  f.a,   u_rounded, u_rounded, args.dx,       args.grad_a, workspace.row_groups(),
                                s.in,    static_cast<std::int32_t>(f.rank), add_dx,    add_grads, orders.first};
         if (!reduce_u) {
@@ -402,15 +413,21 @@ struct CudaBackend {
       using FT = device_t<ft.value>;
       const auto grid = cuda_detail::elementwise_grid;
       if (args.grad_b) {
-        if (args.h_sums) {  // row-parallel: dB uses round(Σ_k h_k), behind u in the scratch
+        if (args.h_sums) {  // row-parallel: dB uses round(Σ_k h_k) (or of scale · Σ), behind u in the scratch
           FT* h = reinterpret_cast<FT*>(scratch + tr);
-          cuda_detail::launch(round_scaled_kernel<FT>, grid(tr), 256, 0, stream, args.h_sums, h, tr, 1.0f);
+          cuda_detail::launch(round_scaled_kernel<FT>, grid(tr), 256, 0, stream, args.h_sums, h, tr,
+                              args.h_scaled ? f.scale : 1.0f);
           p.h = h;
         }
-        cuda_detail::launch(generic_grad_b_kernel<IoT, FT>, grid(s.experts * s.out * f.rank), 256, 0, stream, p);
+        GenericParams grad_b = p;
+        if (args.h_scaled) grad_b.scale = 1.0f;  // h holds round(scale · A x)
+        cuda_detail::launch(generic_grad_b_kernel<IoT, FT>, grid(s.experts * s.out * f.rank), 256, 0, stream, grad_b);
       }
       if (!needs_u) return;
       cuda_detail::launch(generic_u_kernel<IoT, FT>, grid(s.rows * f.rank), 256, 0, stream, p);
+      if (args.u)
+        cuda_detail::launch(round_scaled_kernel<FT>, grid(tr), 256, 0, stream, static_cast<const float*>(u),
+                            static_cast<FT*>(args.u), tr, f.scale);
       if (args.dx) cuda_detail::launch(generic_dx_kernel<IoT, FT>, grid(s.rows * s.in), 256, 0, stream, p);
       if (!args.grad_a) return;
       if (reduce_u) {  // column-parallel: dA from the group's sum of u, a copy behind this rank's partial one

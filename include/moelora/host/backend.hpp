@@ -93,6 +93,11 @@ struct HostBackend {
       h.resize(static_cast<std::size_t>(n * r));
       host::gemm(host::Op::n, host::Op::t, n, r, s.in, 1.0f, x.data(), a.data(), 0.0f, h.data());
       if (args.h_sums) std::copy(h.begin(), h.end(), args.h_sums + row0 * r);
+      if (!args.y) {  // the projection alone: h = round(scale · A x)
+        scale_round(h.data(), n * r, f.scale, f.dtype, delta);
+        host::store_from_float(delta.data(), delta.size(), host::element(args.h, f.dtype, row0 * r), f.dtype);
+        continue;
+      }
       round_in_place(h, f.dtype);
       host::store_from_float(h.data(), h.size(), host::element(args.h, f.dtype, row0 * r), f.dtype);
       void* y = host::element(args.y, s.io_dtype, row0 * s.out);
@@ -109,10 +114,12 @@ struct HostBackend {
     const std::int64_t r = f.rank;
     const ExpertSegments& segments = workspace.segments();
     const float grad_beta = gemm_beta(args.grad_mode);
+    MOELORA_REQUIRE(!args.u || !args.dx, ErrorCode::invalid_argument,
+                    "a LoRA backward that hands u to the caller leaves dx to it: pass dx null");
     // u = B_eᵀ round(dy) [T, r] in fp32 (unscaled) for every row first, so that a column-parallel
     // layer can sum it over the group between this pass and the dA pass.
     std::vector<float> a, b, x, dy, h, u_sums, u, u_grad_a, dx;
-    if (args.grad_a || args.dx) {
+    if (args.grad_a || args.dx || args.u) {
       u_sums.resize(static_cast<std::size_t>(s.rows * r));
       for (std::int64_t e = 0; e < s.experts; ++e) {
         const auto [row0, n] = expert_rows(segments, e);
@@ -132,14 +139,15 @@ struct HostBackend {
       }
       if (args.grad_b) {
         load(host::element(args.dy, s.io_dtype, row0 * s.out), s.io_dtype, n * s.out, f.dtype, dy);
-        if (args.h_sums) scale_round(args.h_sums + row0 * r, n * r, 1.0f, f.dtype, h);
+        if (args.h_sums) scale_round(args.h_sums + row0 * r, n * r, args.h_scaled ? f.scale : 1.0f, f.dtype, h);
         else load(host::element(args.h, f.dtype, row0 * r), f.dtype, n * r, f.dtype, h);
-        host::gemm(host::Op::t, host::Op::n, s.out, r, n, f.scale, dy.data(), h.data(), grad_beta,
-                   args.grad_b + e * s.out * r);
+        host::gemm(host::Op::t, host::Op::n, s.out, r, n, args.h_scaled ? 1.0f : f.scale, dy.data(), h.data(),
+                   grad_beta, args.grad_b + e * s.out * r);
       }
-      if (!args.grad_a && !args.dx) continue;
+      if (!args.grad_a && !args.dx && !args.u) continue;
       // ũ = round(scale · u): of this rank's partial u for dx (and for dA unless it is reduced below).
       scale_round(u_sums.data() + row0 * r, n * r, f.scale, f.dtype, u);
+      if (args.u) host::store_from_float(u.data(), u.size(), host::element(args.u, f.dtype, row0 * r), f.dtype);
       if (args.dx) {
         load(host::element(f.a, f.dtype, e * r * s.in), f.dtype, r * s.in, f.dtype, a);
         void* dx_rows = host::element(args.dx, s.io_dtype, row0 * s.in);
