@@ -2,7 +2,8 @@
 // and Zipf counts, all with device counts: the base's forward and input-gradient GEMMs (each sm90
 // tile configuration too), the LoRA delta forward alone (in-place add) against its byte floor, the
 // LoRA branch's forward + backward (fresh outputs, and accumulating into existing ones), the whole
-// layer's forward and forward + backward against the base's, and the training step (forward,
+// layer's forward and forward + backward against the base's (and, on the sm90 GEMM, against the same
+// layer with the LoRA expand in a pass of its own instead of riding on the GEMM), and the training step (forward,
 // backward, AdamW) run eagerly and replayed from a CUDA graph. Writes JSON for bench/report.py,
 // which joins it with bench/torch_anchors.py. Run: bench/run.sh
 #include <CLI/CLI.hpp>
@@ -68,11 +69,14 @@ struct Record {
   double branch_fwdbwd;        // LoRA branch into fresh y, dx and gradients (torch's branch semantics)
   double branch_accum_fwdbwd;  // LoRA branch added into existing y, dx and gradients
   double base_dgrad;           // the base's input gradient alone
-  double layer_fwd;            // the whole layer's forward (LoRA first, then the base adds)
+  double layer_fwd;            // the whole layer's forward (on the sm90 GEMM: the expand riding on it)
   double step, graph_step;     // forward + backward (fresh gradients) + AdamW: eager, and one graph replay
   std::string gemm;            // the base's GEMM strategy
   // The sm90 grouped GEMM per tile configuration (−1: not measured): forward and input gradient.
   double fwd_cooperative = -1, fwd_pingpong = -1, dgrad_cooperative = -1, dgrad_pingpong = -1;
+  // The layer with the expand in a pass of its own over the same sm90 base (−1: not measured):
+  // forward, and forward + backward (fresh gradients).
+  double apart_fwd = -1, apart_fwdbwd = -1;
 };
 
 /// Median ms of replaying a CUDA graph of `f` (captured once, global mode).
@@ -89,6 +93,11 @@ double graph_median_ms(cudaStream_t stream, int iters, F&& f) {
   cudaGraphDestroy(graph);
   return ms;
 }
+
+/// The CUDA base that never takes the expand into its GEMM: the layer adds it in a pass of its own.
+struct ExpandApartBase : GroupedLinear<CudaBackend> {
+  [[nodiscard]] bool fuses_low_rank(std::int64_t, DType) const { return false; }
+};
 
 Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind, double copy_gbps, int iters,
                GemmStrategy strategy, cublasHandle_t handle, cudaStream_t stream) {
@@ -161,12 +170,12 @@ Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind
         for (const sm90::GemmTile tile : {sm90::GemmTile::cooperative, sm90::GemmTile::pingpong}) {
           const bool coop = tile == sm90::GemmTile::cooperative;
           (coop ? r.fwd_cooperative : r.fwd_pingpong) = median_ms(stream, iters, [&] {
-            gemm.run({GemmDirection::forward, w, seg.offsets, 0, s.experts, x.data(), y.data(), WriteMode::overwrite},
+            gemm.run({GemmDirection::forward, w, seg.offsets, 0, s.experts, x.data(), y.data(), WriteMode::overwrite, {}},
                      tile, stream);
           });
           (coop ? r.dgrad_cooperative : r.dgrad_pingpong) = median_ms(stream, iters, [&] {
             gemm.run({GemmDirection::backward_input, w, seg.offsets, 0, s.experts, dy.data(), dx.data(),
-                      WriteMode::overwrite},
+                      WriteMode::overwrite, {}},
                      tile, stream);
           });
         }
@@ -191,6 +200,20 @@ Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind
     // A host-synchronising base (cuBLAS with device counts) cannot be captured.
     if (layer.base().strategy() == GemmStrategy::sm90_grouped) r.graph_step = graph_median_ms(stream, iters, step);
     layer.workspace().check_counts(stream);
+    if (layer.base().strategy() == GemmStrategy::sm90_grouped) {
+      const AdapterView fused = layer.adapter("bench");
+      GroupedLoRA<ExpandApartBase> apart(ExpandApartBase{std::move(layer.base())});
+      apart.add_adapter("bench", config, stream);
+      const AdapterView v = apart.adapter("bench");
+      CudaBackend::copy(v.a.data, fused.a.data, v.a.bytes(), stream);
+      CudaBackend::copy(v.b.data, fused.b.data, v.b.bytes(), stream);
+      apart.reserve(s.rows);
+      r.apart_fwd = median_ms(stream, iters, [&] { apart.forward(xr, dev_counts, yr, stream); });
+      r.apart_fwdbwd = median_ms(stream, iters, [&] {
+        apart.forward(xr, dev_counts, yr, stream);
+        apart.backward(xr, dev_counts, dyr, dxr, stream, WriteMode::overwrite);
+      });
+    }
   }
   return r;
 }
@@ -249,6 +272,9 @@ int main(int argc, char** argv) {
         if (r.fwd_cooperative > 0)
           std::printf("    sm90 tiles: fwd cooperative %.3f pingpong %.3f | dx cooperative %.3f pingpong %.3f\n",
                       r.fwd_cooperative, r.fwd_pingpong, r.dgrad_cooperative, r.dgrad_pingpong);
+        if (r.apart_fwd > 0)
+          std::printf("    layer fwd %.3f (expand apart %.3f) | layer f+b %.3f (expand apart %.3f)\n", r.layer_fwd,
+                      r.apart_fwd, r.lora_fwdbwd, r.apart_fwdbwd);
         std::fflush(stdout);
       }
   }
@@ -268,7 +294,8 @@ int main(int argc, char** argv) {
         << ", \"graph_step_ms\": " << json_ms(r.graph_step) << ", \"gemm\": \"" << r.gemm
         << "\", \"fwd_cooperative_ms\": " << json_ms(r.fwd_cooperative) << ", \"fwd_pingpong_ms\": "
         << json_ms(r.fwd_pingpong) << ", \"dgrad_cooperative_ms\": " << json_ms(r.dgrad_cooperative)
-        << ", \"dgrad_pingpong_ms\": " << json_ms(r.dgrad_pingpong) << "}" << (i + 1 < records.size() ? ",\n" : "\n");
+        << ", \"dgrad_pingpong_ms\": " << json_ms(r.dgrad_pingpong) << ", \"apart_fwd_ms\": " << json_ms(r.apart_fwd)
+        << ", \"apart_fwdbwd_ms\": " << json_ms(r.apart_fwdbwd) << "}" << (i + 1 < records.size() ? ",\n" : "\n");
   }
   out << "]}\n";
   cublasDestroy(handle);

@@ -31,7 +31,8 @@ TRAINING_COLUMNS = [
 BASE_COLUMNS = [
     "shape", "r", "counts", "GEMM", "ours base fwd", "torch base fwd", "ours vs torch (fwd)", "ours base dx",
     "torch base dx", "ours vs torch (dx)", "LoRA fwd overhead (ours)", "LoRA fwd overhead (torch)",
-    "LoRA f+b overhead (ours)", "LoRA f+b overhead (torch)", "ours step", "ours step (graph)",
+    "LoRA f+b overhead (ours)", "LoRA f+b overhead (torch)", "LoRA fwd overhead (ours, expand apart)",
+    "LoRA f+b overhead (ours, expand apart)", "ours step", "ours step (graph)",
 ]
 
 
@@ -110,8 +111,9 @@ def build(ours, torch_doc, date):
         "torch's grouped_mm branch writes them (ours: `WriteMode::overwrite` gradients over a base "
         "whose output is zero). LoRA f+b (+=) is ours adding into existing y, dx and fp32 "
         "gradients instead (gradient accumulation). Layer f+b is the whole training step, base "
-        "included, fresh gradients on both sides (ours: the base's GEMM strategy of the base table, "
-        "which adds its products after the LoRA kernels wrote y and dx; torch: `torch._grouped_mm`).",
+        "included, fresh gradients on both sides (ours: the base's GEMM strategy of the base table; "
+        "on the sm90 GEMM the base writes y and dx with the LoRA expand and `A_eᵀ u` riding in its K "
+        "loop; torch: `torch._grouped_mm`).",
         "",
     ] + header(TRAINING_COLUMNS)
 
@@ -121,8 +123,10 @@ def build(ours, torch_doc, date):
         "the GEMM strategy named, from device counts; torch: one `torch._grouped_mm` each). LoRA "
         "overhead: the whole layer over its base alone, forward (ours: layer forward; torch: base "
         "grouped_mm plus the two-grouped-GEMM delta) and forward + backward (the layer f+b columns "
-        "above over the base f+b). Step: forward, backward (fresh gradients) and the AdamW update, "
-        "eagerly and replayed from one CUDA graph.",
+        "above over the base f+b); on the sm90 GEMM the LoRA expand (and the `A_eᵀ u` of dx) rides on "
+        "the base GEMM as extra K tiles, and the expand-apart columns are the same layer with it in a "
+        "pass of its own, measured in the same run. Step: forward, backward (fresh gradients) and the "
+        "AdamW update, eagerly and replayed from one CUDA graph.",
         "",
     ] + header(BASE_COLUMNS)
 
@@ -166,6 +170,8 @@ def build(ours, torch_doc, date):
             f_x(base_dx_x), f_pct(overhead(num(o, "layer_fwd_ms"), num(o, "base_fwd_ms"))),
             f_pct(overhead(num(t, "gmm_layer_fwd_ms"), num(t, "base_fwd_ms"))),
             f_pct(overhead(lora_fb, num(o, "base_fwdbwd_ms"))), f_pct(overhead(gmm_fb, torch_base_fb)),
+            f_pct(overhead(num(o, "apart_fwd_ms"), num(o, "base_fwd_ms"))),
+            f_pct(overhead(num(o, "apart_fwdbwd_ms"), num(o, "base_fwdbwd_ms"))),
             f_ms(num(o, "step_ms")), f_ms(num(o, "graph_step_ms")),
         ]) + " |")
         lines.append("| " + " | ".join([
