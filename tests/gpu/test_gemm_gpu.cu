@@ -115,92 +115,55 @@ struct StepBuffers {
 }  // namespace
 
 #if defined(MOELORA_HAVE_CUTLASS)
-TEST_CASE("sm90 grouped GEMM: both tiles and directions against fp64, β = 0 and 1, ragged and empty experts") {
+TEST_CASE("sm90 grouped GEMM: both tiles and directions against fp64, β = 0 and 1, ragged and empty experts, "
+          "with and without a low-rank addend in its K loop") {
   if (!sm90_here()) return;  // kernels built for sm_90a only
   CudaHarness h;
   struct Shape3 {
     std::int64_t experts, in, out;
   };
+  // in = 136 and out = 200: the base's last K tile is partial (zero-filled), also before an addend's
+  // tiles; rank 72 spans two K tiles of the cooperative kernel; rank 0: no addend.
   for (const DType dtype : {DType::bf16, DType::fp16})
     for (const Shape3 s : {Shape3{7, 136, 200}, Shape3{3, 64, 392}})
-      for (const Spread spread : {Spread::uniform, Spread::skewed, Spread::one_expert})
-        for (const std::int64_t rows : {std::int64_t{0}, std::int64_t{1}, std::int64_t{333}}) {
-          Rng rng;
-          INFO("seed " << rng.seed << " dtype " << dtype_name(dtype) << " E " << s.experts << " rows " << rows);
-          const HostTensor w = random_tensor(rng, dtype, {s.experts, s.out, s.in}, 0.1f);
-          const std::vector<std::int64_t> counts = make_counts(rng, s.experts, rows, spread);
-          const std::vector<std::int64_t> offsets = offsets_of(counts);
-          CudaBackend::Workspace workspace;
-          const DeviceCounts device_counts(counts, h.stream());
-          const ExpertSegments& segments = workspace.prepare_segments(device_counts.view, rows, h.stream());
-          const auto w_dev = h.upload(w);
-          sm90::Sm90GroupedGemm gemm({dtype, s.experts, s.out, s.in});
-          for (const GemmDirection direction : {GemmDirection::forward, GemmDirection::backward_input}) {
-            const bool fwd = direction == GemmDirection::forward;
-            const std::int64_t k = fwd ? s.in : s.out, m = fwd ? s.out : s.in;
-            const HostTensor in = random_tensor(rng, dtype, {rows, k});
-            const HostTensor c = random_tensor(rng, dtype, {rows, m});
-            const auto in_dev = h.upload(in);
-            for (const sm90::GemmTile tile : {sm90::GemmTile::cooperative, sm90::GemmTile::pingpong})
-              for (const WriteMode mode : {WriteMode::overwrite, WriteMode::accumulate}) {
-                auto out = mode == WriteMode::overwrite ? h.poisoned(dtype, {rows, m}) : h.upload(c);
-                gemm.run({direction, w_dev.ref().data, segments.offsets, 0, s.experts, in_dev.ref().data,
-                          out.ref().data, mode, {}},
-                         tile, h.stream());
-                const std::vector<double> ref =
-                    reference_gemm(direction, w, in, offsets, mode == WriteMode::accumulate ? &c : nullptr);
-                CHECK(relative_error(h.download(out.ref()).values, ref) < tolerance(dtype));
-              }
+      for (const std::int64_t rank : {0, 8, 72})
+        for (const Spread spread : {Spread::uniform, Spread::skewed, Spread::one_expert})
+          for (const std::int64_t rows : {std::int64_t{0}, std::int64_t{1}, std::int64_t{333}}) {
+            Rng rng;
+            INFO("seed " << rng.seed << " dtype " << dtype_name(dtype) << " E " << s.experts << " rank " << rank
+                         << " rows " << rows);
+            const HostTensor w = random_tensor(rng, dtype, {s.experts, s.out, s.in}, 0.1f);
+            const std::vector<std::int64_t> counts = make_counts(rng, s.experts, rows, spread);
+            const std::vector<std::int64_t> offsets = offsets_of(counts);
+            CudaBackend::Workspace workspace;
+            const DeviceCounts device_counts(counts, h.stream());
+            const ExpertSegments& segments = workspace.prepare_segments(device_counts.view, rows, h.stream());
+            const auto w_dev = h.upload(w);
+            sm90::Sm90GroupedGemm gemm({dtype, s.experts, s.out, s.in});
+            for (const GemmDirection direction : {GemmDirection::forward, GemmDirection::backward_input}) {
+              const bool fwd = direction == GemmDirection::forward;
+              const std::int64_t k = fwd ? s.in : s.out, m = fwd ? s.out : s.in;
+              const HostTensor in = random_tensor(rng, dtype, {rows, k});
+              const HostTensor c = random_tensor(rng, dtype, {rows, m});
+              const HostTensor low_rows = random_tensor(rng, dtype, {rows, rank});
+              const HostTensor factors =
+                  random_tensor(rng, dtype, fwd ? Shape{s.experts, m, rank} : Shape{s.experts, rank, m}, 0.2f);
+              const auto in_dev = h.upload(in), rows_dev = h.upload(low_rows), factors_dev = h.upload(factors);
+              const LowRankAddend addend{rank ? rows_dev.ref().data : nullptr, rank ? factors_dev.ref().data : nullptr,
+                                         rank};
+              for (const sm90::GemmTile tile : {sm90::GemmTile::cooperative, sm90::GemmTile::pingpong})
+                for (const WriteMode mode : {WriteMode::overwrite, WriteMode::accumulate}) {
+                  auto out = mode == WriteMode::overwrite ? h.poisoned(dtype, {rows, m}) : h.upload(c);
+                  gemm.run({direction, w_dev.ref().data, segments.offsets, 0, s.experts, in_dev.ref().data,
+                            out.ref().data, mode, addend},
+                           tile, h.stream());
+                  std::vector<double> ref =
+                      reference_gemm(direction, w, in, offsets, mode == WriteMode::accumulate ? &c : nullptr);
+                  add_reference_addend(direction, factors, low_rows, offsets, ref);
+                  CHECK(relative_error(h.download(out.ref()).values, ref) < tolerance(dtype));
+                }
+            }
           }
-        }
-}
-
-TEST_CASE("sm90 grouped GEMM with a low-rank addend in its K loop: both tiles and directions against fp64") {
-  if (!sm90_here()) return;
-  CudaHarness h;
-  struct Shape3 {
-    std::int64_t experts, in, out;
-  };
-  // in = 136 and out = 200: the base's last K tile is partial (zero-filled) before the addend's tiles;
-  // rank 72 spans two K tiles of the cooperative kernel.
-  for (const Shape3 s : {Shape3{7, 136, 200}, Shape3{3, 64, 392}})
-    for (const std::int64_t rank : {8, 16, 72})
-      for (const Spread spread : {Spread::uniform, Spread::skewed, Spread::one_expert})
-        for (const std::int64_t rows : {std::int64_t{0}, std::int64_t{1}, std::int64_t{333}}) {
-          Rng rng;
-          INFO("seed " << rng.seed << " E " << s.experts << " rank " << rank << " rows " << rows);
-          const DType dtype = DType::bf16;
-          const HostTensor w = random_tensor(rng, dtype, {s.experts, s.out, s.in}, 0.1f);
-          const std::vector<std::int64_t> counts = make_counts(rng, s.experts, rows, spread);
-          const std::vector<std::int64_t> offsets = offsets_of(counts);
-          CudaBackend::Workspace workspace;
-          const DeviceCounts device_counts(counts, h.stream());
-          const ExpertSegments& segments = workspace.prepare_segments(device_counts.view, rows, h.stream());
-          const auto w_dev = h.upload(w);
-          sm90::Sm90GroupedGemm gemm({dtype, s.experts, s.out, s.in});
-          for (const GemmDirection direction : {GemmDirection::forward, GemmDirection::backward_input}) {
-            const bool fwd = direction == GemmDirection::forward;
-            const std::int64_t k = fwd ? s.in : s.out, m = fwd ? s.out : s.in;
-            const HostTensor in = random_tensor(rng, dtype, {rows, k});
-            const HostTensor c = random_tensor(rng, dtype, {rows, m});
-            const HostTensor low_rows = random_tensor(rng, dtype, {rows, rank});
-            const HostTensor factors =
-                random_tensor(rng, dtype, fwd ? Shape{s.experts, m, rank} : Shape{s.experts, rank, m}, 0.2f);
-            const auto in_dev = h.upload(in), rows_dev = h.upload(low_rows), factors_dev = h.upload(factors);
-            const LowRankAddend addend{rows_dev.ref().data, factors_dev.ref().data, rank};
-            for (const sm90::GemmTile tile : {sm90::GemmTile::cooperative, sm90::GemmTile::pingpong})
-              for (const WriteMode mode : {WriteMode::overwrite, WriteMode::accumulate}) {
-                auto out = mode == WriteMode::overwrite ? h.poisoned(dtype, {rows, m}) : h.upload(c);
-                gemm.run({direction, w_dev.ref().data, segments.offsets, 0, s.experts, in_dev.ref().data,
-                          out.ref().data, mode, addend},
-                         tile, h.stream());
-                std::vector<double> ref =
-                    reference_gemm(direction, w, in, offsets, mode == WriteMode::accumulate ? &c : nullptr);
-                add_reference_addend(direction, factors, low_rows, offsets, ref);
-                CHECK(relative_error(h.download(out.ref()).values, ref) < tolerance(dtype));
-              }
-          }
-        }
 }
 
 TEST_CASE("sm90 grouped GEMM: a range of experts (a dequantized chunk) leaves the other rows alone") {
