@@ -74,6 +74,8 @@ struct Record {
   std::string gemm;            // the base's GEMM strategy
   // The sm90 grouped GEMM per tile configuration (−1: not measured): forward and input gradient.
   double fwd_cooperative = -1, fwd_pingpong = -1, dgrad_cooperative = -1, dgrad_pingpong = -1;
+  // The same GEMMs on the tile the base picks, with a rank-r LowRankAddend in the K loop (−1: not measured).
+  double fwd_addend = -1, dgrad_addend = -1;
   // The layer with the expand in a pass of its own over the same sm90 base (−1: not measured):
   // forward, and forward + backward (fresh gradients).
   double apart_fwd = -1, apart_fwdbwd = -1;
@@ -167,6 +169,18 @@ Record measure(const bench::Shape& s, std::int64_t rank, const std::string& kind
       if (layer.base().strategy() == GemmStrategy::sm90_grouped) {
         sm90::Sm90GroupedGemm gemm({DType::bf16, s.experts, s.out, s.in});
         const void* w = layer.base().weight().data;
+        Buffer<CudaBackend> h = tensor({s.rows, rank}, 41, 1.0f), b = tensor({s.experts, s.out, rank}, 42, 0.02f);
+        Buffer<CudaBackend> a = tensor({s.experts, rank, s.in}, 43, 0.02f);
+        r.fwd_addend = median_ms(stream, iters, [&] {
+          gemm.run({GemmDirection::forward, w, seg.offsets, 0, s.experts, x.data(), y.data(), WriteMode::overwrite,
+                    {h.data(), b.data(), rank}},
+                   sm90::tile_for(s.rows, s.experts, s.out), stream);
+        });
+        r.dgrad_addend = median_ms(stream, iters, [&] {
+          gemm.run({GemmDirection::backward_input, w, seg.offsets, 0, s.experts, dy.data(), dx.data(),
+                    WriteMode::overwrite, {h.data(), a.data(), rank}},
+                   sm90::tile_for(s.rows, s.experts, s.in), stream);
+        });
         for (const sm90::GemmTile tile : {sm90::GemmTile::cooperative, sm90::GemmTile::pingpong}) {
           const bool coop = tile == sm90::GemmTile::cooperative;
           (coop ? r.fwd_cooperative : r.fwd_pingpong) = median_ms(stream, iters, [&] {
@@ -270,8 +284,10 @@ int main(int argc, char** argv) {
                     r.branch_accum_fwdbwd, r.base_fwdbwd, r.lora_fwdbwd,
                     100.0 * (r.lora_fwdbwd - r.base_fwdbwd) / r.base_fwdbwd, r.step, r.graph_step);
         if (r.fwd_cooperative > 0)
-          std::printf("    sm90 tiles: fwd cooperative %.3f pingpong %.3f | dx cooperative %.3f pingpong %.3f\n",
-                      r.fwd_cooperative, r.fwd_pingpong, r.dgrad_cooperative, r.dgrad_pingpong);
+          std::printf("    sm90 tiles: fwd cooperative %.3f pingpong %.3f | dx cooperative %.3f pingpong %.3f | "
+                      "with the rank-r addend: fwd %.3f dx %.3f\n",
+                      r.fwd_cooperative, r.fwd_pingpong, r.dgrad_cooperative, r.dgrad_pingpong, r.fwd_addend,
+                      r.dgrad_addend);
         if (r.apart_fwd > 0)
           std::printf("    layer fwd %.3f (expand apart %.3f) | layer f+b %.3f (expand apart %.3f)\n", r.layer_fwd,
                       r.apart_fwd, r.lora_fwdbwd, r.apart_fwdbwd);
@@ -295,7 +311,8 @@ int main(int argc, char** argv) {
         << "\", \"fwd_cooperative_ms\": " << json_ms(r.fwd_cooperative) << ", \"fwd_pingpong_ms\": "
         << json_ms(r.fwd_pingpong) << ", \"dgrad_cooperative_ms\": " << json_ms(r.dgrad_cooperative)
         << ", \"dgrad_pingpong_ms\": " << json_ms(r.dgrad_pingpong) << ", \"apart_fwd_ms\": " << json_ms(r.apart_fwd)
-        << ", \"apart_fwdbwd_ms\": " << json_ms(r.apart_fwdbwd) << "}" << (i + 1 < records.size() ? ",\n" : "\n");
+        << ", \"apart_fwdbwd_ms\": " << json_ms(r.apart_fwdbwd) << ", \"fwd_addend_ms\": " << json_ms(r.fwd_addend)
+        << ", \"dgrad_addend_ms\": " << json_ms(r.dgrad_addend) << "}" << (i + 1 < records.size() ? ",\n" : "\n");
   }
   out << "]}\n";
   cublasDestroy(handle);

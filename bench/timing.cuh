@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <vector>
 
 #include "moelora/core/buffer.hpp"
@@ -14,10 +15,20 @@
 
 namespace moelora::bench {
 
-/// Median milliseconds of `iters` timed runs of `f` after `warmup` untimed ones.
+/// Wall time of the untimed runs before a measurement: the GPU's clocks settle to what they hold
+/// under sustained load (on the H200 a GEMM timed first in a sequence read up to 18% faster than the
+/// same kernel timed after others; bench/torch_anchors.py warms up alike).
+inline constexpr std::chrono::milliseconds kSteadyWarmup{100};
+
+/// Median milliseconds of `iters` timed runs of `f` after at least `warmup` untimed ones lasting at
+/// least kSteadyWarmup.
 template <class F>
 double median_ms(cudaStream_t stream, int iters, F&& f, int warmup = 3) {
-  for (int i = 0; i < warmup; ++i) f();
+  const auto steady = std::chrono::steady_clock::now() + kSteadyWarmup;
+  for (int i = 0; i < warmup || std::chrono::steady_clock::now() < steady; ++i) {
+    f();
+    MOELORA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
   cudaEvent_t start, stop;
   MOELORA_CUDA_CHECK(cudaEventCreate(&start));
   MOELORA_CUDA_CHECK(cudaEventCreate(&stop));

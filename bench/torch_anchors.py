@@ -17,7 +17,9 @@ For every MoE expert-layer shape below, LoRA rank r and routing distribution
 plus once the device-to-device copy bandwidth (copy_GBps, read + write bytes).
 
 Every time is the median, in milliseconds, over timed iterations (after
-warm-up), each bracketed by CUDA events with a synchronize before and after.
+untimed warm-up runs lasting at least 0.1 s, so that the GPU's clocks are
+those of sustained load), each bracketed by CUDA events with a synchronize
+before and after.
 The Python-loop fwd+bwd variant uses at most 5 timed iterations (1 warm-up)
 when E >= 128, recorded per record as "loop_fwdbwd_iters". A measurement that raises (e.g. an
 unsupported torch._grouped_mm configuration or out of memory) is recorded as
@@ -39,6 +41,7 @@ import json
 import math
 import statistics
 import sys
+import time
 
 import torch
 
@@ -58,6 +61,7 @@ SHAPES = [
 
 SCALE = 1.0
 WARMUP = 3
+STEADY_WARMUP_S = 0.1  # untimed runs before each measurement last at least this long
 LOOP_MAX_ITERS_LARGE_E = 5  # the Python-loop fwd+bwd is slow for many experts
 LARGE_E = 128
 
@@ -85,11 +89,21 @@ def expert_counts(kind, E, T):
 
 
 def time_ms(fn, iters, warmup=WARMUP, before=None):
-    """Median GPU time of fn() in ms; before() runs outside the timed region."""
+    """Median GPU time of fn() in ms after at least `warmup` untimed runs lasting at least
+    STEADY_WARMUP_S (the GPU's clocks settle under sustained load, as in bench/timing.cuh);
+    before() runs outside the timed region."""
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
+    steady = time.perf_counter() + STEADY_WARMUP_S
+    i = 0
+    while i < warmup or time.perf_counter() < steady:
+        if before is not None:
+            before()
+        fn()
+        torch.cuda.synchronize()
+        i += 1
     times = []
-    for i in range(warmup + iters):
+    for _ in range(iters):
         if before is not None:
             before()
         torch.cuda.synchronize()
@@ -97,8 +111,7 @@ def time_ms(fn, iters, warmup=WARMUP, before=None):
         fn()
         end.record()
         torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
