@@ -253,11 +253,7 @@ class GroupedLoRA {
     Slot* fused = fused_slot(rows);
     const bool lora_first = !fused && lora_writes_first(rows);
     if (fused) {
-      fused->h_scaled = true;
-      backend_type::lora_forward({shape(rows), factors(*fused), x.data, nullptr, fused->saved_h.data(),
-                                  WriteMode::overwrite, fused->h_sums.template as<float>()},
-                                 workspace_, stream);
-      base_forward(x, segments, y, stream, addend(*fused, Factor::b));
+      fused_forward(*fused, x, segments, y, stream);
     } else if (!lora_first) {
       base_.forward(x, segments, y, stream);
     }
@@ -301,9 +297,7 @@ class GroupedLoRA {
     const bool lora_first = dx.data && !fused && lora_writes_first(rows);
     const TpReduction reduction{&tp_, stream};
     if (fused) {
-      fused_u_.reserve(saved_bytes(*fused, rows));
-      backward_slot(*fused, x, dy, {nullptr, fused_u_.data(), WriteMode::overwrite}, grads, reduction, stream);
-      base_backward_input(dy, segments, dx, stream, addend(*fused, Factor::a));
+      fused_backward(*fused, x, segments, dy, dx, grads, reduction, stream);
     } else if (dx.data && !lora_first) {
       base_.backward_input(dy, segments, dx, stream);
     }
@@ -405,20 +399,28 @@ class GroupedLoRA {
     return nullptr;
   }
 
-  /// The fused adapter's addend: forward `B_e h_t` (`Factor::b`, from its saved h), backward_input
-  /// `A_eᵀ u_t` (`Factor::a`, from the u its backward wrote).
-  [[nodiscard]] LowRankAddend addend(const Slot& slot, Factor factor) const {
-    return {factor == Factor::b ? slot.saved_h.data() : fused_u_.data(),
-            factor == Factor::b ? slot.b.data() : slot.a.data(), slot.config.rank};
+  /// The fused adapter's forward (a `fused_slot`): its projection alone saves `h = round(scale · A x)`,
+  /// then the base writes y with `B_e h_t` in its GEMM.
+  void fused_forward(Slot& slot, ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream) {
+    if constexpr (LowRankFusingGroupedLinearBase<Base>) {
+      slot.h_scaled = true;
+      backend_type::lora_forward({shape(x.shape[0]), factors(slot), x.data, nullptr, slot.saved_h.data(),
+                                  WriteMode::overwrite, slot.h_sums.template as<float>()},
+                                 workspace_, stream);
+      base_.forward(x, segments, y, stream, WriteMode::overwrite, {slot.saved_h.data(), slot.b.data(), slot.config.rank});
+    }
   }
-  void base_forward(ConstTensorRef x, const ExpertSegments& segments, TensorRef y, stream_type stream,
-                    const LowRankAddend& addend) {
-    if constexpr (LowRankFusingGroupedLinearBase<Base>) base_.forward(x, segments, y, stream, WriteMode::overwrite, addend);
-  }
-  void base_backward_input(ConstTensorRef dy, const ExpertSegments& segments, TensorRef dx, stream_type stream,
-                           const LowRankAddend& addend) {
-    if constexpr (LowRankFusingGroupedLinearBase<Base>)
-      base_.backward_input(dy, segments, dx, stream, WriteMode::overwrite, addend);
+
+  /// The fused adapter's backward: dA, dB and `u = round(scale · B_eᵀ dy)` into fused_u_, then the
+  /// base writes dx with `A_eᵀ u_t` in its GEMM.
+  void fused_backward(Slot& slot, ConstTensorRef x, const ExpertSegments& segments, ConstTensorRef dy, TensorRef dx,
+                      WriteMode grads, const TpReduction& reduction, stream_type stream) {
+    if constexpr (LowRankFusingGroupedLinearBase<Base>) {
+      fused_u_.reserve(saved_bytes(slot, x.shape[0]));
+      backward_slot(slot, x, dy, {nullptr, fused_u_.data(), WriteMode::overwrite}, grads, reduction, stream);
+      base_.backward_input(dy, segments, dx, stream, WriteMode::overwrite,
+                           {fused_u_.data(), slot.a.data(), slot.config.rank});
+    }
   }
 
   /// Column-parallel: u is a partial sum (reduced for dA). Row-parallel: h is a partial sum (saved

@@ -96,6 +96,11 @@ struct LoraBackwardArgs {
   bool ordered_grads = false;
   void* u = nullptr;            ///< `[T, r]` factor dtype; non-null: receives round(scale · B_eᵀ dy) (dx must be null)
   bool h_scaled = false;        ///< the forward had y null: h is `round(scale · A_e x)`, dB uses scaled h
+
+  /// The factor of `h_sums` before dB rounds them (scale when `h_scaled`, else 1) and dB's own
+  /// factor on `Σ dy hᵀ` (1 when `h_scaled`, else scale): dB is scale · Σ dy hᵀ either way.
+  [[nodiscard]] float h_sums_scale() const { return h_scaled ? factors.scale : 1.0f; }
+  [[nodiscard]] float grad_b_scale() const { return h_scaled ? 1.0f : factors.scale; }
 };
 
 /// Kaiming-uniform A (bound √(6/fan_in), counter-based RNG keyed by seed) and zero B.

@@ -378,14 +378,14 @@ struct CudaBackend {
           const void* h = args.h;
           if (args.h_sums) {  // row-parallel: dB uses round(Σ_k h_k), or round(scale · Σ_k h_k)
             cuda_detail::launch(round_scaled_kernel<FT>, cuda_detail::elementwise_grid(tr), 256, 0, stream,
-                                args.h_sums, second, tr, args.h_scaled ? f.scale : 1.0f);
+                                args.h_sums, second, tr, args.h_sums_scale());
             h = second;
           }
           cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
                               GradBLayout<kNFrag>{}.bytes, stream,
                               GradBParams{args.dy, h, args.grad_b, workspace.row_groups(), s.out,
-                                          static_cast<std::int32_t>(f.rank), args.h_scaled ? 1.0f : f.scale,
-                                          add_grads, orders.second});
+                                          static_cast<std::int32_t>(f.rank), args.grad_b_scale(), add_grads,
+                                          orders.second});
         }
         if (!args.grad_a && !args.dx) return;
         BackwardXParams params{args.x,  f.a,   u_rounded, u_rounded, args.dx,       args.grad_a, workspace.row_groups(),
@@ -416,11 +416,11 @@ struct CudaBackend {
         if (args.h_sums) {  // row-parallel: dB uses round(Σ_k h_k) (or of scale · Σ), behind u in the scratch
           FT* h = reinterpret_cast<FT*>(scratch + tr);
           cuda_detail::launch(round_scaled_kernel<FT>, grid(tr), 256, 0, stream, args.h_sums, h, tr,
-                              args.h_scaled ? f.scale : 1.0f);
+                              args.h_sums_scale());
           p.h = h;
         }
         GenericParams grad_b = p;
-        if (args.h_scaled) grad_b.scale = 1.0f;  // h holds round(scale · A x)
+        grad_b.scale = args.grad_b_scale();
         cuda_detail::launch(generic_grad_b_kernel<IoT, FT>, grid(s.experts * s.out * f.rank), 256, 0, stream, grad_b);
       }
       if (!needs_u) return;

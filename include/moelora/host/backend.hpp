@@ -139,10 +139,10 @@ struct HostBackend {
       }
       if (args.grad_b) {
         load(host::element(args.dy, s.io_dtype, row0 * s.out), s.io_dtype, n * s.out, f.dtype, dy);
-        if (args.h_sums) scale_round(args.h_sums + row0 * r, n * r, args.h_scaled ? f.scale : 1.0f, f.dtype, h);
+        if (args.h_sums) scale_round(args.h_sums + row0 * r, n * r, args.h_sums_scale(), f.dtype, h);
         else load(host::element(args.h, f.dtype, row0 * r), f.dtype, n * r, f.dtype, h);
-        host::gemm(host::Op::t, host::Op::n, s.out, r, n, args.h_scaled ? 1.0f : f.scale, dy.data(), h.data(),
-                   grad_beta, args.grad_b + e * s.out * r);
+        host::gemm(host::Op::t, host::Op::n, s.out, r, n, args.grad_b_scale(), dy.data(), h.data(), grad_beta,
+                   args.grad_b + e * s.out * r);
       }
       if (!args.grad_a && !args.dx && !args.u) continue;
       // ũ = round(scale · u): of this rank's partial u for dx (and for dA unless it is reduced below).
