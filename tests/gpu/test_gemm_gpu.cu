@@ -123,10 +123,12 @@ TEST_CASE("sm90 grouped GEMM: both tiles and directions against fp64, β = 0 and
     std::int64_t experts, in, out;
   };
   // in = 136 and out = 200: the base's last K tile is partial (zero-filled), also before an addend's
-  // tiles; rank 72 spans two K tiles of the cooperative kernel; rank 0: no addend.
+  // tiles; the addend's last K tile issues only the MMA k-blocks that hold its columns: rank 8 one,
+  // rank 64 all four of the cooperative kernel's 64-column tile and four of the pingpong's 128, rank 72
+  // two tiles of the cooperative kernel (the second with one k-block); rank 0: no addend.
   for (const DType dtype : {DType::bf16, DType::fp16})
     for (const Shape3 s : {Shape3{7, 136, 200}, Shape3{3, 64, 392}})
-      for (const std::int64_t rank : {0, 8, 72})
+      for (const std::int64_t rank : {0, 8, 64, 72})
         for (const Spread spread : {Spread::uniform, Spread::skewed, Spread::one_expert})
           for (const std::int64_t rows : {std::int64_t{0}, std::int64_t{1}, std::int64_t{333}}) {
             Rng rng;

@@ -11,7 +11,9 @@
 /// from A2 and B2. TMA fills the columns past `k_first` and past K2 of a tile with zeros, so the
 /// padding adds nothing. A2 and B2 load through descriptors made from A's and B's (same element,
 /// box and swizzle; address, sizes and strides replaced per group like theirs), two more per SM in
-/// the workspace and in shared memory. The consumer side (the GMMA pipeline) is CUTLASS's own.
+/// the workspace and in shared memory. The consumer runs CUTLASS's GMMA pipeline, except that the
+/// last K tile of an extended group issues only the MMA k-blocks that hold A2/B2 columns: a rank-16
+/// addend costs one k-block of MMAs, not a whole K tile.
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -56,6 +58,7 @@ struct KExtendedMainloop : Mainloop {
     ElementB const** ptr_B2;  ///< per group: B2 `[N, K2]`
     StrideB dB2;
     int k_first;              ///< K of A and B (every group)
+    int const* k_second;      ///< K2 of the groups that have one (the call's rank), in device memory
   };
 
   struct Params : Mainloop::Params {
@@ -64,6 +67,7 @@ struct KExtendedMainloop : Mainloop {
     InternalElementB const** ptr_B2;
     StrideB dB2;
     int k_first;
+    int const* k_second;
   };
 
   /// A, B, A2, B2 descriptors in shared memory (the producer warp edits them per group).
@@ -78,7 +82,7 @@ struct KExtendedMainloop : Mainloop {
   static Params to_underlying_arguments(ProblemShape problem_shapes, Arguments const& args, void* workspace) {
     return {Mainloop::to_underlying_arguments(problem_shapes, args, workspace),
             reinterpret_cast<InternalElementA const**>(args.ptr_A2), args.dA2,
-            reinterpret_cast<InternalElementB const**>(args.ptr_B2), args.dB2, args.k_first};
+            reinterpret_cast<InternalElementB const**>(args.ptr_B2), args.dB2, args.k_first, args.k_second};
   }
 
   /// Four descriptors per SM: A, B, A2, B2 copies.
@@ -153,6 +157,71 @@ struct KExtendedMainloop : Mainloop {
       }
       ++smem_pipe_write;
     }
+  }
+
+  /// Consumer: CUTLASS's GMMA pipeline (a batch of MMAs per K tile, `K_PIPE_MMAS` batches in
+  /// flight, a stage released once the batch after it is issued), except that the last tile of an
+  /// extended group issues only the k-blocks that hold A2/B2 columns (the rest are TMA's zeros).
+  template <class FrgTensorC>
+  CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int k_tile_count,
+                          int thread_idx, TensorStorage& shared_tensors, Params const& params) {
+    using namespace cute;
+    using TiledMma = typename Mainloop::TiledMma;
+    constexpr int kPipeMmas = Mainloop::K_PIPE_MMAS;
+    Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), typename Mainloop::SmemLayoutA{});  // (BLK_M, BLK_K, PIPE)
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), typename Mainloop::SmemLayoutB{});  // (BLK_N, BLK_K, PIPE)
+    TiledMma tiled_mma;
+    const int warp_group = __shfl_sync(0xffffffffu, thread_idx / cutlass::NumThreadsPerWarpGroup, 0);
+    auto thread_mma = tiled_mma.get_slice(warp_group * cutlass::NumThreadsPerWarpGroup);
+    Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA, MMA_M, MMA_K, PIPE) descriptors
+    Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA, MMA_N, MMA_K, PIPE) descriptors
+    constexpr int kBlocks = decltype(size<2>(tCrA))::value;              // MMA k-blocks of a K tile
+    constexpr int kTileK = size<2>(TileShape{});
+
+    int last_blocks = kBlocks;  // k-blocks of the last tile that hold data
+    if (k_tile_count > k_tiles(params.k_first)) {
+      const int tail = *params.k_second % kTileK;  // A2/B2 columns in the last tile (0: all)
+      if (tail) last_blocks = (tail + kTileK / kBlocks - 1) / (kTileK / kBlocks);
+    }
+    // One batch: the MMAs of the first `blocks` k-blocks of `stage` (the very first zeroes the
+    // accumulators), straight-line between its arrive and its commit.
+    const auto issue = [&](auto blocks, int stage) {
+      warpgroup_arrive();
+      CUTLASS_PRAGMA_UNROLL
+      for (int k_block = 0; k_block < decltype(blocks)::value; ++k_block) {
+        cute::gemm(tiled_mma, tCrA(_, _, k_block, stage), tCrB(_, _, k_block, stage), accum);  // (V,M,K) x (V,N,K) => (V,M,N)
+        tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+    };
+    PipelineState smem_pipe_release = smem_pipe_read;
+    tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+    warpgroup_fence_operand(accum);
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (int tile = 0; tile < k_tile_count; ++tile) {
+      pipeline.consumer_wait(smem_pipe_read, pipeline.consumer_try_wait(smem_pipe_read));
+      const int stage = smem_pipe_read.index();
+      warpgroup_fence_operand(accum);
+      if (tile + 1 < k_tile_count || last_blocks == kBlocks) issue(Int<kBlocks>{}, stage);
+      else with_blocks<kBlocks - 1>(last_blocks, [&](auto blocks) { issue(blocks, stage); });
+      warpgroup_wait<kPipeMmas>();  // the stage kPipeMmas tiles back is consumed
+      warpgroup_fence_operand(accum);
+      if (tile >= kPipeMmas) {
+        pipeline.consumer_release(smem_pipe_release);
+        ++smem_pipe_release;
+      }
+      ++smem_pipe_read;
+    }
+    warpgroup_fence_operand(accum);  // mma_tail releases the last min(kPipeMmas, k_tile_count) stages
+  }
+
+  /// Calls `f(Int<blocks>{})` for a runtime `blocks` in [1, N].
+  template <int N, class F>
+  CUTLASS_DEVICE static void with_blocks(int blocks, F&& f) {
+    if constexpr (N > 1) {
+      if (blocks < N) return with_blocks<N - 1>(blocks, f);
+    }
+    f(cute::Int<N>{});
   }
 
   /// Copies the parameters' A and B descriptors into shared memory (A2 and B2 start as copies of

@@ -171,13 +171,14 @@ struct GroupArrays {
   StrideD* stride_d;
   StrideA* stride_a2;
   StrideB* stride_b2;
+  int* k_second;  // [1]: the call's rank (KExtendedMainloop's K2)
 
   /// Bytes of the arrays for `groups` groups (each 16-byte aligned).
   static std::size_t bytes(std::int64_t groups) {
     const auto round = [](std::size_t b) { return (b + 15) / 16 * 16; };
     const auto g = static_cast<std::size_t>(groups);
     return round(g * sizeof(Shape)) + 5 * round(g * sizeof(void*)) + 2 * round(g * sizeof(StrideA)) +
-           2 * round(g * sizeof(StrideB)) + round(g * sizeof(StrideD));
+           2 * round(g * sizeof(StrideB)) + round(g * sizeof(StrideD)) + round(sizeof(int));
   }
   /// The arrays carved from `base` (bytes(groups) bytes).
   static GroupArrays carve(void* base, std::int64_t groups) {
@@ -199,6 +200,7 @@ struct GroupArrays {
     arrays.stride_d = static_cast<StrideD*>(take(sizeof(StrideD)));
     arrays.stride_a2 = static_cast<StrideA*>(take(sizeof(StrideA)));
     arrays.stride_b2 = static_cast<StrideB*>(take(sizeof(StrideB)));
+    arrays.k_second = static_cast<int*>(static_cast<void*>(at));
     return arrays;
   }
 };
@@ -224,6 +226,7 @@ __global__ void __launch_bounds__(kArgumentThreads)
   const auto* addend_factors = rank ? static_cast<const typename Arrays::ElementB*>(call.addend.factors) : weights;
   const bool forward = call.direction == GemmDirection::forward;
   const int k_extended = Mainloop::k_tiles(k) * cute::size<2>(typename Mainloop::TileShape{}) + rank;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *arrays.k_second = rank;
   for (std::int32_t g = static_cast<std::int32_t>(blockIdx.x * blockDim.x + threadIdx.x); g < groups;
        g += static_cast<std::int32_t>(gridDim.x * blockDim.x)) {
     const std::int64_t e = call.first_expert + g;
@@ -308,7 +311,8 @@ class TileKernel final : public KernelRunner {
                      arrays_.stride_a2,
                      arrays_.b2,
                      arrays_.stride_b2,
-                     k_};
+                     k_,
+                     arrays_.k_second};
     args.epilogue.ptr_C = const_cast<const typename Arrays::ElementD**>(arrays_.d);  // C = D (read only for β = 1)
     args.epilogue.dC = arrays_.stride_d;
     args.epilogue.ptr_D = arrays_.d;
