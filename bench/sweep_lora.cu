@@ -52,6 +52,16 @@ template <int NFrag>
 using WideProject = ProjectTiling<kForwardRows / 2, 3, 128>;
 template <int NFrag>
 using WholeProject = ProjectTiling<kForwardRows, NFrag >= 8 ? 3 : 4>;
+/// The default with 16-row warps at every rank (8 warps a 128-row block: the tuning before).
+template <int NFrag>
+using Warp16Project = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, NFrag >= 8 ? 3 : 4>;
+/// 32-row warps at every rank (2 warps a 64-row block below rank tile 64).
+template <int NFrag>
+using Warp32AllProject = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, NFrag >= 8 ? 3 : 4, kChunk, 32>;
+/// 32-row warps, 3 stages from rank tile 64 on (more blocks an SM).
+template <int NFrag>
+using Warp32ShallowProject = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, NFrag >= 4 ? 3 : 4, kChunk,
+                                           NFrag >= 4 ? 32 : 16>;
 
 /// One variant: its name and the forward at rank tiles 16 and 64 (NFrag 1 and 4; bf16 everywhere).
 struct Variant {
@@ -86,6 +96,12 @@ const Variant kVariants[] = {
         "def-wide", "default, projection 64 rows x 3 stages of 128-column chunks"),
     variant<Tuned<WholeProject, ExpandTiling<4, true>, true, true>>(
         "def-whole", "default, projection 128-row blocks at every rank"),
+    variant<Tuned<Warp16Project, ExpandTiling<4, true>, true, true>>(
+        "def-warp16", "default, projection 16-row warps at r64 (8 warps a block)"),
+    variant<Tuned<Warp32AllProject, ExpandTiling<4, true>, true, true>>(
+        "def-warp32all", "default, projection 32-row warps at every rank"),
+    variant<Tuned<Warp32ShallowProject, ExpandTiling<4, true>, true, true>>(
+        "def-warp32s3", "default, projection 32-row warps and 3 stages at r64"),
 };
 
 // ---- checking --------------------------------------------------------------------------------

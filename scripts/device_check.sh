@@ -26,7 +26,7 @@ run() {
 }
 
 # The GPU test cases small enough for the sanitizers (one of each kernel family, graphs included).
-sanitized='*tensor-core forward*,*sm90 grouped GEMM*,*expand riding*,*GroupedLinear<CudaBackend>*,*layer step*,*device counts*,*token path*,*optimizer*,*tensor-parallel layer*'
+sanitized='*tensor-core forward*,*pass over dy*,*sm90 grouped GEMM*,*expand riding*,*GroupedLinear<CudaBackend>*,*layer step*,*device counts*,*token path*,*optimizer*,*tensor-parallel layer*'
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/device.txt" 2>&1
 for step in "${steps[@]}"; do
@@ -37,7 +37,7 @@ for step in "${steps[@]}"; do
     memcheck) run memcheck 240 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 1 \
                 "$bundle/moelora_gpu_tests" -tc="$sanitized" ;;
     racecheck) run racecheck 240 compute-sanitizer --tool racecheck --error-exitcode 1 \
-                 "$bundle/moelora_gpu_tests" -tc="*tensor-core forward*,*QuantizedGroupedLinear<CudaBackend>*,*token path*,*optimizer*,*layer step*" ;;
+                 "$bundle/moelora_gpu_tests" -tc="*tensor-core forward*,*pass over dy*,*QuantizedGroupedLinear<CudaBackend>*,*token path*,*optimizer*,*layer step*" ;;
     examples)
       run examples 120 bash "$here/tests/tools/test_resume.sh" "$bundle/qad_finetune" "$out/resume-gpu" --gpu
       run examples 60 "$bundle/moe_block" --gpu --hidden 128 --ffn 64 --experts 8 --top-k 2 --tokens 256 --rank 8 \

@@ -34,32 +34,53 @@ TEST_CASE("kaiming_zeros init is bit-identical on the GPU and the host") {
   }
 }
 
+namespace {
+
+/// One adapter (scale 0.5) of the tensor-core kernels: its rank, counts and dtypes.
+struct Sized {
+  std::int64_t rank;
+  Spread spread;
+  DType io;
+  const char* factor;
+};
+
+/// The forward (twice, the same bits) against fp64, then the backward accumulating and overwriting,
+/// of adapter `c` on `experts` experts of `in` → `out` with `rows` rows.
+void check_sized(const Sized& c, std::int64_t experts, std::int64_t in, std::int64_t out, std::int64_t rows) {
+  Problem<CudaHarness> p(experts, in, out, rows, c.io, c.spread);
+  INFO("seed " << p.rng.seed << " rank " << c.rank << " spread " << static_cast<int>(c.spread));
+  auto [a, b] = p.add_random("ad", adapter_config(c.rank, 0.5, c.factor));
+  const Reference ref = p.reference();
+  const std::vector<RefAdapter> adapters{{&a, &b, 0.5f}};
+  const double tol = std::max(tolerance(c.io), tolerance(a.dtype));
+  const HostTensor y = p.forward();
+  CHECK(relative_error(y.values, ref.forward(p.x, adapters)) < tol);
+  CHECK(p.forward().values == y.values);  // K slices (at most two) add in either order to the same sum
+
+  const HostTensor dy = random_tensor(p.rng, c.io, {p.rows, p.out});
+  p.check_backward(ref, adapters, dy, "ad", tol);
+  p.check_backward(ref, adapters, dy, "ad", tol, WriteMode::overwrite);
+}
+
+}  // namespace
+
 TEST_CASE("tensor-core kernels at sizes that slice K and share an expert across row groups") {
   // K ≥ 1024 with few row tiles: the forward and the backward's u projection run in K slices; one
   // expert with more than kGroupRows rows: its backward row groups add their gradients atomically
   // (onto zeros written first when overwriting).
-  struct Sized {
-    std::int64_t rank;
-    Spread spread;
-    DType io;
-    const char* factor;
-  };
   for (const Sized& c : {Sized{32, Spread::uniform, DType::bf16, "bf16"}, Sized{64, Spread::one_expert, DType::bf16, "bf16"},
-                         Sized{128, Spread::skewed, DType::fp16, "fp16"}}) {
-    Problem<CudaHarness> p(3, 1088, 1056, 1100, c.io, c.spread);
-    INFO("seed " << p.rng.seed << " rank " << c.rank << " spread " << static_cast<int>(c.spread));
-    auto [a, b] = p.add_random("ad", adapter_config(c.rank, 0.5, c.factor));
-    const Reference ref = p.reference();
-    const std::vector<RefAdapter> adapters{{&a, &b, 0.5f}};
-    const double tol = std::max(tolerance(c.io), tolerance(a.dtype));
-    const HostTensor y = p.forward();
-    CHECK(relative_error(y.values, ref.forward(p.x, adapters)) < tol);
-    CHECK(p.forward().values == y.values);  // two K slices add in either order to the same sum
+                         Sized{128, Spread::skewed, DType::fp16, "fp16"}})
+    check_sized(c, 3, 1088, 1056, 1100);
+}
 
-    const HostTensor dy = random_tensor(p.rng, c.io, {p.rows, p.out});
-    p.check_backward(ref, adapters, dy, "ad", tol);
-    p.check_backward(ref, adapters, dy, "ad", tol, WriteMode::overwrite);
-  }
+TEST_CASE("the backward's pass over dy: u and dB in one grid at row counts that fill the GPU") {
+  // Enough 64-row half tiles (≥ 2 an SM on up to 160 SMs) that the u projection needs no K slices:
+  // at rank tiles below 64 u and dB run as one grid (lora_dy_pass_kernel). out = 264: a partial last
+  // dB slice; skewed counts: empty experts and experts of several row groups (atomic dB, over zeros
+  // when overwriting); fp16 factors on bf16 activations: the unfused layer (dx from the x pass).
+  for (const Sized& c : {Sized{8, Spread::skewed, DType::bf16, "bf16"}, Sized{16, Spread::uniform, DType::fp16, "fp16"},
+                         Sized{32, Spread::one_expert, DType::bf16, "bf16"}, Sized{24, Spread::skewed, DType::bf16, "fp16"}})
+    check_sized(c, 6, 72, 264, 21000);
 }
 
 TEST_CASE("the tensor-core forward captured in a CUDA graph replays the stream's result bit for bit") {

@@ -371,7 +371,11 @@ struct CudaBackend {
           cuda_detail::launch(zero_unowned_grads_kernel<kGroupRows>, dim3(chunks, static_cast<unsigned>(s.experts)),
                               256, 0, stream, args.grad_a, slice_a, args.grad_b, slice_b, workspace.segments().offsets);
         }
-        if (needs_u)
+        // u and dB in one grid (lora_dy_pass_kernel) where that pays, u needs no K slices or kept
+        // sums and dB adds in any order; else one kernel each.
+        const bool dy_pass = kDyPassPays<kNFrag> && needs_u && args.grad_b && !reduce_u && !orders.second.ticket &&
+                             project_slices<UProjectionTiling<kNFrag>, false>(s.out, s.out, workspace) == 1;
+        if (needs_u && !dy_pass)
           project<IoT, FT, kNFrag, true>(args.dy, f.b, u_rounded, s.out, f.rank, f.scale, s.out, workspace, stream,
                                          sums, reduce_u);
         if (args.grad_b) {
@@ -381,11 +385,18 @@ struct CudaBackend {
                                 args.h_sums, second, tr, args.h_sums_scale());
             h = second;
           }
-          cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
-                              GradBLayout<kNFrag>{}.bytes, stream,
-                              GradBParams{args.dy, h, args.grad_b, workspace.row_groups(), s.out,
-                                          static_cast<std::int32_t>(f.rank), args.grad_b_scale(), add_grads,
-                                          orders.second});
+          const GradBParams grad_b{args.dy, h, args.grad_b, workspace.row_groups(), s.out,
+                                   static_cast<std::int32_t>(f.rank), args.grad_b_scale(), add_grads, orders.second};
+          if (dy_pass) {
+            const ProjectParams u{args.dy, f.b,  u_rounded, workspace.row_tiles(), s.out,
+                                  s.out,   static_cast<std::int32_t>(f.rank), f.scale};
+            cuda_detail::launch(lora_dy_pass_kernel<IoT, FT, kNFrag>,
+                                dim3(groups * (kDyPassProjectBlocks + out_slices)), kGradBThreads,
+                                dy_pass_smem_bytes<kNFrag>(), stream, u, grad_b);
+          } else {
+            cuda_detail::launch(lora_grad_b_kernel<IoT, FT, kNFrag>, dim3(out_slices, groups), kGradBThreads,
+                                GradBLayout<kNFrag>{}.bytes, stream, grad_b);
+          }
         }
         if (!args.grad_a && !args.dx) return;
         BackwardXParams params{args.x,  f.a,   u_rounded, u_rounded, args.dx,       args.grad_a, workspace.row_groups(),
@@ -467,6 +478,23 @@ struct CudaBackend {
   }
 
  private:
+  /// The K slices `project` splits a projection over K = `k` columns into (see there).
+  template <class Tiling, bool FillWave, int NFrag = 1, bool FactorKMajor = true>
+  static std::int64_t project_slices(std::int64_t k, std::int64_t max_slices, Workspace& workspace) {
+    using namespace kernels;
+    const ExpertSegments& seg = workspace.segments();
+    const std::int64_t sms = workspace.multiprocessors();
+    const std::int64_t slots = max_tiles(seg.rows, seg.num_experts, kForwardRows);
+    std::int64_t slices = 1;
+    if constexpr (FillWave) {
+      const std::int64_t least_blocks = std::max<std::int64_t>(1, (seg.rows + kForwardRows - 1) / kForwardRows) * Tiling::kParts;
+      slices = sms * Tiling::template blocks_per_sm<NFrag, FactorKMajor> / least_blocks;
+    } else {
+      slices = (2 * sms + slots * Tiling::kParts - 1) / (slots * Tiling::kParts);
+    }
+    return std::clamp<std::int64_t>(slices, 1, std::min(max_slices, (k + 511) / 512));
+  }
+
   /// out `[T, r]` = round(scale · Σ_k in[t, k] · F_e(k, ·)) (lora_project_kernel with `Tiling`) over
   /// K = `k` columns, split into up to `max_slices` slices of at least 512 columns: when the row
   /// tiles give fewer than two blocks an SM, as few as bring them to two; with `FillWave`, as many as
@@ -482,17 +510,9 @@ struct CudaBackend {
     using namespace kernels;
     const ExpertSegments& seg = workspace.segments();
     constexpr int kSmem = Tiling::template smem_bytes<NFrag, FactorKMajor>();
-    const std::int64_t sms = workspace.multiprocessors();
     const std::int64_t slots = max_tiles(seg.rows, seg.num_experts, kForwardRows);
-    const std::int64_t most = std::min(max_slices, (k + 511) / 512);
-    std::int64_t slices = 1;
-    if constexpr (FillWave) {
-      const std::int64_t least_blocks = std::max<std::int64_t>(1, (seg.rows + kForwardRows - 1) / kForwardRows) * Tiling::kParts;
-      slices = sms * Tiling::template blocks_per_sm<NFrag, FactorKMajor> / least_blocks;
-    } else {
-      slices = (2 * sms + slots * Tiling::kParts - 1) / (slots * Tiling::kParts);
-    }
-    slices = std::clamp<std::int64_t>(slices, 1, most);
+    const std::int64_t slices =
+        project_slices<Tiling, FillWave, NFrag, FactorKMajor>(k, max_slices, workspace);
     const std::int64_t split = ((k + slices - 1) / slices + Tiling::kCols - 1) / Tiling::kCols * Tiling::kCols;
     const auto grid_slices = static_cast<unsigned>((k + split - 1) / split);
     const dim3 grid(static_cast<unsigned>(slots), grid_slices, Tiling::kParts);

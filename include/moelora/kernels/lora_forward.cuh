@@ -24,18 +24,21 @@ template <int NFrag>
 inline constexpr int kRankTile = NFrag * 16;
 
 /// Tiling of the projection kernel: blocks of `Rows` rows (a whole forward tile or half of one;
-/// warp w owns rows [16w, 16w + 16) and all rank columns), K streamed in `Cols`-column chunks
-/// through a `Stages`-deep cp.async ring, so `Stages − 1` chunks of `Rows × Cols` activations are
-/// in flight per block while one is multiplied.
-template <int Rows, int Stages, int Cols = kChunk>
+/// warp w owns rows [WarpRows·w, + WarpRows) and all rank columns), K streamed in `Cols`-column
+/// chunks through a `Stages`-deep cp.async ring, so `Stages − 1` chunks of `Rows × Cols`
+/// activations are in flight per block while one is multiplied. 32-row warps read each factor
+/// fragment from shared memory once for two row fragments (half the factor reads of 16-row warps).
+template <int Rows, int Stages, int Cols = kChunk, int WarpRows = 16>
 struct ProjectTiling {
   static_assert(Rows == kForwardRows || Rows == kForwardRows / 2, "a projection block covers a whole or half forward tile");
   static_assert(Stages >= 2, "the cp.async ring needs at least two stages");
   static_assert(Cols % 16 == 0, "a K chunk is a whole number of mma steps of 16");
+  static_assert(WarpRows == 16 || WarpRows == 32, "a warp owns one or two 16-row fragments");
   static constexpr int kRows = Rows;
   static constexpr int kStages = Stages;
   static constexpr int kCols = Cols;
-  static constexpr int kThreads = Rows / 16 * 32;
+  static constexpr int kWarpRows = WarpRows;
+  static constexpr int kThreads = Rows / WarpRows * 32;
   static constexpr int kParts = kForwardRows / Rows;  ///< blocks per forward tile (grid.z)
   static constexpr int kLd = Cols + kPad;             ///< row stride of the in chunk (and of a rank-major factor chunk)
 
@@ -60,10 +63,11 @@ template <class Tiling, int NFrag, bool FactorKMajor>
 inline constexpr int project_blocks_per_sm = Tiling::template blocks_per_sm<NFrag, FactorKMajor>;
 
 /// The projection tiling of the backward's u projection: half tiles below rank tile 64 (more,
-/// smaller blocks an SM), whole tiles from 64 on (the factor chunk, re-read per block, amortised
-/// over more rows); a 3-stage ring.
+/// smaller blocks an SM), whole tiles of 32-row warps from 64 on (the factor chunk, re-read per
+/// block, amortised over more rows; each factor fragment read from shared memory once for two row
+/// fragments); a 3-stage ring.
 template <int NFrag>
-using UProjectionTiling = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, 3>;
+using UProjectionTiling = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, 3, kChunk, NFrag >= 4 ? 32 : 16>;
 
 /// A grouped projection onto the rank: `out[t, j] = round(scale · Σ_k in[t, k] · F_e(k, j))` over K
 /// columns, with F_e either A_e `[r, K]` (rank-major; the forward shrink, K = in, scale 1) or B_e
@@ -81,12 +85,12 @@ struct ProjectParams {
   float scale;         // factor-dtype out only
 };
 
-/// Grid (128-row tile slots, K slices, Tiling::kParts parts of the tile's rows), Tiling::kThreads
-/// threads, Tiling::smem_bytes of dynamic shared memory. Lets a programmatic dependent (the expand
-/// kernel) launch as soon as every block has started.
+/// One projection block: rows `[tile.row0, + min(tile.rows, Tiling::kRows))` of expert
+/// `tile.expert` (tile.rows > 0), K columns `[slice · p.split, + p.split)`; Tiling::kThreads
+/// threads, `smem` of Tiling::smem_bytes.
 template <class IoT, class FT, int NFrag, bool FactorKMajor, class OutT, class Tiling>
-__global__ void __launch_bounds__(Tiling::kThreads, (project_blocks_per_sm<Tiling, NFrag, FactorKMajor>))
-    lora_project_kernel(ProjectParams p) {
+__device__ __forceinline__ void project_block(const ProjectParams& p, RowTile tile, std::int64_t slice,
+                                              unsigned char* smem) {
   constexpr int kRows = Tiling::kRows;
   constexpr int kStages = Tiling::kStages;
   constexpr int kCols = Tiling::kCols;
@@ -95,16 +99,10 @@ __global__ void __launch_bounds__(Tiling::kThreads, (project_blocks_per_sm<Tilin
   constexpr int kN = kRankTile<NFrag>;
   constexpr int kLdN = kN + kPad;
   constexpr int kFactorChunk = Tiling::template factor_chunk<NFrag, FactorKMajor>;
-  extern __shared__ __align__(128) unsigned char smem[];
   FT* xs = reinterpret_cast<FT*>(smem);  // [kStages][kRows][kLd]
   FT* fs = xs + kStages * kRows * kLd;   // [kStages][kFactorChunk]
 
-  allow_dependent_launch();
-  RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
-  tile.row0 += static_cast<std::int64_t>(blockIdx.z) * kRows;
-  tile.rows -= static_cast<std::int32_t>(blockIdx.z) * kRows;
-  if (tile.rows <= 0) return;
-  const std::int64_t k_begin = static_cast<std::int64_t>(blockIdx.y) * p.split;
+  const std::int64_t k_begin = slice * p.split;
   const std::int64_t k_end = min(p.k, k_begin + p.split);
   const IoT* in = static_cast<const IoT*>(p.in) + tile.row0 * p.k;
   const FT* factor = static_cast<const FT*>(p.factor) + static_cast<std::int64_t>(tile.expert) * p.rank * p.k;
@@ -122,24 +120,29 @@ __global__ void __launch_bounds__(Tiling::kThreads, (project_blocks_per_sm<Tilin
       load_tile<kN, kCols, kBlockThreads>(fs + stage * kFactorChunk, kLd, factor + k0, p.k, p.rank, k_end - k0);
   };
 
-  Acc acc[2 * NFrag];  // 8-column tiles of the warp's 16 rows
+  constexpr int kMFrags = Tiling::kWarpRows / 16;
+  Acc acc[kMFrags][2 * NFrag];  // 8-column tiles of the warp's 16-row fragments
 
   ring_fill<kStages>(chunks, load_chunk);
   for (int chunk = 0; chunk < chunks; ++chunk) {
     ring_next<kStages>(chunk, chunks, load_chunk);
-    const FT* xt = xs + (chunk % kStages) * kRows * kLd + warp * 16 * kLd;
+    const FT* xt = xs + (chunk % kStages) * kRows * kLd + warp * Tiling::kWarpRows * kLd;
     const FT* ft = fs + (chunk % kStages) * kFactorChunk;
 #pragma unroll
     for (int k = 0; k < kCols; k += 16) {
-      Frag a;
-      load_a(a, xt + k, kLd);
+      Frag a[kMFrags];
+#pragma unroll
+      for (int m = 0; m < kMFrags; ++m) load_a(a[m], xt + m * 16 * kLd + k, kLd);
 #pragma unroll
       for (int f = 0; f < NFrag; ++f) {
         Frag b;
         if constexpr (FactorKMajor) load_b_kn(b, ft + k * kLdN + f * 16, kLdN);
         else load_b_nk(b, ft + f * 16 * kLd + k, kLd);
-        mma<FT>(acc[2 * f], a, b, 0);
-        mma<FT>(acc[2 * f + 1], a, b, 1);
+#pragma unroll
+        for (int m = 0; m < kMFrags; ++m) {
+          mma<FT>(acc[m][2 * f], a[m], b, 0);
+          mma<FT>(acc[m][2 * f + 1], a[m], b, 1);
+        }
       }
     }
   }
@@ -149,7 +152,9 @@ __global__ void __launch_bounds__(Tiling::kThreads, (project_blocks_per_sm<Tilin
   constexpr int kOutLd = kN + 4;
   float* stage_out = reinterpret_cast<float*>(smem);  // [kRows][kOutLd]
 #pragma unroll
-  for (int j = 0; j < 2 * NFrag; ++j) store_acc(stage_out, kOutLd, warp * 16, j * 8, acc[j]);
+  for (int m = 0; m < kMFrags; ++m)
+#pragma unroll
+    for (int j = 0; j < 2 * NFrag; ++j) store_acc(stage_out, kOutLd, warp * Tiling::kWarpRows + m * 16, j * 8, acc[m][j]);
   __syncthreads();
   OutT* out = static_cast<OutT*>(p.out) + tile.row0 * p.rank;
   for (int i = static_cast<int>(threadIdx.x); i < kRows * kN; i += kBlockThreads) {
@@ -159,6 +164,21 @@ __global__ void __launch_bounds__(Tiling::kThreads, (project_blocks_per_sm<Tilin
     if constexpr (std::is_same_v<OutT, float>) atomicAdd(to, stage_out[r * kOutLd + c]);
     else *to = from_float<OutT>(p.scale * stage_out[r * kOutLd + c]);
   }
+}
+
+/// Grid (128-row tile slots, K slices, Tiling::kParts parts of the tile's rows), Tiling::kThreads
+/// threads, Tiling::smem_bytes of dynamic shared memory. Lets a programmatic dependent (the expand
+/// kernel) launch as soon as every block has started.
+template <class IoT, class FT, int NFrag, bool FactorKMajor, class OutT, class Tiling>
+__global__ void __launch_bounds__(Tiling::kThreads, (project_blocks_per_sm<Tiling, NFrag, FactorKMajor>))
+    lora_project_kernel(ProjectParams p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  allow_dependent_launch();
+  RowTile tile = locate_tile<kForwardRows>(p.schedule, blockIdx.x);
+  tile.row0 += static_cast<std::int64_t>(blockIdx.z) * Tiling::kRows;
+  tile.rows -= static_cast<std::int32_t>(blockIdx.z) * Tiling::kRows;
+  if (tile.rows <= 0) return;
+  project_block<IoT, FT, NFrag, FactorKMajor, OutT, Tiling>(p, tile, blockIdx.y, smem);
 }
 
 /// out[i] = round(scale · in[i]) in the factor dtype: finishes a projection computed in K slices.
@@ -314,12 +334,14 @@ concept ForwardTuning = requires {
 /// The forward's tuning on the H200 (bench/sweep_lora.cu measures the alternatives). Projection:
 /// 4-stage rings (3 chunks in flight a block: rank tile ≤ 32, 64-row blocks, 4 an SM, 96 KiB in
 /// flight an SM; rank tile 64, 128-row blocks, 2 an SM, 96 KiB), 3 stages at rank tile 128 (where
-/// 4 would leave one block an SM); K split to fill a wave. Expand: four blocks an SM where shared
-/// memory allows it (rank tile ≤ 32), column blocks first; launched to overlap the projection's
-/// last wave.
+/// 4 would leave one block an SM); from rank tile 64 on 32-row warps (at 16 rows a warp, the
+/// factor fragments every warp reads made shared memory, not HBM, the limit); K split to fill a
+/// wave. Expand: four blocks an SM where shared memory allows it (rank tile ≤ 32), column blocks
+/// first; launched to overlap the projection's last wave.
 struct DefaultForwardTuning {
   template <int NFrag>
-  using project = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, NFrag >= 8 ? 3 : 4>;
+  using project = ProjectTiling<NFrag >= 4 ? kForwardRows : kForwardRows / 2, NFrag >= 8 ? 3 : 4, kChunk,
+                                NFrag >= 4 ? 32 : 16>;
   template <int NFrag>
   using expand = ExpandTiling<4, true>;
   static constexpr bool kFillWave = true;
