@@ -275,6 +275,7 @@ struct KExtendedMainloop : Mainloop {
       cute::tma_desc_commit_group();
       cute::tma_desc_wait_group();
     }
+    __syncwarp();  // the elected lane's edits (tensormaps_perform_update) before every lane reads them
     cute::tma_descriptor_cp_fence_release(cute::get<0>(tensormaps), smem.smem_tensormap_A);
     cute::tma_descriptor_cp_fence_release(cute::get<1>(tensormaps), smem.smem_tensormap_B);
     cute::tma_descriptor_cp_fence_release(cute::get<2>(tensormaps), smem.smem_tensormap_A2);
