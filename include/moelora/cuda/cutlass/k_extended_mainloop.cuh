@@ -280,6 +280,7 @@ struct KExtendedMainloop : Mainloop {
     cute::tma_descriptor_cp_fence_release(cute::get<1>(tensormaps), smem.smem_tensormap_B);
     cute::tma_descriptor_cp_fence_release(cute::get<2>(tensormaps), smem.smem_tensormap_A2);
     cute::tma_descriptor_cp_fence_release(cute::get<3>(tensormaps), smem.smem_tensormap_B2);
+    __syncwarp();  // every lane's reads before the elected lane's edits for the next group
   }
 
   /// Makes the published descriptors visible to this warp's TMA loads (the whole warp).
