@@ -373,7 +373,7 @@ struct CudaBackend {
         }
         // u and dB in one grid (lora_dy_pass_kernel) where that pays, u needs no K slices or kept
         // sums and dB adds in any order; else one kernel each.
-        const bool dy_pass = kDyPassPays<kNFrag> && needs_u && args.grad_b && !reduce_u && !orders.second.ticket &&
+        const bool dy_pass = dy_pass_pays<kNFrag>(s.out) && needs_u && args.grad_b && !reduce_u && !orders.second.ticket &&
                              project_slices<UProjectionTiling<kNFrag>, false>(s.out, s.out, workspace) == 1;
         if (needs_u && !dy_pass)
           project<IoT, FT, kNFrag, true>(args.dy, f.b, u_rounded, s.out, f.rank, f.scale, s.out, workspace, stream,

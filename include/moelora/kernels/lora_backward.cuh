@@ -227,11 +227,14 @@ __global__ void __launch_bounds__(kGradBThreads) lora_grad_b_kernel(GradBParams 
 
 // ---- the pass over dy: u and dB together -----------------------------------------------------------
 
-/// Whether the pass over dy pays at a rank tile: below 64 (bench_lora on the H200: the LoRA
-/// branch's forward + backward 3–8% faster at rank 16; at rank 64, where the u projection wants
-/// 32-row warps, 1–4% slower).
+/// Whether the pass over dy pays for dy rows of `out` columns at a rank tile: below rank tile 64
+/// (bench_lora on the H200: the LoRA branch's forward + backward 3–8% faster at rank 16; at rank
+/// 64, where the u projection wants 32-row warps, 1–4% slower) and up to 8192 columns (at 28672,
+/// mixtral fc1, the u blocks' long rows finish after the dB blocks: 5–6% slower).
 template <int NFrag>
-inline constexpr bool kDyPassPays = NFrag < 4;
+constexpr bool dy_pass_pays(std::int64_t out) {
+  return NFrag < 4 && out <= 8192;
+}
 
 /// The u projection's tiling in the pass over dy: whole 128-row tiles, the dB blocks' 256 threads.
 using DyPassProjectTiling = ProjectTiling<kForwardRows, 3>;
