@@ -12,6 +12,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cases/layer_cases.hpp"
@@ -99,21 +100,25 @@ struct Training {
   /// Everything a step may change: factors, moments, master weights, step counts, counters.
   struct Snapshot {
     std::vector<std::vector<float>> tensors;
+    std::vector<DType> dtypes;  // of tensors
     std::vector<std::int64_t> steps;
     typename Optimizer::Counters counters;
     bool operator==(const Snapshot&) const = default;
+    void add(HostTensor t) {
+      tensors.push_back(std::move(t.values));
+      dtypes.push_back(t.dtype);
+    }
   };
   Snapshot snapshot(Layer& layer, Optimizer& optimizer) {
     Snapshot s;
     for (const std::string& name : layer.adapter_names()) {
       const AdapterView v = layer.adapter(name);
-      s.tensors.push_back(h.download(v.a).values);
-      s.tensors.push_back(h.download(v.b).values);
+      for (const TensorRef& t : {v.a, v.b}) s.add(h.download(t));
       const std::optional<AdamWAdapterState> state = optimizer.state(name);
       if (!state) continue;
       for (const AdamWFactorState& f : {state->a, state->b}) {
         for (const TensorRef& t : {f.m, f.v, f.master})
-          if (t.data) s.tensors.push_back(h.download(t).values);
+          if (t.data) s.add(h.download(t));
         std::int64_t steps = 0;
         H::backend::copy_to_host(&steps, f.step, sizeof(steps), h.stream());
         s.steps.push_back(steps);

@@ -306,7 +306,8 @@ TEST_CASE("GroupedLinear<CudaBackend>: strategies, device counts, and the cuBLAS
     auto y_aligned = h.poisoned(DType::bf16, {rows, out});
     base.forward(x_dev.ref(), seg, y_aligned.ref(), h.stream());
     CHECK(base.last_strategy() == base.strategy());
-    CHECK(h.download(y_aligned.ref()).values == y_host);
+    // cuBLAS and the grouped GEMM may add the fp32 products in another order.
+    CHECK(beyond_one_bf16_ulp(h.download(y_aligned.ref()).values, y_host) == 0);
   }
 }
 

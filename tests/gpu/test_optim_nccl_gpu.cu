@@ -59,7 +59,15 @@ TEST_CASE("NormGroups over a one-rank NCCL communicator: the reduced step equals
       const auto a = t.snapshot(local, local_opt), b = t.snapshot(reduced, reduced_opt);
       CHECK(a.counters == b.counters);
       REQUIRE(a.tensors.size() == b.tensors.size());
-      for (std::size_t k = 0; k < a.tensors.size(); ++k) CHECK(relative_error(b.tensors[k], a.tensors[k]) < 1e-5);
+      // The split path sums the norm in another order, so the clip coefficient may differ in its
+      // last bit: fp32 state moves by ~1e-7 and a bf16 factor may round one unit the other way.
+      for (std::size_t k = 0; k < a.tensors.size(); ++k) {
+        INFO("tensor " << k);
+        if (a.dtypes[k] == DType::bf16)
+          CHECK(beyond_one_bf16_ulp(b.tensors[k], a.tensors[k]) == 0);
+        else
+          CHECK(relative_error(b.tensors[k], a.tensors[k]) < 1e-5);
+      }
     }
     CHECK(reduced_opt.counters(stream).skipped == 1);
     MOELORA_CUDA_CHECK(cudaGraphExecDestroy(exec));

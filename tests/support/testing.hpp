@@ -129,6 +129,15 @@ inline double relative_error(const std::vector<float>& a, const std::vector<floa
   return relative_error(a, std::vector<double>(b.begin(), b.end()));
 }
 
+/// Elements of `a` further from `b` than one bf16 unit in the last place (at most |b| · 2⁻⁷): for
+/// results rounded to bf16 from fp32 sums added in another order.
+inline std::size_t beyond_one_bf16_ulp(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  std::size_t count = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) count += !(std::abs(a[i] - b[i]) <= std::ldexp(std::abs(b[i]), -7));
+  return count;
+}
+
 /// Tolerance of ‖out − ref‖/‖ref‖ for results rounded to `dtype` (the output rounding dominates:
 /// bf16 2⁻⁹, fp16 2⁻¹², fp32 accumulation ~1e-6).
 inline double tolerance(DType dtype) {
